@@ -1,0 +1,160 @@
+"""Samples → model inputs: padding, length-grouped batches, and multimodal packing.
+
+Media tensors are concatenated in row-major order (row 0's images first, then row 1's…),
+which is the order the model scatters them into placeholder positions.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from data_tools.render import IGNORE
+
+PATCH = 6912  # 48 × 48 × 3 raw values per model patch
+FRAME = 640  # audio samples per token at 16 kHz
+
+
+def _media(samples: list[dict]) -> dict:
+    out = {}
+    pvs = [pv for s in samples for pv in s.get("pixel_values", [])]
+    if pvs:
+        n = max(len(p) for p in pvs)
+        pixel = torch.zeros(len(pvs), n, PATCH, dtype=torch.float32)
+        pos = torch.full((len(pvs), n, 2), -1, dtype=torch.long)
+        poss = [p for s in samples for p in s["image_position_ids"]]
+        for i, (p, q) in enumerate(zip(pvs, poss)):
+            # uint8 k → k * (1/255) reproduces the image processor's values bit for bit.
+            pixel[i, : len(p)] = torch.from_numpy(np.asarray(p, dtype=np.uint8)).float() * (1 / 255)
+            pos[i, : len(q)] = torch.from_numpy(np.asarray(q, dtype=np.int64))
+        out["pixel_values"] = pixel
+        out["image_position_ids"] = pos
+    feats = [f for s in samples for f in s.get("input_features", [])]
+    if feats:
+        n = max(len(f) for f in feats)
+        x = torch.zeros(len(feats), n, FRAME, dtype=torch.float32)
+        mask = torch.zeros(len(feats), n, dtype=torch.bool)
+        for i, f in enumerate(feats):
+            x[i, : len(f)] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+            mask[i, : len(f)] = True
+        out["input_features"] = x
+        out["input_features_mask"] = mask
+    return out
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    """Pad to the longest row; a 2-D attention mask lets the model build its own masks."""
+    n = max(len(s["input_ids"]) for s in samples)
+    b = len(samples)
+    ids = torch.full((b, n), pad_id, dtype=torch.long)
+    labels = torch.full((b, n), IGNORE, dtype=torch.long)
+    types = torch.zeros((b, n), dtype=torch.long)
+    attn = torch.zeros((b, n), dtype=torch.long)
+    for i, s in enumerate(samples):
+        k = len(s["input_ids"])
+        ids[i, :k] = torch.as_tensor(s["input_ids"])
+        labels[i, :k] = torch.as_tensor(s["labels"])
+        types[i, :k] = torch.as_tensor(s["mm_token_type_ids"])
+        attn[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "mm_token_type_ids": types, "attention_mask": attn,
+            **_media(samples)}
+
+
+# ---------------------------------------------------------------- batching order
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
+                           megabatch: int = 32) -> list[list[int]]:
+    """Shuffle, then sort within mega-batches of `megabatch` batches: padding drops, order stays random."""
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    span = batch_size * megabatch
+    batches = []
+    for start in range(0, len(idx), span):
+        chunk = sorted(idx[start:start + span], key=lambda i: -lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    return [idx[j:j + batch_size] for j in range(0, n, batch_size)]
+
+
+def pack_rows(lengths: list[int], order: list[int], max_len: int) -> list[list[int]]:
+    """First-fit-decreasing within the given order's windows: rows of sample indices ≤ max_len."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(order, key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - lengths[i])
+    return rows
+
+
+# ---------------------------------------------------------------- packing
+
+
+def packed_mask(segments: torch.Tensor, types: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """4-D boolean mask (b, 1, q, k), True = attend, for rows holding several samples.
+
+    Attention never crosses samples; inside a sample it is causal, limited to the sliding
+    window on sliding layers, and bidirectional inside each image block (what
+    `mm_token_type_ids` switches on in the unpacked path).
+    """
+    b, n = segments.shape
+    q = torch.arange(n).view(1, n, 1)
+    k = torch.arange(n).view(1, 1, n)
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)
+    causal = k <= q
+    if sliding_window is not None:
+        causal = causal & (q - k < sliding_window)
+    vision = (types == 1) | (types == 2)
+    starts = vision & ~torch.nn.functional.pad(vision, (1, 0))[:, :-1]
+    block = torch.where(vision, torch.cumsum(starts.long(), dim=1), torch.zeros_like(types))
+    same_block = (block[:, :, None] == block[:, None, :]) & vision[:, :, None] & vision[:, None, :]
+    mask = same & (causal | same_block)
+    # Padding attends to itself only, so SDPA never sees an all-masked row (NaN).
+    eye = torch.eye(n, dtype=torch.bool).unsqueeze(0)
+    mask = mask | (eye & (segments < 0)[:, :, None])
+    return mask[:, None]
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int, sliding_window: int | None,
+                   layer_types: list[str]) -> dict:
+    """Several samples per row, position ids restarting per sample, masks as a dict."""
+    n = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    b = len(rows)
+    ids = torch.full((b, n), pad_id, dtype=torch.long)
+    labels = torch.full((b, n), IGNORE, dtype=torch.long)
+    types = torch.zeros((b, n), dtype=torch.long)
+    pos = torch.zeros((b, n), dtype=torch.long)
+    seg = torch.full((b, n), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for j, s in enumerate(row):
+            k = len(s["input_ids"])
+            ids[r, at:at + k] = torch.as_tensor(s["input_ids"])
+            labels[r, at:at + k] = torch.as_tensor(s["labels"])
+            types[r, at:at + k] = torch.as_tensor(s["mm_token_type_ids"])
+            pos[r, at:at + k] = torch.arange(k)
+            seg[r, at:at + k] = j
+            at += k
+    masks = {}
+    if "full_attention" in layer_types:
+        masks["full_attention"] = packed_mask(seg, types, None)
+    if "sliding_attention" in layer_types:
+        masks["sliding_attention"] = packed_mask(seg, types, sliding_window)
+    flat = [s for row in rows for s in row]
+    return {"input_ids": ids, "labels": labels, "mm_token_type_ids": types, "position_ids": pos,
+            "attention_mask": masks, **_media(flat)}

@@ -1,0 +1,89 @@
+"""The one canonical sample type, independent of any model.
+
+Every source format (messages, sharegpt, text, instruction) is parsed into a `Conversation`;
+only `data_tools.render` knows how a particular model turns it into tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+PartType = Literal["text", "image", "audio"]
+
+
+@dataclass
+class Part:
+    type: PartType
+    text: str | None = None
+    # For media: a path (absolute, or relative to `base_dir`), an http(s) URL, or base64 data.
+    ref: str | None = None
+    ref_kind: Literal["path", "url", "base64"] | None = None
+
+
+@dataclass
+class Message:
+    role: Role
+    parts: list[Part]
+
+    def text(self) -> str:
+        return "".join(p.text or "" for p in self.parts if p.type == "text")
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    # Where it came from, for messages and rejects: "data/train.jsonl:17".
+    origin: str = "<memory>"
+    base_dir: str = "."
+    # "chat" trains on assistant turns; "text" (continued pre-training) trains on everything.
+    kind: Literal["chat", "text"] = "chat"
+    dataset: str = ""
+    # The record as read, kept so a reject can be written back out verbatim.
+    raw: dict | None = field(default=None, repr=False)
+
+    def modality(self) -> str:
+        """text | image | audio | mixed: which media this sample carries."""
+        kinds = {p.type for m in self.messages for p in m.parts if p.type != "text"}
+        if not kinds:
+            return "text"
+        if len(kinds) > 1:
+            return "mixed"
+        return kinds.pop()
+
+    def media(self) -> list[Part]:
+        return [p for m in self.messages for p in m.parts if p.type in ("image", "audio")]
+
+
+class BadRecord(Exception):
+    """A record that cannot become a sample. `reason` is a short stable key for counting."""
+
+    def __init__(self, reason: str, detail: str, origin: str = "", *, raw: object = None):
+        self.reason = reason
+        self.detail = detail
+        self.origin = origin
+        # What was read (a dict, or the text of an unparseable line), for rejects.jsonl.
+        self.raw = raw
+        super().__init__(f"{origin}: {detail}" if origin else detail)
+
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args); ours has more fields. Needed across worker processes.
+        return (BadRecord, (self.reason, self.detail, self.origin), {"raw": self.raw})
+
+
+# Stable reason keys, counted in stats and written to rejects.jsonl.
+REASONS = (
+    "unparseable",        # a line/row that is not valid JSON/data
+    "wrong_shape",        # valid data, but not the declared format
+    "missing_media",      # a media file that does not exist
+    "corrupt_media",      # exists but cannot be decoded (or is empty / not media)
+    "media_too_large",    # over the byte, pixel or duration caps (reject policy)
+    "network_media",      # a URL while network media is off, or a failed fetch
+    "unknown_part",       # a content part type we do not know
+    "no_user_turn",       # a chat with nothing from the user
+    "no_answer",          # a missing or empty assistant answer: nothing to learn
+    "placeholder_mismatch",  # <image>/<audio> placeholders vs listed media
+    "over_budget",        # longer than max_seq_len under overflow: drop
+    "render_failed",      # the processor refused the sample
+)

@@ -1,0 +1,156 @@
+"""Decode the media of a `Part`: images to RGB PIL images, audio to 16 kHz mono float32.
+
+Every failure is a `BadRecord` with a stable reason (missing_media, corrupt_media,
+media_too_large, network_media), so a bad file rejects one sample instead of stopping a run.
+Caps (bytes, pixels, seconds) are checked before the expensive decode wherever the format
+allows it: a decompression bomb or an hour-long clip is refused from its header.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import math
+import os
+import urllib.error
+import urllib.request
+
+import numpy as np
+import soundfile as sf
+import soxr
+from PIL import Image, ImageOps
+
+from data_tools.conversation import BadRecord, Part
+
+SAMPLE_RATE = 16_000
+FETCH_TIMEOUT_S = 30
+
+
+def load_image(part: Part, base_dir: str, *, max_pixels: int, max_bytes: int, allow_network: bool,
+               origin: str = "") -> Image.Image:
+    """The image of `part` as RGB, upright (EXIF orientation applied), transparency on white."""
+    data, name = _read_bytes(part, base_dir, max_bytes=max_bytes, allow_network=allow_network, origin=origin)
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
+        if img.width * img.height > max_pixels:
+            raise BadRecord("media_too_large", f"image {name} has {img.width}x{img.height} pixels, "
+                            f"over max_image_pixels={max_pixels}", origin)
+        img.load()  # decode now, so a truncated file is rejected here and not inside the processor
+        return _to_rgb(ImageOps.exif_transpose(img))  # an animated GIF/WebP keeps its first frame
+    except Image.DecompressionBombError as e:
+        raise BadRecord("media_too_large", f"image {name}: {e}", origin) from None
+    except BadRecord:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, struct.error... on bad files
+        raise BadRecord("corrupt_media", f"cannot decode image {name} ({type(e).__name__}: {e})", origin) from None
+
+
+def load_audio(part: Part, base_dir: str, *, max_seconds: float, policy: str, max_bytes: int,
+               allow_network: bool, origin: str = "") -> np.ndarray:
+    """The audio of `part` as float32 mono at 16 kHz, in [-1, 1] for integer formats.
+
+    Longer than `max_seconds`: `policy="trim"` keeps the start, `"reject"` raises media_too_large.
+    """
+    data, name = _read_bytes(part, base_dir, max_bytes=max_bytes, allow_network=allow_network, origin=origin)
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, frames = f.samplerate, f.frames
+            if frames > max_seconds * rate and policy == "reject":
+                raise BadRecord("media_too_large", f"audio {name} lasts {frames / rate:.1f} s, "
+                                f"over max_audio_seconds={max_seconds}", origin)
+            # Read only what is kept; int PCM comes back scaled to [-1, 1] by libsndfile.
+            wave = f.read(min(frames, math.ceil(max_seconds * rate)), dtype="float32", always_2d=True)
+    except (RuntimeError, TypeError, ValueError) as e:  # sf.LibsndfileError is a RuntimeError
+        raise BadRecord("corrupt_media", f"cannot decode audio {name} ({e}); soundfile reads "
+                        "WAV, FLAC, OGG/Vorbis/Opus, MP3 and more, not AAC/M4A", origin) from None
+    if wave.shape[0] == 0:
+        raise BadRecord("corrupt_media", f"audio {name} has no samples", origin)
+    mono = wave.mean(axis=1)  # frames x channels -> frames
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE)
+    mono = mono[: int(max_seconds * SAMPLE_RATE)]  # trim exactly; the read above rounds up
+    if not np.isfinite(mono).all():
+        raise BadRecord("corrupt_media", f"audio {name} holds NaN or infinite samples", origin)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # PIL's own convert clips these to 0..255; scale the real range instead.
+        return Image.fromarray(_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Map 16-bit, 32-bit int and float grey levels onto 0..255."""
+    a = np.nan_to_num(pixels.astype(np.float64))
+    lo, hi = float(a.min()), float(a.max())
+    if mode.startswith("I;16"):
+        scale = 65535.0
+    elif lo >= 0 and hi <= 1 and mode == "F":  # float images are usually 0..1
+        scale = 1.0
+    elif lo >= 0 and hi <= 255:
+        scale = 255.0
+    elif lo >= 0 and hi <= 65535:  # 16-bit data that PIL opened as 32-bit "I"
+        scale = 65535.0
+    else:  # anything else (negative, huge): stretch what is there
+        a, scale = a - lo, max(hi - lo, 1e-12)
+    return np.clip(np.rint(a / scale * 255.0), 0, 255).astype(np.uint8)
+
+
+# -- bytes from a path, a URL or base64 ----------------------------------------------------
+
+def _read_bytes(part: Part, base_dir: str, *, max_bytes: int, allow_network: bool,
+                origin: str) -> tuple[bytes, str]:
+    """(the encoded file, a name for messages), with the byte cap applied."""
+    ref = part.ref or ""
+    if part.ref_kind == "base64":
+        name = f"<base64 {part.type}>"
+        text = "".join(ref.split(",", 1)[1].split() if ref.startswith("data:") else ref.split())
+        if len(text) * 3 // 4 > max_bytes:  # decoded size, known without decoding
+            raise BadRecord("media_too_large", f"{name} is over max_media_bytes={max_bytes}", origin)
+        try:
+            data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadRecord("corrupt_media", f"{name} is not valid base64 ({e})", origin) from None
+    elif part.ref_kind == "url":
+        name = ref
+        data = _fetch(ref, max_bytes=max_bytes, allow_network=allow_network, origin=origin)
+    else:
+        name = os.path.join(base_dir, os.path.expanduser(ref))
+        if not os.path.exists(name):
+            raise BadRecord("missing_media", f"{part.type} file {name} does not exist", origin)
+        if not os.path.isfile(name):
+            raise BadRecord("corrupt_media", f"{part.type} path {name} is not a file", origin)
+        if os.path.getsize(name) > max_bytes:
+            raise BadRecord("media_too_large", f"{name} is over max_media_bytes={max_bytes}", origin)
+        with open(name, "rb") as f:
+            data = f.read()
+    if not data:
+        raise BadRecord("corrupt_media", f"{part.type} {name} is empty", origin)
+    return data, name
+
+
+def _fetch(url: str, *, max_bytes: int, allow_network: bool, origin: str) -> bytes:
+    if not allow_network:
+        raise BadRecord("network_media", f"{url} is a URL and data.allow_network_media is false "
+                        "(set it to true, or download the file and give its path)", origin)
+    request = urllib.request.Request(url, headers={"User-Agent": "finetune"})
+    try:
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
+            data = response.read(max_bytes + 1)  # one byte over tells "too large" without reading it all
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        raise BadRecord("network_media", f"cannot fetch {url} ({e})", origin) from None
+    if len(data) > max_bytes:
+        raise BadRecord("media_too_large", f"{url} is over max_media_bytes={max_bytes}", origin)
+    return data

@@ -1,0 +1,225 @@
+"""`finetune VERB ...`: each verb maps to one function.
+
+Bad input exits 2 with `error: <where>: <what>. <fix>` on stderr and no traceback (unless
+--debug); anything else is a bug and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from finetune.errors import UserError
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+
+
+# ---------------------------------------------------------------- verbs
+
+
+def cmd_train(args) -> int:
+    from finetune.recipe import load_recipe
+    from finetune.train import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    _check_runnable(recipe)
+    result = train(recipe, resume=args.resume)
+    print(f"adapter: {result.adapter_dir}  ({result.steps} steps, {result.seconds:.0f}s, "
+          f"{result.tokens_per_s:.0f} real tokens/s)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not args.no_data:
+        _check_runnable(recipe)
+    print(f"ok: {args.recipe}")
+    return 0
+
+
+def _check_runnable(recipe) -> None:
+    """Sources exist and are readable, the base exists: all problems at once."""
+    from data_tools.sources import check_source
+    from finetune.errors import RecipeErrors
+    from finetune.model import _check_base
+
+    errors = []
+    try:
+        _check_base(recipe.model.base, recipe.model.allow_pickle)
+    except UserError as e:
+        errors.append(e)
+    for key, specs in (("datasets", recipe.datasets), ("eval_datasets", recipe.eval_datasets)):
+        for i, spec in enumerate(specs):
+            try:
+                check_source(spec)
+            except UserError as e:
+                errors.append(UserError(f"{key}[{i}].path", f"{e.where}: {e.what}", e.fix))
+    if errors:
+        raise RecipeErrors(errors)
+
+
+def cmd_tiny_model(args) -> int:
+    from finetune.tiny import write_tiny_model
+
+    out = write_tiny_model(args.dir, seed=args.seed, num_kv_shared_layers=args.kv_shared)
+    print(f"tiny gemma4_unified base written to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from finetune.workflows import run_demo
+
+    run_demo(args.overrides)
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from finetune.workflows import data_stats
+
+    stats = data_stats(args.recipe, args.overrides)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        from finetune.workflows import format_stats
+
+        print(format_stats(stats))
+    return 0
+
+
+def cmd_data_preview(args) -> int:
+    from data_tools.preview import write_preview
+
+    path = write_preview(args.recipe, args.out, n=args.n, overrides=args.overrides)
+    print(f"preview written to {path}")
+    return 0
+
+
+def _lazy(module: str, name: str):
+    def run(args):
+        import importlib
+
+        return importlib.import_module(module).__dict__[name](args)
+
+    return run
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def recipe_verb(name, func, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("recipe")
+        sp.add_argument("overrides", nargs="*", help="key.path=value")
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = recipe_verb("train", cmd_train, "train an adapter")
+    sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    sp = recipe_verb("validate", cmd_validate, "check a recipe (and its data sources)")
+    sp.add_argument("--no-data", action="store_true", help="skip checking data sources and the base")
+
+    sp = sub.add_parser("tiny-model", help="write the tiny gemma4_unified test base")
+    sp.add_argument("dir")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--kv-shared", type=int, default=0, help="num_kv_shared_layers")
+    sp.set_defaults(func=cmd_tiny_model)
+
+    sp = sub.add_parser("demo", help="the bundled end-to-end demo (same as python train.py)")
+    sp.add_argument("overrides", nargs="*")
+    sp.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="inspect the data a recipe makes").add_subparsers(
+        dest="data_verb", required=True)
+    sp = data.add_parser("stats", help="what every record became")
+    sp.add_argument("recipe")
+    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_data_stats)
+    sp = data.add_parser("preview", help="a self-contained HTML page of rendered samples")
+    sp.add_argument("recipe")
+    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--n", type=int, default=20)
+    sp.set_defaults(func=cmd_data_preview)
+
+    sp = recipe_verb("plan", _lazy("finetune.cli_plan", "cmd_plan"), "predict peak GPU memory")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--budget-gib", type=float, default=16.0)
+
+    sp = sub.add_parser("merge", help="merge an adapter into a full-precision base")
+    sp.add_argument("adapter")
+    sp.add_argument("out")
+    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    sp.add_argument("--base")
+    sp.add_argument("--allow-pickle", action="store_true")
+    sp.set_defaults(func=_lazy("finetune.cli_export", "cmd_merge"))
+
+    sp = sub.add_parser("combine", help="combine adapters (linear/cat/svd/ties/dare…)")
+    sp.add_argument("spec")
+    sp.set_defaults(func=_lazy("finetune.cli_export", "cmd_combine"))
+
+    sp = sub.add_parser("export", help="export an adapter for a server")
+    sp.add_argument("--format", required=True, choices=["vllm", "sglang", "gguf", "ollama", "merged"])
+    sp.add_argument("adapter")
+    sp.add_argument("out")
+    sp.add_argument("--merge-projections", action="store_true")
+    sp.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16")
+    sp.add_argument("--base-gguf")
+    sp.add_argument("--base")
+    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    sp.add_argument("--allow-pickle", action="store_true")
+    sp.set_defaults(func=_lazy("finetune.cli_export", "cmd_export"))
+
+    sp = recipe_verb("eval", _lazy("finetune.cli_eval", "cmd_eval"), "base vs adapter, item by item")
+    sp.add_argument("--adapter", required=True)
+    sp.add_argument("--out")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--max-items", type=int)
+
+    sp = sub.add_parser("generate", help="answer one prompt (streamed)")
+    sp.add_argument("prompt")
+    sp.add_argument("--adapter")
+    sp.add_argument("--base")
+    sp.add_argument("--image", action="append", default=[])
+    sp.add_argument("--audio", action="append", default=[])
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.set_defaults(func=_lazy("finetune.cli_eval", "cmd_generate"))
+
+    sp = sub.add_parser("chat", help="interactive chat with /image, /audio, /reset")
+    sp.add_argument("--adapter")
+    sp.add_argument("--base")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.set_defaults(func=_lazy("finetune.cli_eval", "cmd_chat"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        if args.debug:
+            raise
+        for line in e.lines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The bundled demo: a small, deterministic, learnable mixed-modality dataset as real files.
+
+Three tasks a frozen random tiny base can't do and a LoRA adapter can learn:
+- image: the dominant colour of a picture (PNG, with distractor shapes);
+- audio: whether a tone is high or low (WAV at several sample rates and channel counts, so
+  the resampling path runs);
+- text: a small table of invented facts (capitals of made-up countries). Held-out items ask
+  with a phrasing never seen in training.
+A few training samples mix an image and a tone in one question.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
+    "purple": (130, 40, 170), "orange": (245, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15),
+}
+CAPITALS = {
+    "Norvia": "Halden", "Quentar": "Mirovo", "Balsira": "Tessel", "Orlund": "Kaveny",
+    "Zemlia": "Porta", "Vastmark": "Lindor", "Calvea": "Sorrin", "Drovnia": "Ulmet",
+}
+IMAGE_Q = ["What is the dominant colour of this picture?", "Which colour fills most of the image?"]
+IMAGE_Q_EVAL = "Name the main colour in this image."
+AUDIO_Q = ["Is this tone high or low?", "Listen: is the pitch high or low?"]
+AUDIO_Q_EVAL = "Is the sound you hear high or low?"
+TEXT_Q = ["What is the capital of {c}?", "Which city is the capital of {c}?",
+          "Name the capital city of {c}."]
+TEXT_Q_EVAL = "Tell me the capital of {c}."
+MIXED_Q = "What colour is the picture, and is the tone high or low?"
+SYSTEM = "Answer with one word."
+
+
+def corpus_lines() -> list[str]:
+    """Every string the demo uses, so the shipped BPE has compact tokens for them."""
+    lines = IMAGE_Q + [IMAGE_Q_EVAL, MIXED_Q, SYSTEM] + AUDIO_Q + [AUDIO_Q_EVAL]
+    for c, cap in CAPITALS.items():
+        lines += [q.format(c=c) for q in TEXT_Q + [TEXT_Q_EVAL]] + [cap, f"{cap}."]
+    lines += list(COLOURS) + ["high", "low"] + [f"{c}, {t}" for c in COLOURS for t in ("high", "low")]
+    return lines * 3
+
+
+def _image(colour: str, rng: random.Random, path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    size = rng.choice([64, 80, 96])
+    img = Image.new("RGB", (size, size), COLOURS[colour])
+    draw = ImageDraw.Draw(img)
+    others = [c for c in COLOURS if c != colour]
+    for _ in range(rng.randint(1, 3)):  # small distractors: the answer is the *dominant* colour
+        w = rng.randint(size // 8, size // 4)
+        x, y = rng.randint(0, size - w), rng.randint(0, size - w)
+        draw.rectangle([x, y, x + w, y + w], fill=COLOURS[rng.choice(others)])
+    img.save(path)
+
+
+def _tone(high: bool, rng: random.Random, path: Path) -> None:
+    import soundfile as sf
+
+    rate = rng.choice([16000, 22050, 44100, 8000])
+    channels = rng.choice([1, 1, 2])
+    seconds = rng.uniform(0.35, 0.6)
+    freq = rng.uniform(1500, 3000) if high else rng.uniform(150, 400)
+    t = np.arange(int(rate * seconds)) / rate
+    wave = 0.5 * np.sin(2 * math.pi * freq * t) + 0.02 * np.asarray(
+        [rng.gauss(0, 1) for _ in range(len(t))])
+    data = np.stack([wave] * channels, axis=1) if channels == 2 else wave
+    sf.write(path, data.astype(np.float32), rate, subtype="PCM_16")
+
+
+def _user(parts: list[dict]) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": parts}]
+
+
+def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audio: int = 160,
+                   n_text_repeat: int = 6, n_mixed: int = 32, n_eval_each: int = 24) -> Path:
+    """Write train.jsonl / eval.jsonl + media under `out`. Deterministic for a seed."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    train, held = [], []
+
+    def image_item(i: int, split: str) -> dict:
+        colour = list(COLOURS)[i % len(COLOURS)]
+        rel = f"images/{split}_{i:04d}.png"
+        _image(colour, rng, out / rel)
+        q = IMAGE_Q_EVAL if split == "eval" else rng.choice(IMAGE_Q)
+        return {"id": f"{split}-image-{i}", "messages": _user(
+            [{"type": "image", "path": rel}, {"type": "text", "text": q}])
+            + [{"role": "assistant", "content": colour}]}
+
+    def audio_item(i: int, split: str) -> dict:
+        high = i % 2 == 0
+        rel = f"audio/{split}_{i:04d}.wav"
+        _tone(high, rng, out / rel)
+        q = AUDIO_Q_EVAL if split == "eval" else rng.choice(AUDIO_Q)
+        return {"id": f"{split}-audio-{i}", "messages": _user(
+            [{"type": "audio", "path": rel}, {"type": "text", "text": q}])
+            + [{"role": "assistant", "content": "high" if high else "low"}]}
+
+    for i in range(n_image):
+        train.append(image_item(i, "train"))
+    for i in range(n_audio):
+        train.append(audio_item(i, "train"))
+    for r in range(n_text_repeat):
+        for c, cap in CAPITALS.items():
+            q = TEXT_Q[r % len(TEXT_Q)].format(c=c)
+            train.append({"id": f"train-text-{c}-{r}", "messages": [
+                {"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
+                {"role": "assistant", "content": cap}]})
+    for i in range(n_mixed):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        high = (i // len(COLOURS)) % 2 == 0
+        img, wav = f"images/mixed_{i:04d}.png", f"audio/mixed_{i:04d}.wav"
+        _image(colour, rng, out / img)
+        _tone(high, rng, out / wav)
+        train.append({"id": f"train-mixed-{i}", "messages": _user(
+            [{"type": "image", "path": img}, {"type": "audio", "path": wav},
+             {"type": "text", "text": MIXED_Q}])
+            + [{"role": "assistant", "content": f"{colour}, {'high' if high else 'low'}"}]})
+
+    for i in range(n_eval_each):
+        held.append(image_item(i, "eval"))
+        held.append(audio_item(i, "eval"))
+    for c, cap in CAPITALS.items():
+        held.append({"id": f"eval-text-{c}", "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": TEXT_Q_EVAL.format(c=c)},
+            {"role": "assistant", "content": cap}]})
+
+    rng.shuffle(train)
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
+        with open(out / name, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return out

@@ -1,0 +1,75 @@
+"""Model families: which module plays which role, and how names map for export.
+
+A family is data, not code paths: the loader, the LoRA presets, the trainable table and the
+exporters read it. `gemma4_unified` is the first; another encoder-free or encoder-based
+image/audio-text model plugs in with one more entry.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    model_class: str
+    processor_class: str
+    # Regexes (full match, runtime names) per LoRA preset role.
+    role_patterns: dict[str, str]
+    # Runtime name → which part of the model a parameter belongs to (for the table).
+    part_patterns: tuple[tuple[str, str], ...]
+    # Runtime LoRA module name → llama.cpp tensor base name, e.g. blk.3.attn_q
+    gguf_names: tuple[tuple[str, str], ...]
+    # Token ids that must never be labels nor generated (placeholders and boundaries).
+    media_token_attrs: tuple[str, ...] = field(default=())
+    end_of_turn: str = "<turn|>"
+
+    def part_of(self, name: str) -> str:
+        for pattern, part in self.part_patterns:
+            if re.search(pattern, name):
+                return part
+        return "text backbone"
+
+    def gguf_name(self, module: str) -> str | None:
+        for pattern, repl in self.gguf_names:
+            m = re.fullmatch(pattern, module)
+            if m:
+                return m.expand(repl)
+        return None
+
+
+GEMMA4_UNIFIED = Family(
+    model_type="gemma4_unified",
+    model_class="Gemma4UnifiedForConditionalGeneration",
+    processor_class="Gemma4UnifiedProcessor",
+    role_patterns={
+        "attention": r".*language_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
+        "mlp": r".*language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+        "vision": r".*embed_vision\.(patch_dense|multimodal_embedder\.embedding_projection)",
+        "audio": r".*embed_audio\.embedding_projection",
+    },
+    part_patterns=(
+        (r"embed_vision\.", "vision projection"),
+        (r"embed_audio\.", "audio projection"),
+        (r"embed_tokens|lm_head", "embeddings + head"),
+    ),
+    gguf_names=(
+        (r".*language_model\.layers\.(\d+)\.self_attn\.q_proj", r"blk.\1.attn_q"),
+        (r".*language_model\.layers\.(\d+)\.self_attn\.k_proj", r"blk.\1.attn_k"),
+        (r".*language_model\.layers\.(\d+)\.self_attn\.v_proj", r"blk.\1.attn_v"),
+        (r".*language_model\.layers\.(\d+)\.self_attn\.o_proj", r"blk.\1.attn_output"),
+        (r".*language_model\.layers\.(\d+)\.mlp\.gate_proj", r"blk.\1.ffn_gate"),
+        (r".*language_model\.layers\.(\d+)\.mlp\.up_proj", r"blk.\1.ffn_up"),
+        (r".*language_model\.layers\.(\d+)\.mlp\.down_proj", r"blk.\1.ffn_down"),
+    ),
+    media_token_attrs=("image_token_id", "boi_token_id", "eoi_token_id", "audio_token_id",
+                       "boa_token_id", "eoa_token_index", "video_token_id"),
+)
+
+FAMILIES = {GEMMA4_UNIFIED.model_type: GEMMA4_UNIFIED}
+
+
+def family_for(model_type: str) -> Family | None:
+    return FAMILIES.get(model_type)

@@ -1,0 +1,106 @@
+"""Greedy generation from conversations, the way the model is served.
+
+The prompt is the chat template with the generation prompt (so for Gemma 4 it ends with the
+empty thinking scaffold), decoding stops at the end-of-turn token, and the media placeholder
+and boundary tokens are suppressed: a model that emitted `<|image|>` would crash its own next
+step ("Image features and image tokens do not match").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data_tools.conversation import Conversation
+from data_tools.render import Renderer, RenderSettings
+
+
+def _renderer(processor) -> Renderer:
+    return Renderer(processor, RenderSettings())
+
+
+def prompt_inputs(processor, conv: Conversation, images: list, audios: list, image_tokens: int) -> dict:
+    r = _renderer(processor)
+    text = r.prompt_text(conv)
+    kwargs = {}
+    if images:
+        kwargs["images"] = images
+        kwargs["images_kwargs"] = {"max_soft_tokens": image_tokens}
+    if audios:
+        kwargs["audio"] = audios
+    return processor(text=text, add_special_tokens=False, return_tensors="pt", **kwargs)
+
+
+def suppressed_ids(processor) -> list[list[int]]:
+    r = _renderer(processor)
+    return [[i] for i in sorted(r.media_ids)]
+
+
+@torch.no_grad()
+def generate(model, processor, conv: Conversation, images: list, audios: list, *,
+             max_new_tokens: int = 32, image_tokens: int = 280, streamer=None) -> str:
+    inputs = prompt_inputs(processor, conv, images, audios, image_tokens)
+    device = next(p for p in model.parameters()).device
+    dtype = _float_dtype(model)
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    eot = processor.tokenizer.convert_tokens_to_ids("<turn|>")
+    was_training = model.training
+    model.eval()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=[eot, processor.tokenizer.eos_token_id],
+                         pad_token_id=processor.tokenizer.pad_token_id,
+                         bad_words_ids=suppressed_ids(processor), streamer=streamer, use_cache=True)
+    if was_training:
+        model.train()
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def _float_dtype(model) -> torch.dtype:
+    """Media enter in the dtype the embeddings compute in (bnb can't cast them itself)."""
+    from finetune.train import unwrap
+
+    return unwrap(model).model.language_model.embed_tokens.weight.dtype
+
+
+def load_items(specs, data_section, limit: int | None = None) -> list[tuple[Conversation, list, list]]:
+    """Held-out conversations with their decoded media (records that fail are skipped here:
+    the training pass already counted and reported them)."""
+    from data_tools.conversation import BadRecord
+    from data_tools.formats import parse_record
+    from data_tools.media import load_audio, load_image
+    from data_tools.sources import iter_records
+
+    items = []
+    for spec in specs:
+        for origin, record, base_dir in iter_records(spec):
+            if limit is not None and len(items) >= limit:
+                return items
+            try:
+                if isinstance(record, BadRecord):
+                    raise record
+                conv = parse_record(record, spec.format, origin, base_dir)
+                conv.raw = record
+                images = [load_image(p, base_dir, max_pixels=data_section.max_image_pixels,
+                                     max_bytes=data_section.max_media_bytes,
+                                     allow_network=data_section.allow_network_media)
+                          for p in conv.media() if p.type == "image"]
+                audios = [load_audio(p, base_dir, max_seconds=data_section.max_audio_seconds,
+                                     policy=data_section.audio_overflow,
+                                     max_bytes=data_section.max_media_bytes,
+                                     allow_network=data_section.allow_network_media)
+                          for p in conv.media() if p.type == "audio"]
+            except BadRecord:
+                continue
+            items.append((conv, images, audios))
+    return items
+
+
+def preview_items(model, processor, recipe) -> list[dict]:
+    specs = recipe.eval_datasets or recipe.datasets
+    rows = []
+    for conv, images, audios in load_items(specs, recipe.data, recipe.train.preview_items):
+        out = generate(model, processor, conv, images, audios, max_new_tokens=recipe.eval.max_new_tokens,
+                       image_tokens=recipe.data.image_tokens)
+        rows.append({"id": conv.origin, "modality": conv.modality(), "output": out,
+                     "reference": conv.messages[-1].text()})
+    return rows

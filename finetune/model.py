@@ -1,0 +1,178 @@
+"""Load a base model (hub id or local folder) in NF4 / int8 / full precision, and its processor.
+
+QLoRA on the single backbone: bitsandbytes quantizes the linear layers of the transformer
+and the vision/audio projections; the 1 B-parameter embedding (tied lm_head) and the norms
+stay in bf16 (we do not call `prepare_model_for_kbit_training`, which would upcast them
+to fp32: 4 GB on the 12B).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from finetune.errors import UserError
+from finetune.families import Family, family_for
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compute_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_base(base: str, allow_pickle: bool) -> None:
+    p = Path(base)
+    if not p.exists():
+        if p.is_absolute() or base.startswith((".", "/")) or base.count("/") != 1:
+            raise UserError("model.base", f"{base} does not exist",
+                            "Give a local model folder or a hub id like google/gemma-4-12B-it")
+        return  # a hub id: from_pretrained downloads it (and fails clearly offline)
+    if not p.is_dir():
+        raise UserError("model.base", f"{base} is a file, not a model folder",
+                        "Point at the folder holding config.json")
+    if not (p / "config.json").exists():
+        raise UserError("model.base", f"{base} has no config.json", "Point at a transformers model folder")
+    has_st = any(p.glob("*.safetensors"))
+    has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt"))
+    if not has_st and has_pickle and not allow_pickle:
+        raise UserError("model.base", f"{base} holds only pickle weights (.bin/.pt)",
+                        "Convert them to safetensors, or set model.allow_pickle: true if you trust them")
+    if not has_st and not has_pickle:
+        raise UserError("model.base", f"{base} has no weights", "Expected model.safetensors")
+
+
+def base_family(base: str, trust_remote_code: bool = False) -> Family:
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError("model.base", f"cannot read the config of {base} ({str(e).splitlines()[0]})",
+                        "Check the path, or that the hub is reachable") from None
+    fam = family_for(cfg.model_type)
+    if fam is None:
+        raise UserError("model.base", f"model_type {cfg.model_type!r} is not supported yet",
+                        "Supported: gemma4_unified")
+    return fam
+
+
+def load_processor(base: str, image_tokens: int | None = None, trust_remote_code: bool = False):
+    from transformers import AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError("model.base", f"cannot load the processor of {base} ({str(e).splitlines()[0]})",
+                        "The folder needs tokenizer and processor files") from None
+    if image_tokens is not None:
+        proc.image_processor.max_soft_tokens = image_tokens
+    return proc
+
+
+def load_base(base: str, *, quantization: str = "none", dtype: str = "auto", device: str | None = None,
+              double_quant: bool = True, quant_storage: str = "uint8", trust_remote_code: bool = False,
+              allow_pickle: bool = False):
+    """The base model, frozen, ready for LoRA. Never merges anything."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    _check_base(base, allow_pickle)
+    device = device or default_device()
+    cdtype = compute_dtype(dtype, device)
+    kwargs = {"trust_remote_code": trust_remote_code, "attn_implementation": "sdpa",
+              "use_safetensors": not allow_pickle or None}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=cdtype,
+            bnb_4bit_quant_storage=torch.bfloat16 if quant_storage == "bf16" else torch.uint8,
+            # lm_head is tied to the embedding: quantizing it would untie and copy 1 B params.
+            llm_int8_skip_modules=["lm_head"])
+        kwargs["dtype"] = cdtype if cdtype != torch.float32 else torch.bfloat16
+    elif quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True,
+                                                           llm_int8_skip_modules=["lm_head"])
+        kwargs["dtype"] = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        kwargs["dtype"] = cdtype
+    if device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
+    if quantization != "none" and device == "cpu":
+        # On CPU the unquantized parts compute in fp32 (bf16 matmuls are slow and lossy there).
+        _cast_unquantized(model, cdtype)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def _cast_unquantized(model, dtype: torch.dtype) -> None:
+    for p in model.parameters():
+        if p.dtype in (torch.bfloat16, torch.float16, torch.float32) and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of each decoder layer; inputs need grads for LoRA to see them."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def attach_lora(model, lora_section, family: Family):
+    from peft import get_peft_model
+
+    from finetune.lora import lora_config
+
+    cfg = lora_config(lora_section, family)
+    try:
+        peft_model = get_peft_model(model, cfg)
+    except ValueError as e:
+        raise UserError("lora.targets", f"no module matched ({str(e).splitlines()[0][:160]})",
+                        "Use presets attention, mlp, vision, audio or a regex over module names") from None
+    # LoRA weights train in fp32 even over a bf16/4-bit base: Adam on bf16 weights loses updates.
+    for n, p in peft_model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model
+
+
+def load_adapter(model, adapter: str, *, is_trainable: bool = False, allow_pickle: bool = False):
+    from peft import PeftModel
+
+    p = Path(adapter)
+    if not (p / "adapter_config.json").exists():
+        raise UserError(adapter, "not an adapter folder (no adapter_config.json)",
+                        "Point at the adapter/ folder a training run wrote")
+    if not (p / "adapter_model.safetensors").exists():
+        if (p / "adapter_model.bin").exists() and not allow_pickle:
+            raise UserError(adapter, "the adapter is stored as pickle (adapter_model.bin)",
+                            "Re-save it as safetensors, or pass --allow-pickle if you trust it")
+        if not (p / "adapter_model.bin").exists():
+            raise UserError(adapter, "no adapter weights (adapter_model.safetensors)", "Re-save the adapter")
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(adapter, f"does not fit this base ({str(e).splitlines()[0][:200]})",
+                        "Use the base the adapter was trained on (see adapter_config.json)") from None
+
+
+def adapter_base(adapter: str) -> str:
+    p = Path(adapter) / "adapter_config.json"
+    if not p.exists():
+        raise UserError(adapter, "not an adapter folder (no adapter_config.json)",
+                        "Point at the adapter/ folder a training run wrote")
+    try:
+        base = json.loads(p.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError:
+        raise UserError(str(p), "is not valid JSON", "Re-save the adapter") from None
+    if not base:
+        raise UserError(str(p), "names no base model", "Pass --base")
+    return base

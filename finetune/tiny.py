@@ -1,0 +1,210 @@
+"""A tiny gemma4_unified base, shaped like the real 12B wherever a code path depends on it.
+
+Real weights can't be downloaded here, so every loading path is exercised on this model:
+it is written with `save_pretrained` and read back with `from_pretrained`/`AutoProcessor`
+like any checkpoint. The tokenizer (`assets/tokenizer.json`) is a small BPE with byte
+fallback and the Gemma 4 special tokens; `build_tokenizer_json()` regenerates it.
+
+Shape choices that matter (see shared/FACTS.md):
+- full-attention layers with `attention_k_eq_v` (no v_proj) and 1 global kv head, and a
+  `global_head_dim` that differs from `head_dim` (llama.cpp's converter needs the difference);
+- `final_logit_softcapping: 30` so chunked CE is tested with the soft-cap;
+- sliding and full layers both present, last layer full;
+- `vocab_size == len(tokenizer)` exactly (llama.cpp checks embedding rows).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+TOKENIZER_JSON = ASSETS / "tokenizer.json"
+
+# Special tokens, in id order after the 256 byte-fallback tokens' predecessors.
+SPECIAL = {
+    "pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>",
+    "turn_start": "<|turn>", "turn_end": "<turn|>",
+    "channel_start": "<|channel>", "channel_end": "<channel|>",
+    "image": "<|image|>", "boi": "<|image>", "eoi": "<image|>",
+    "audio": "<|audio|>", "boa": "<|audio>", "eoa": "<audio|>",
+    "video": "<|video|>",
+}
+VOCAB_SIZE = 1024  # BPE target; the real size is len(tokenizer), fewer when merges run out
+
+# The shape of the official Gemma 4 template (FACTS.md): bos, optional system turn, each turn
+# `<|turn>{role}\n…<turn|>\n` with the assistant rendered as `model`, text trimmed, media
+# inline, and the empty thinking scaffold after the generation prompt unless thinking is on.
+# No {% generation %} markers, like the official one: label masks come from rendering.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set loop_messages = messages -%}"
+    "{%- if messages and messages[0]['role'] in ['system', 'developer'] -%}"
+    "{{ '<|turn>system\\n' }}"
+    "{%- if messages[0]['content'] is string -%}{{ messages[0]['content'] | trim }}"
+    "{%- else -%}{%- for item in messages[0]['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<turn|>\\n' }}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<|turn>' + role + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<|image|>' }}"
+    "{%- elif item['type'] == 'audio' -%}{{ '<|audio|>' }}"
+    "{%- elif item['type'] == 'video' -%}{{ '<|video|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<turn|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|turn>model\\n' }}"
+    "{%- if not (enable_thinking is defined and enable_thinking) -%}"
+    "{{ '<|channel>thought\\n<channel|>' }}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def tiny_config_dict(*, num_kv_shared_layers: int = 0) -> dict:
+    """Keyword arguments for Gemma4UnifiedConfig; token ids match the shipped tokenizer."""
+    ids = special_ids()
+    vocab_size = len(load_tokenizer())
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "global_head_dim": 64,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        "sliding_window": 64,
+        "final_logit_softcapping": 30.0,
+        "max_position_embeddings": 8192,
+        "num_kv_shared_layers": num_kv_shared_layers,
+        "pad_token_id": ids["pad"], "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+        # llama.cpp's converter looks this key up on gemma4 text configs.
+        "moe_intermediate_size": None,
+        "tie_word_embeddings": True,
+    }
+    vision = {"patch_size": 16, "pooling_kernel_size": 3, "mm_embed_dim": 64,
+              "output_proj_dims": 64, "mm_posemb_size": 1120}
+    return {
+        "text_config": text,
+        "vision_config": vision,
+        "audio_config": {"audio_embed_dim": 640},
+        "image_token_id": ids["image"], "boi_token_id": ids["boi"], "eoi_token_id": ids["eoi"],
+        "audio_token_id": ids["audio"], "boa_token_id": ids["boa"], "eoa_token_index": ids["eoa"],
+        "video_token_id": ids["video"],
+        "tie_word_embeddings": True,
+        "pad_token_id": ids["pad"], "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+    }
+
+
+def special_ids() -> dict[str, int]:
+    """Ids of the special tokens: they come first in the vocabulary, in SPECIAL order."""
+    return {k: i for i, k in enumerate(SPECIAL)}
+
+
+def _corpus() -> list[str]:
+    from finetune.demo import corpus_lines
+
+    generic = (
+        "The quick brown fox jumps over the lazy dog. A model reads images, listens to audio "
+        "and answers questions about what it sees and hears. Fine-tuning adapts a base model "
+        "to a domain with a small adapter. What is this? Describe the picture. Transcribe the "
+        "audio. Answer with one word. Yes or no. The answer is short. Numbers 0 1 2 3 4 5 6 7 8 9."
+    )
+    return [generic] * 4 + corpus_lines()
+
+
+def build_tokenizer_json(path: Path = TOKENIZER_JSON) -> None:
+    """Train the small BPE (deterministic) and write tokenizer.json. Run once; committed."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = list(SPECIAL.values())
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # SentencePiece-style: spaces become ▁ and stay attached to the following word.
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=specials + byte_tokens, show_progress=False,
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789▁.,?!'-:\n"),
+        min_frequency=1)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+
+
+def load_tokenizer():
+    """The shipped tokenizer wrapped for transformers, with Gemma 4's named special tokens."""
+    from transformers import GemmaTokenizerFast  # noqa: F401  (registers the class)
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(TOKENIZER_JSON),
+        bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"],
+        unk_token=SPECIAL["unk"],
+        extra_special_tokens={
+            "image_token": SPECIAL["image"], "boi_token": SPECIAL["boi"], "eoi_token": SPECIAL["eoi"],
+            "audio_token": SPECIAL["audio"], "boa_token": SPECIAL["boa"], "eoa_token": SPECIAL["eoa"],
+        },
+        padding_side="right",
+        model_max_length=8192,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_processor(tokenizer=None, image_tokens: int = 70):
+    from transformers.models.gemma4_unified import (
+        Gemma4UnifiedAudioFeatureExtractor,
+        Gemma4UnifiedImageProcessor,
+        Gemma4UnifiedProcessor,
+    )
+    from transformers.models.gemma4_unified.video_processing_gemma4_unified import (
+        Gemma4UnifiedVideoProcessor,
+    )
+
+    tokenizer = tokenizer or load_tokenizer()
+    return Gemma4UnifiedProcessor(
+        feature_extractor=Gemma4UnifiedAudioFeatureExtractor(),
+        image_processor=Gemma4UnifiedImageProcessor(max_soft_tokens=image_tokens),
+        video_processor=Gemma4UnifiedVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=image_tokens,
+    )
+
+
+def build_tiny_model(seed: int = 0, *, num_kv_shared_layers: int = 0):
+    import torch
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    config = Gemma4UnifiedConfig(**tiny_config_dict(num_kv_shared_layers=num_kv_shared_layers))
+    torch.manual_seed(seed)
+    model = Gemma4UnifiedForConditionalGeneration(config)
+    return model.eval()
+
+
+def write_tiny_model(out: str | Path, seed: int = 0, *, num_kv_shared_layers: int = 0) -> Path:
+    """Write a complete base folder (config, weights, tokenizer, processor, template)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_model(seed, num_kv_shared_layers=num_kv_shared_layers)
+    processor = build_processor()
+    assert len(processor.tokenizer) == model.config.text_config.vocab_size, "vocab mismatch"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "finetune_tiny.json").write_text(json.dumps({"seed": seed, "kind": "tiny gemma4_unified"}))
+    return out

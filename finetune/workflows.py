@@ -1,0 +1,100 @@
+"""Workflows that string several library steps together: the demo, data stats."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from finetune.cli import DEMO_RECIPE
+
+DEMO_DIR = Path("runs/demo")
+
+
+def _eval_table(result: dict) -> str:
+    mods = sorted({m for side in result.values() for m in side})
+    lines = [f"{'modality':<10}{'base':>10}{'adapter':>10}{'n':>6}", "-" * 36]
+    for m in mods:
+        b, a = result["base"].get(m, {}), result["adapter"].get(m, {})
+        lines.append(f"{m:<10}{b.get('accuracy', 0):>10.2f}{a.get('accuracy', 0):>10.2f}{a.get('n', 0):>6}")
+    return "\n".join(lines)
+
+
+def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
+    """Data + tiny base → QLoRA adapter → held-out eval (base vs adapter) → merge + parity."""
+    import torch
+
+    from finetune.demo import make_demo_data
+    from finetune.evaluate import accuracy_by_modality, run_items
+    from finetune.generation import load_items
+    from finetune.model import load_adapter, load_base, load_processor
+    from finetune.recipe import load_recipe
+    from finetune.tiny import write_tiny_model
+    from finetune.train import train
+
+    t0 = time.time()
+    recipe = load_recipe(DEMO_RECIPE, overrides)
+    out = Path(recipe.train.output_dir)
+    base = Path(recipe.model.base)
+    if not (base / "config.json").exists():
+        write_tiny_model(base, seed=0)
+        log(f"demo: tiny gemma4_unified base written to {base}")
+    data_dir = Path(recipe.datasets[0].path).parent
+    if not (data_dir / "train.jsonl").exists():
+        make_demo_data(data_dir, seed=0)
+        log(f"demo: dataset written to {data_dir}")
+
+    result = train(recipe, log=log)
+    log(f"demo: trained {result.steps} steps in {result.seconds:.0f}s")
+
+    processor = load_processor(str(base), recipe.data.image_tokens)
+    items = load_items(recipe.eval_datasets, recipe.data)
+    torch.manual_seed(0)
+    model = load_base(str(base), quantization=recipe.model.quantization, dtype=recipe.model.dtype)
+    gen = {"max_new_tokens": recipe.eval.max_new_tokens, "image_tokens": recipe.data.image_tokens}
+    base_out = run_items(model, processor, items, **gen)
+    model = load_adapter(model, str(result.adapter_dir))
+    adapter_out = run_items(model, processor, items, **gen)
+    scores = {"base": accuracy_by_modality(items, base_out), "adapter": accuracy_by_modality(items, adapter_out)}
+    (out / "eval.json").write_text(json.dumps(scores, indent=1))
+    log("held-out exact match:\n" + _eval_table(scores))
+
+    from finetune.merge import merge_adapter
+
+    report = merge_adapter(str(result.adapter_dir), str(out / "merged"), dtype="fp32")
+    log(f"demo: merged into {out / 'merged'}; max |logits(merged) - logits(base+adapter)| = "
+        f"{report['max_abs_diff']:.2e}")
+    log(f"demo: done in {time.time() - t0:.0f}s → {out}/eval.json, {out}/adapter, {out}/merged")
+    return scores
+
+
+def data_stats(recipe_path: str, overrides=()) -> dict:
+    """Render every record of the recipe; {records, used, rejected, …, datasets: {...}}."""
+    from data_tools.pipeline import prepare
+    from finetune.model import load_processor
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    processor = load_processor(recipe.model.base, recipe.data.image_tokens, recipe.model.trust_remote_code)
+    prep = prepare(recipe, processor, recipe.model.base, log=None)
+    total = dict(prep.stats["total"])
+    total["datasets"] = prep.stats["datasets"]
+    total["eval"] = prep.stats["eval"]
+    total["train_samples_after_mixing"] = len(prep.train)
+    return total
+
+
+def format_stats(s: dict) -> str:
+    lines = [f"records {s['records']}  used {s['used']}  rejected {s['rejected']}"]
+    if s["rejected_by_reason"]:
+        lines.append("rejected by reason: " + ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items()))
+    if s["overflow_actions"]:
+        lines.append("overflow actions: " + ", ".join(f"{k} {v}" for k, v in s["overflow_actions"].items()))
+    t = s["tokens"]
+    lines.append(f"tokens: text {t['text']}  image {t['image']}  audio {t['audio']}  label {t['label']}")
+    if s.get("length_percentiles"):
+        lines.append("length: " + "  ".join(f"{k} {v}" for k, v in s["length_percentiles"].items()))
+    for name, d in s.get("datasets", {}).items():
+        lines.append(f"  {name}: records {d['records']} used {d['used']} rejected {d['rejected']} "
+                     f"{d['rejected_by_reason'] or ''}")
+    return "\n".join(lines)
