@@ -5,31 +5,40 @@ local `config.json`, the bundled config of a known base (`finetune/configs/`), o
 config. Every figure below is then arithmetic over that skeleton and the recipe, so the
 suggestions can re-plan a dozen variants in milliseconds.
 
-What is modelled, and why each term looks the way it does:
+What is modelled, and why each term looks the way it does (code paths of transformers 5.24
+gemma4_unified, PEFT 0.21, bitsandbytes 0.50 and `finetune.train`/`finetune.losses`):
 
-- **Frozen weights.** bitsandbytes quantizes what transformers' `from_pretrained` picks: every
-  `nn.Linear` except the tied/output embeddings (`lm_head`; the vision and audio projections
-  are quantized). NF4 = 4 bits/weight plus
-  a fp32 absmax per 64-block; double quant stores that absmax as uint8 plus a fp32 absmax per
-  256 blocks. int8 = 1 byte/weight plus a fp32 scale per output row. Everything else
-  (embeddings, norms, the vision position table, biases) stays in the compute dtype.
-- **LoRA**: adapter, grads in fp32 (PEFT upcasts adapters); AdamW 2 fp32 states, bnb 8-bit
-  AdamW 2 uint8 states plus a fp32 absmax per 256 (tensors under 4096 values keep 32-bit
-  states, as bnb does). Paged optimizers are counted like the non-paged ones: their pages are
-  on the GPU while the step runs (but outside torch's allocator counters).
+- **Frozen weights.** bitsandbytes quantizes every `nn.Linear` except the tied `lm_head`
+  (what `finetune.model.load_base` asks for; the vision and audio projections are quantized).
+  NF4 = 4 bits/weight plus a fp32 absmax per 64-block; double quant stores that absmax as
+  uint8 plus a fp32 absmax per 256 blocks and a 256-entry code table per tensor. int8 = 1
+  byte/weight plus a fp32 scale per output row. Everything else (embeddings, norms, the
+  vision position table, biases) stays in the compute dtype. While a matmul runs, bnb
+  dequantizes one whole weight to the compute dtype (one buffer of the largest).
+- **LoRA**: adapter and grads in fp32 (`attach_lora` upcasts them); AdamW 2 fp32 states, bnb
+  8-bit AdamW 2 uint8 states plus a fp32 absmax per 256 (tensors under 4096 values keep
+  32-bit states, as bnb does). Paged optimizers are counted like the non-paged ones: their
+  pages sit on the GPU while the step runs (outside torch's allocator counters).
+- **Batch inputs**: the trainer moves all `grad_accum` micro-batches to the GPU up front;
+  with packing each carries its own boolean masks (layer types × batch × seq²).
 - **Activations** under gradient checkpointing: every decoder layer keeps its input
-  (tokens × hidden × 2 bytes), plus one layer's recompute saved for backward and the
-  backward's short-lived gradients. The saved set follows the code paths in transformers'
-  gemma4_unified + PEFT + bitsandbytes 0.50: `MatMul4Bit` saves *no* input (the weight is
-  frozen); PEFT casts each LoRA input to fp32 (no autocast) and `lora_A` saves that copy;
-  RMSNorm saves its fp32 upcast; q/k/v after norm and RoPE are saved by sdpa, k/v already
-  repeated to all heads (transformers repeats kv whenever a mask is passed); sdpa's
-  memory-efficient kernel keeps no seq² scores, but the boolean masks (one per layer type,
-  batch × seq²) live through the step and each layer's sdpa call holds a float copy.
-- **Loss**: chunked CE holds one chunk's logits (bf16 logits, bf16 soft-capped copy, fp32
-  log-softmax, fp32 grad); unchunked holds that for every token.
+  (tokens × hidden × 2 bytes; two of them when offloaded to pinned host memory), plus one
+  layer's recompute saved for backward and the backward's short-lived gradients.
+  `MatMul4Bit` saves *no* input (the weight is frozen); PEFT casts each LoRA input to fp32
+  (no autocast) and `lora_A` saves that copy; RMSNorm saves its fp32 upcast; q/k/v after
+  norm and RoPE are saved by sdpa with k/v already repeated to all heads (transformers
+  repeats kv whenever a mask is passed); sdpa's memory-efficient kernel keeps no seq²
+  scores, but the boolean masks (one per layer type) live through the step and each layer's
+  sdpa call holds a float copy.
+- **Loss**: chunked CE (recomputed per chunk) holds one chunk's soft-capped fp32 logits,
+  fp32 log-softmax and two fp32 grads in flight (16 bytes per logit); unchunked holds the
+  same for every token.
 - **Outside tensors**: the CUDA context (~0.5 GiB, invisible to torch's counters but taken
   from the card), cuBLAS workspace, and a caching-allocator slack for fragmentation.
+
+The sequence is taken at its worst: every row filled to `data.max_seq_len` (media tokens
+are inside that length), one image at `data.image_tokens` and one clip of
+`data.max_audio_seconds` per sample unless every dataset is plain text.
 
 Not calibrated on a GPU yet: `benchmarks/gpu_memory.py` measures the 12B and writes the
 ratios next to these predictions. Treat ±15 % as the honest error bar until then.
@@ -115,6 +124,7 @@ class Skeleton:
     mm_dim: int = 0
     audio_dim: int = 0            # raw values per audio soft token
     largest_quant: int = 0        # numel of the biggest quantized weight (dequant buffer)
+    lora_hits: dict = field(default_factory=dict, repr=False)  # memo: targets -> matched modules
 
 
 def load_config(model):
@@ -138,8 +148,9 @@ def load_config(model):
         raw = json.loads((CONFIG_DIR / bundled).read_text())
         raw.pop("_source", None)
         return AutoConfig.for_model(raw.pop("model_type"), **raw), f"bundled:{bundled}"
-    if path.suffix or base.startswith((".", "/", "~")):
-        raise UserError("model.base", f"{base} is not a folder", "Give a hub id or a local model folder")
+    if path.is_absolute() or base.startswith((".", "~")) or base.count("/") != 1:
+        raise UserError("model.base", f"{base} does not exist",
+                        "Give a local model folder or a hub id like google/gemma-4-12B-it")
     errors = []
     for local_only in (True, False):  # the cache first, then the hub if it can be reached
         if not local_only and not _hub_reachable():
@@ -314,6 +325,9 @@ def _lora(sk: Skeleton, recipe) -> tuple[list[tuple[str, int, int]], set[str]]:
     """The modules PEFT would wrap (full-match of the target regex) and their shapes."""
     from finetune.lora import target_regex
 
+    key = tuple(recipe.lora.targets)
+    if key in sk.lora_hits:  # suggestions re-plan many variants of one recipe
+        return sk.lora_hits[key]
     family = family_for(sk.model_type)
     if family is None:  # unknown family: only regexes can target anything
         regex = "(" + "|".join(t if t.startswith(".*") else f".*{t}" for t in recipe.lora.targets) + ")"
@@ -321,7 +335,8 @@ def _lora(sk: Skeleton, recipe) -> tuple[list[tuple[str, int, int]], set[str]]:
         regex = target_regex(recipe.lora.targets, family)
     pattern = re.compile(regex)
     hits = [(n, i, o) for n, i, o in sk.lora_candidates if pattern.fullmatch(n)]
-    return hits, {n for n, _, _ in hits}
+    sk.lora_hits[key] = hits, {n for n, _, _ in hits}
+    return sk.lora_hits[key]
 
 
 def _optimizer_bytes(shapes: list[tuple[int, int]], optimizer: str) -> int:
@@ -337,7 +352,7 @@ def _optimizer_bytes(shapes: list[tuple[int, int]], optimizer: str) -> int:
 def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: int, dropout: bool,
                  tokens: int) -> int:
     """Bytes one decoder layer keeps for its backward, for `tokens` tokens of width `hid`."""
-    Dq, Dk, I = L.q_out, L.k_out, L.inter
+    Dq, Dk, inter = L.q_out, L.k_out, L.inter
     repeated = L.kv_heads < L.heads
     kv_saved = ab * (Dq if repeated else Dk)  # sdpa saves k and v after repeat_kv
     per_tok = (4 * NORM_BYTES * hid                 # 4 RMSNorms keep their fp32 upcast
@@ -345,9 +360,9 @@ def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: in
                + 2 * (NORM_BYTES * Dk + kv_saved)   # k_norm / v_norm upcasts; k, v for sdpa
                + ab * Dq                            # attention output (sdpa out = o_proj input)
                + 4 * L.heads                        # sdpa logsumexp, fp32
-               + 3 * ab * I)                        # gate out (gelu input), gelu out, up out
+               + 3 * ab * inter)                    # gate out (gelu input), gelu out, up out
     ins = {"q_proj": hid, "k_proj": hid, "v_proj": hid, "o_proj": Dq,
-           "gate_proj": hid, "up_proj": hid, "down_proj": I}
+           "gate_proj": hid, "up_proj": hid, "down_proj": inter}
     shared_groups: set[str] = set()
     for name, width in ins.items():
         full = f"{L.prefix}.{'mlp' if name.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{name}"
@@ -384,7 +399,7 @@ def _estimate(recipe, sk: Skeleton, device: str) -> dict:
     lora_params = sum(a + b for a, b in shapes)
 
     items: dict[str, float] = {}
-    items["quantized_linears"] = _quant_bytes(sk, q.quantization, q.double_quant, ab)
+    items["linear_weights"] = _quant_bytes(sk, q.quantization, q.double_quant, ab)
     items["unquantized_weights"] = (sk.embeddings + sk.linear_kept + sk.other) * ab
     items["lora_weights"] = lora_params * lb
     items["lora_grads"] = lora_params * lb
@@ -396,42 +411,58 @@ def _estimate(recipe, sk: Skeleton, device: str) -> dict:
         # (training always) and again in backward: one buffer of the largest weight.
         items["dequant_buffer"] = sk.largest_quant * ab
 
-    # --- activations of forward + backward --------------------------------------------
-    dropout = recipe.lora.dropout > 0
-    act: dict[str, float] = {}
-    masks = sk.layer_types * B * S * S  # bool (B, 1, S, S), one per layer type, whole step
-    act["attention_masks"] = masks
-    layers = sk.layers
-    if layers:
-        saved = [_layer_saved(L, H, targeted, r, ab, lb, dropout, T) + ab * B * S * S for L in layers]
-        I = max(L.inter for L in layers)
-        down_lora = any(f"{L.prefix}.mlp.down_proj" in targeted for L in layers)
-        # backward of the MLP: grads of down input, gelu out, gate/up outs (bf16), the fp32
-        # grad of down's LoRA input, and the hidden-state grad pair between layers.
-        transient = T * (3 * ab * I + (lb * I if down_lora else 0) + 2 * ab * H)
-        if t.gradient_checkpointing:
-            kept = len(layers) if not (t.offload_activations and device == "cuda") else 2
-            act["checkpointed_inputs"] = kept * T * H * ab
-            act["layer_recompute"] = max(saved)
-        else:
-            act["saved_activations"] = sum(saved)
-        act["backward_transients"] = transient
-    # final norm (fp32 upcast + output) and the embedding output that starts the stack
-    act["embeddings_and_final_norm"] = T * H * (NORM_BYTES + 2 * ab)
-    rows = min(t.ce_chunk_size, T) if t.chunked_ce else T
-    per_logit = ab + (ab if sk.softcap else 0) + 4 + 4  # logits, soft-capped copy, fp32 log-softmax, fp32 grad
-    act["logits_and_loss"] = rows * sk.vocab * per_logit + T * H * ab  # + grad into the hidden states
     # Worst case per sample: one image at its budget and one clip of the longest allowed
     # duration, unless every dataset is plain text (the only format that cannot carry media).
     media = not all(ds.format == "text" for ds in recipe.datasets)
     img_tok = d.image_tokens if sk.patch_dim and media else 0
     aud_tok = int(d.max_audio_seconds * AUDIO_TOKENS_PER_S) if sk.audio_dim and media else 0
     img_tok, aud_tok = min(img_tok, S), min(aud_tok, max(S - img_tok, 0))
+    masks = sk.layer_types * B * S * S  # bool (B, 1, S, S) per layer type, True = attend
+
+    # finetune.train moves all `grad_accum` micro-batches to the GPU before the first forward:
+    # ids/labels/types/mask or positions (int64), media in the compute dtype, and with packing
+    # each micro-batch's own 4-D masks (the one in flight is counted under attention_masks).
+    items["batch_inputs"] = t.grad_accum * (4 * 8 * T + B * (
+        img_tok * (sk.patch_dim * ab + 2 * 8) + aud_tok * (sk.audio_dim * ab + 1)))
+    if t.packing:
+        items["batch_inputs"] += (t.grad_accum - 1) * masks
+
+    # --- activations of forward + backward --------------------------------------------
+    dropout = recipe.lora.dropout > 0
+    offload = t.offload_activations and device == "cuda"  # save_on_cpu: saved tensors go to host
+    act: dict[str, float] = {}
+    # Built once per forward (or passed in when packed); checkpointed layers keep them as inputs.
+    act["attention_masks"] = masks
+    layers = sk.layers
+    if layers:
+        saved = [_layer_saved(L, H, targeted, r, ab, lb, dropout, T) + ab * B * S * S for L in layers]
+        inter = max(L.inter for L in layers)
+        down_lora = any(f"{L.prefix}.mlp.down_proj" in targeted for L in layers)
+        # backward of the MLP: grads of down input, gelu out, gate/up outs (bf16), the fp32
+        # grad of down's LoRA input, and the hidden-state grad pair between layers.
+        transient = T * (3 * ab * inter + (lb * inter if down_lora else 0) + 2 * ab * H)
+        if t.gradient_checkpointing:
+            # offloaded: the input being copied back plus the one in use
+            act["checkpointed_inputs"] = (2 if offload else len(layers)) * T * H * ab
+            act["layer_recompute"] = max(saved)  # recomputed in backward, outside save_on_cpu
+        else:
+            act["saved_activations"] = 2 * max(saved) if offload else sum(saved)
+        act["backward_transients"] = transient
+    # final norm (fp32 upcast + output) and the embedding output that starts the stack
+    act["embeddings_and_final_norm"] = T * H * (NORM_BYTES + 2 * ab)
+    # Per logit, the backward of a chunk (finetune.losses recomputes each chunk) holds the
+    # soft-capped fp32 logits (tanh output), the fp32 log-softmax and two fp32 grads in flight;
+    # the unchunked path holds the same in bf16 logits + fp32 copies for every token.
+    rows = min(t.ce_chunk_size, T) if t.chunked_ce else T
+    per_logit = 16 if sk.softcap else 12
+    # + the label positions' hidden states gathered for the chunks and their grad (T × H each)
+    act["logits_and_loss"] = rows * sk.vocab * per_logit + 2 * T * H * ab
     vision_lora = lb if any(".embed_vision." in n for n in targeted) else 0
     audio_lora = lb if any(".embed_audio." in n for n in targeted) else 0
+    # raw patch → LayerNorm → Dense (+ fp32 LoRA input) → 3 LayerNorms/RMSNorm upcasts → Dense
     act["media_embedders"] = B * (
-        img_tok * (sk.patch_dim * (4 + 2 * ab + vision_lora) + sk.mm_dim * (6 * 4 + vision_lora))
-        + aud_tok * sk.audio_dim * (4 + NORM_BYTES + audio_lora))
+        img_tok * (sk.patch_dim * (ab + vision_lora) + sk.mm_dim * (6 * 4 + vision_lora))
+        + aud_tok * sk.audio_dim * (NORM_BYTES + audio_lora))
 
     # The optimizer step runs after backward freed the activations: the peak is the larger.
     step = 4 * lora_params if t.optimizer in ("adamw", "paged_adamw") else 0  # foreach sqrt temp
@@ -460,6 +491,7 @@ def _result(recipe, sk: Skeleton, est: dict, budget_gib: float, device: str) -> 
         "breakdown": breakdown,
         "breakdown_bytes": {k: int(v) for k, v in ordered},
         "suggestions": [],
+        "suggested_overrides": [],
         "params": {
             "total": sk.total, "embeddings": sk.embeddings, "quantizable_linear": sk.quantizable,
             "linear_not_quantized": sk.linear_kept, "norms_and_other": sk.other,

@@ -121,9 +121,10 @@ def test_plan_reacts_to_each_knob(tiny):
     assert longer["peak_gib"] > base["peak_gib"]
     chunked = plan(_recipe(str(folder), data={"max_seq_len": 8192}))
     assert chunked["breakdown"]["logits_and_loss"] < b["logits_and_loss"]
-    eight = plan(_recipe(str(folder), data={"max_seq_len": 8192}, train={"chunked_ce": False,
-                                                                          "optimizer": "adamw8bit"}))
-    assert eight["breakdown_bytes"]["optimizer_states"] < base["breakdown_bytes"]["optimizer_states"]
+    # bnb keeps 32-bit states for tensors under 4096 values, as the plan does: r=4 saves nothing
+    states = [plan(_recipe(str(folder), lora={"r": r}, train={"optimizer": o}))["breakdown_bytes"]
+              ["optimizer_states"] for r in (4, 64) for o in ("adamw", "adamw8bit")]
+    assert states[0] == states[1] and states[3] < states[2] / 3
     no_gc = plan(_recipe(str(folder), data={"max_seq_len": 8192},
                          train={"chunked_ce": False, "gradient_checkpointing": False}))
     assert no_gc["peak_gib"] > base["peak_gib"] and "saved_activations" in no_gc["breakdown"]
@@ -211,7 +212,7 @@ def test_cpu_fp32_static_memory_matches_real_tensors(tiny):
     measured += sum(_state_bytes(t.grad) for t in trainable)
     measured += sum(_state_bytes(v) for s in opt.state.values() for v in s.values())
     b = plan(recipe, device="cpu")["breakdown_bytes"]
-    predicted = sum(b[k] for k in ("quantized_linears", "unquantized_weights", "lora_weights",
+    predicted = sum(b[k] for k in ("linear_weights", "unquantized_weights", "lora_weights",
                                    "lora_grads", "optimizer_states"))
     assert predicted == pytest.approx(measured, rel=1e-3)
 
@@ -235,4 +236,4 @@ def test_cpu_nf4_weight_bytes_match_a_real_bitsandbytes_load(tiny):
             measured += _state_bytes(m.weight) + _state_bytes(qs.absmax) + _state_bytes(qs.code)
             measured += _state_bytes(qs.state2.absmax) + _state_bytes(qs.state2.code) + 4  # + offset
     out = plan(_recipe(str(folder), model={"quantization": "nf4", "dtype": "fp32"}), device="cpu")
-    assert out["breakdown_bytes"]["quantized_linears"] == pytest.approx(measured, rel=1e-3)
+    assert out["breakdown_bytes"]["linear_weights"] == pytest.approx(measured, rel=1e-3)
