@@ -31,8 +31,11 @@ def prompt_inputs(processor, conv: Conversation, images: list, audios: list, ima
 
 
 def suppressed_ids(processor) -> list[list[int]]:
+    """Media placeholders/boundaries, and the thinking-channel markers: with thinking off the
+    prompt already holds the empty scaffold, so the answer never opens a channel."""
     r = _renderer(processor)
-    return [[i] for i in sorted(r.media_ids)]
+    channel = processor.tokenizer.convert_tokens_to_ids(["<|channel>", "<channel|>"])
+    return [[i] for i in sorted(r.media_ids | set(channel))]
 
 
 @torch.no_grad()
