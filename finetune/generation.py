@@ -65,45 +65,12 @@ def _float_dtype(model) -> torch.dtype:
     return unwrap(model).model.language_model.embed_tokens.weight.dtype
 
 
-def load_items(specs, data_section, limit: int | None = None) -> list[tuple[Conversation, list, list]]:
-    """Held-out conversations with their decoded media (records that fail are skipped here:
-    the training pass already counted and reported them)."""
-    from data_tools.conversation import BadRecord
-    from data_tools.formats import parse_record
-    from data_tools.media import load_audio, load_image
-    from data_tools.sources import iter_records
-
-    items = []
-    for spec in specs:
-        for origin, record, base_dir in iter_records(spec):
-            if limit is not None and len(items) >= limit:
-                return items
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                conv = parse_record(record, spec.format, origin, base_dir)
-                conv.raw = record
-                images = [load_image(p, base_dir, max_pixels=data_section.max_image_pixels,
-                                     max_bytes=data_section.max_media_bytes,
-                                     allow_network=data_section.allow_network_media)
-                          for p in conv.media() if p.type == "image"]
-                audios = [load_audio(p, base_dir, max_seconds=data_section.max_audio_seconds,
-                                     policy=data_section.audio_overflow,
-                                     max_bytes=data_section.max_media_bytes,
-                                     allow_network=data_section.allow_network_media)
-                          for p in conv.media() if p.type == "audio"]
-            except BadRecord:
-                continue
-            items.append((conv, images, audios))
-    return items
-
-
 def preview_items(model, processor, recipe) -> list[dict]:
-    specs = recipe.eval_datasets or recipe.datasets
-    rows = []
-    for conv, images, audios in load_items(specs, recipe.data, recipe.train.preview_items):
-        out = generate(model, processor, conv, images, audios, max_new_tokens=recipe.eval.max_new_tokens,
-                       image_tokens=recipe.data.image_tokens)
-        rows.append({"id": conv.origin, "modality": conv.modality(), "output": out,
-                     "reference": conv.messages[-1].text()})
-    return rows
+    """The first few held-out items, answered by the model as it is now."""
+    from finetune.evaluate import eval_items
+
+    items, _ = eval_items(recipe, processor, limit=recipe.train.preview_items, log=lambda *_: None)
+    return [{"id": it.id, "modality": it.conv.modality(), "reference": it.reference,
+             "output": generate(model, processor, it.conv, it.images, it.audios,
+                                max_new_tokens=recipe.eval.max_new_tokens,
+                                image_tokens=recipe.data.image_tokens)} for it in items]

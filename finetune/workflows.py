@@ -22,11 +22,8 @@ def _eval_table(result: dict) -> str:
 
 def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
     """Data + tiny base → QLoRA adapter → held-out eval (base vs adapter) → merge + parity."""
-    import torch
-
     from finetune.demo import make_demo_data
-    from finetune.evaluate import accuracy_by_modality, run_items
-    from finetune.generation import load_items
+    from finetune.evaluate import accuracy_by_modality, eval_items, generate_items
     from finetune.model import load_adapter, load_base, load_processor
     from finetune.recipe import load_recipe
     from finetune.tiny import write_tiny_model
@@ -40,7 +37,7 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
         write_tiny_model(base, seed=0)
         log(f"demo: tiny gemma4_unified base written to {base}")
     data_dir = Path(recipe.datasets[0].path).parent
-    if not (data_dir / "train.jsonl").exists():
+    if not (data_dir / "eval.jsonl").exists():
         make_demo_data(data_dir, seed=0)
         log(f"demo: dataset written to {data_dir}")
 
@@ -48,13 +45,13 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
     log(f"demo: trained {result.steps} steps in {result.seconds:.0f}s")
 
     processor = load_processor(str(base), recipe.data.image_tokens)
-    items = load_items(recipe.eval_datasets, recipe.data)
-    torch.manual_seed(0)
+    items, _ = eval_items(recipe, processor, log=log)
     model = load_base(str(base), quantization=recipe.model.quantization, dtype=recipe.model.dtype)
-    gen = {"max_new_tokens": recipe.eval.max_new_tokens, "image_tokens": recipe.data.image_tokens}
-    base_out = run_items(model, processor, items, **gen)
+    gen = {"max_new_tokens": recipe.eval.max_new_tokens, "image_tokens": recipe.data.image_tokens,
+           "batch_size": recipe.eval.batch_size}
+    base_out = generate_items(model, processor, items, **gen)
     model = load_adapter(model, str(result.adapter_dir))
-    adapter_out = run_items(model, processor, items, **gen)
+    adapter_out = generate_items(model, processor, items, **gen)
     scores = {"base": accuracy_by_modality(items, base_out), "adapter": accuracy_by_modality(items, adapter_out)}
     (out / "eval.json").write_text(json.dumps(scores, indent=1))
     log("held-out exact match:\n" + _eval_table(scores))
