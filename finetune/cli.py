@@ -7,9 +7,11 @@ Bad input exits 2 with `error: <where>: <what>. <fix>` on stderr and no tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from finetune.errors import UserError
@@ -59,6 +61,11 @@ def _check_runnable(recipe) -> None:
                 check_source(spec)
             except UserError as e:
                 errors.append(UserError(f"{key}[{i}].path", f"{e.where}: {e.what}", e.fix))
+    out = Path(recipe.train.output_dir).absolute()
+    there = next(p for p in (out, *out.parents) if p.exists())  # the part that exists already
+    if not there.is_dir():
+        errors.append(UserError("train.output_dir", f"{there} is a file, not a folder",
+                                "Point it at a new or existing folder"))
     if errors:
         raise RecipeErrors(errors)
 
@@ -203,22 +210,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """`--debug` works anywhere on the line, not only before the verb."""
+    if "--" in argv:
+        cut = argv.index("--")
+        head, tail = argv[:cut], argv[cut:]
+    else:
+        head, tail = argv, []
+    return [a for a in head if a != "--debug"] + tail, "--debug" in head
+
+
+def _environment_error(e: BaseException) -> UserError | None:
+    """Failures the user fixes outside finetune (a path, permissions, disk, memory): exit 2, not a bug."""
+    if isinstance(e, OSError) and (e.filename is not None or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        where = str(e.filename) if e.filename is not None else "disk"
+        fix = ("Free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "Check the path and its permissions")
+        return UserError(where, e.strerror or type(e).__name__, fix)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return UserError("memory", f"out of GPU memory ({str(e).splitlines()[0][:160]})",
+                         "Lower train.batch_size or data.max_seq_len, or run `finetune plan` first")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, debug = _split_debug(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = args.debug or debug
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args) or 0
-    except UserError as e:
-        if args.debug:
-            raise
-        for line in e.lines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `finetune data stats --json | head`: the reader left, nothing to report
+        try:  # keep Python's exit-time flush of stdout from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141  # what a shell reports for a writer killed by SIGPIPE
+    except Exception as e:
+        if args.debug:
+            raise
+        user = e if isinstance(e, UserError) else _environment_error(e)
+        if user is not None:
+            for line in user.lines():
+                print(f"error: {line}", file=sys.stderr)
+            return 2
+        # A bug in finetune: the traceback is what a bug report needs.
+        traceback.print_exc()
+        print(f"internal error: {type(e).__name__}: {e}. This is a bug in finetune; please report it "
+              "with the traceback above.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

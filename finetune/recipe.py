@@ -2,13 +2,17 @@
 
 Each section is a small dataclass owned by the module that uses it; the field docs are the
 reference for recipe authors (`finetune validate` prints them in error messages). The
-loader never runs code from the YAML: `yaml.safe_load` only.
+loader never runs code from the YAML: a `yaml.SafeLoader` subclass (`_RecipeLoader`) only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -143,6 +147,19 @@ REPORT_TO = ("tensorboard", "wandb")
 
 # ---------------------------------------------------------------- generic checking
 
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 60, 60, 2
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for messages: YAML aliases can make a small file a huge (or shared) tree."""
+    return _REPR.repr(value)
+
+
+def _key(key: Any) -> str:
+    text = str(key)
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -173,7 +190,7 @@ def _convert(value: Any, tp: Any, where: str, errors: list[UserError]) -> Any:
             out = _convert(value, a, where, trial)
             if not trial:
                 return out
-        errors.append(UserError(where, f"expected {_type_name(tp)}, got {value!r}"))
+        errors.append(UserError(where, f"expected {_type_name(tp)}, got {_show(value)}"))
         return None
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -183,7 +200,7 @@ def _convert(value: Any, tp: Any, where: str, errors: list[UserError]) -> Any:
         if isinstance(value, str):
             close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
             hint = f"Did you mean {close[0]!r}?" if close else ""
-        errors.append(UserError(where, f"{value!r} is not one of {_type_name(tp)}",
+        errors.append(UserError(where, f"{_show(value)} is not one of {_type_name(tp)}",
                                 hint or f"Use one of {_type_name(tp)}"))
         return None
     if origin is list:
@@ -198,9 +215,17 @@ def _convert(value: Any, tp: Any, where: str, errors: list[UserError]) -> Any:
         if not isinstance(value, dict):
             errors.append(UserError(where, f"expected a mapping, got {type(value).__name__}"))
             return {}
-        return {str(k): str(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                errors.append(UserError(f"{where}.{_key(k)}", f"expected a name, got {_show(v)}",
+                                        "Map each name to one column name"))
+            else:
+                out[str(k)] = str(v)
+        return out
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, errors)
+        # `eval:` with every key commented out is an empty section, i.e. all defaults.
+        return _build(tp, {} if value is None else value, where, errors)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -211,18 +236,26 @@ def _convert(value: Any, tp: Any, where: str, errors: list[UserError]) -> Any:
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .nan passes every range check; .inf overflows the maths
+                errors.append(UserError(where, f"{value} is not a finite number", "Give a real number"))
+                return None
             return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    errors.append(UserError(where, f"expected {_type_name(tp)}, got {value!r}"))
+    errors.append(UserError(where, f"expected {_type_name(tp)}, got {_show(value)}"))
     return None
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, raw: Any, where: str, errors: list[UserError]) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     prefix = f"{where}." if where else ""
     if not isinstance(raw, dict):
@@ -231,9 +264,9 @@ def _build(cls: type, raw: Any, where: str, errors: list[UserError]) -> Any:
         return None
     for key in raw:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(_key(key), list(fields), n=1, cutoff=0.6)
             fix = f"Did you mean {prefix}{close[0]}?" if close else f"Known keys: {', '.join(fields)}"
-            errors.append(UserError(f"{prefix}{key}", "unknown key", fix))
+            errors.append(UserError(f"{prefix}{_key(key)}", "unknown key", fix))
     kwargs = {}
     for name, f in fields.items():
         path = f"{prefix}{name}"
@@ -255,13 +288,10 @@ def _build(cls: type, raw: Any, where: str, errors: list[UserError]) -> Any:
                                         f"Use a value <= {hi}"))
         if len(errors) == n_before:
             kwargs[name] = value
-    if any(e.where.startswith(prefix) or e.where == where for e in errors) and len(kwargs) < len(
-            [n for n in fields if n in raw]):
-        # Keep going so sibling sections are still checked; the caller raises at the end.
-        pass
+    # A section with errors still returns so sibling sections get checked; the caller raises.
     try:
         return cls(**kwargs)
-    except TypeError:
+    except TypeError:  # a required field was missing or bad: already reported
         return None
 
 
@@ -278,52 +308,122 @@ def _cross_checks(r: Recipe, errors: list[UserError]) -> None:
     from finetune.lora import PRESETS, check_target
 
     for i, t in enumerate(r.lora.targets):
-        problem = check_target(t)
+        try:
+            problem = check_target(t)
+        except (RecursionError, OverflowError, ValueError) as e:  # re.compile on pathological patterns
+            problem = f"{_show(t)} is not a valid regex ({type(e).__name__})"
         if problem:
             errors.append(UserError(f"lora.targets[{i}]", problem,
                                     f"Use a preset ({', '.join(PRESETS)}) or a valid regex"))
     if r.train.packing and r.data.streaming:
         errors.append(UserError("train.packing", "packing needs the cached dataset",
                                 "Set data.streaming: false or train.packing: false"))
-    if r.model.quantization == "none" and r.train.optimizer.startswith("paged") is False:
-        pass
 
 
 # ---------------------------------------------------------------- loading
 
 
+_STD_TAG = "tag:yaml.org,2002:"
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` (plain data only: no Python tags, nothing runs) with two changes.
+
+    Dates stay text: a value like `2024-13-45` would otherwise crash the date constructor.
+    Duplicate keys are errors: YAML silently keeps the last one, hiding a half-edited recipe.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {_key(key_node.value)!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as e:  # an explicit tag on a bad value (!!int x, !!timestamp 2024-99-01)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"bad {node.tag.replace(_STD_TAG, '!!')} value {_show(node.value)} ({e})",
+                node.start_mark) from None
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+# YAML 1.1 reads `1e-4` (no dot) as a string; everyone writes learning rates that way.
+_EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789"))
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Quotes every string the loader would read as something else (`1e5`, `2024-01-01`)."""
+
+
+_RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789"))
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: equivalent to yaml.safe_load
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise UserError(text, "an override must look like key.path=value",
+        raise UserError(text.strip() or repr(text), "an override must look like key.path=value",
                         "Write for example train.lr=1e-4")
     key, _, value = text.partition("=")
+    if not key.strip():
+        raise UserError(text, "the override names no key", "Write for example train.lr=1e-4")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
+        parsed = _safe_load(value) if value.strip() else ""
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
+        parsed = value  # not YAML: take it as the string the user typed
     return key.strip().split("."), parsed
 
 
+def _is_index(key: str) -> bool:
+    return key.isascii() and key.isdigit()  # not str.isdigit alone: '²' is a digit int() refuses
+
+
 def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    """Set `raw[path...] = value`. A digit indexes a list; index == len appends a new item."""
     node: Any = raw
-    for i, key in enumerate(path[:-1]):
+    for i, key in enumerate(path):
+        where = ".".join(path[: i + 1])
+        last = i == len(path) - 1
+        child_default: Any = None if last else ([] if _is_index(path[i + 1]) else {})
         if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise UserError(".".join(path[: i + 1]), "no such list item",
-                                f"The list has {len(node)} items")
+            if not _is_index(key) or int(key) > len(node):
+                raise UserError(where, "no such list item",
+                                f"The list has {len(node)} items; use an index from 0 to {len(node)}")
+            if int(key) == len(node):
+                node.append(child_default)
+            if last:
+                node[int(key)] = value
+                return
+            if node[int(key)] is None:
+                node[int(key)] = child_default
             node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+                return
+            if node.get(key) is None:  # absent, or an empty `section:` line
+                node[key] = child_default
+            node = node[key]
         else:
-            node = node.setdefault(key, {})
-            if not isinstance(node, (dict, list)):
-                raise UserError(".".join(path[: i + 1]), "is not a section",
-                                "Override a key inside a mapping")
-    last = path[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise UserError(".".join(path), "no such list item", f"The list has {len(node)} items")
-        node[int(last)] = value
-    else:
-        node[last] = value
+            where = ".".join(path[:i])
+            raise UserError(where, f"is {_show(node)}, not a section", "Override a key inside a mapping")
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -332,7 +432,10 @@ def read_yaml(path: str | Path) -> Any:
         raise UserError(str(p), "file not found", "Check the path")
     if p.is_dir():
         raise UserError(str(p), "is a directory, not a recipe file", "Pass a .yaml file")
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(str(p), f"cannot read the file ({e.strerror or e})", "Check its permissions") from None
     if b"\x00" in data:
         raise UserError(str(p), "is a binary file, not YAML", "Pass a .yaml recipe")
     try:
@@ -340,17 +443,31 @@ def read_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError:
         raise UserError(str(p), "is not UTF-8 text", "Save the recipe as UTF-8") from None
     try:
-        return yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else "?"
-        raise UserError(f"{p}:{line}", f"YAML tag not allowed ({e.problem})",
-                        "Recipes are plain data: remove the !! tag") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        return _safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
         where = f"{p}:{mark.line + 1}" if mark else str(p)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = e.problem or str(e).splitlines()[0]
+        if isinstance(e, yaml.constructor.ConstructorError):
+            if "could not determine a constructor" in problem:
+                tag = problem.rpartition("tag ")[2].replace(_STD_TAG, "!!")
+                raise UserError(where, f"YAML tag {tag} is not allowed",
+                                "Recipes are plain data: remove the tag") from None
+            if problem.startswith("duplicate key"):
+                raise UserError(where, problem, "Keep one of them") from None
+            if problem.startswith("bad "):
+                raise UserError(where, f"YAML {problem}", "Quote the value or remove its !! tag") from None
+            raise UserError(where, f"YAML error: {e.context or ''} {problem}",
+                            "Write plain keys, lists and values") from None
         raise UserError(where, f"YAML syntax error: {problem}",
                         "Fix the indentation or quoting on that line") from None
+    except yaml.YAMLError as e:
+        raise UserError(str(p), f"YAML error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                        "Fix the file") from None
+    except (ValueError, TypeError, OverflowError) as e:  # an explicit tag with a bad value: !!int x
+        raise UserError(str(p), f"YAML value error ({e})", "Quote the value or remove its !! tag") from None
+    except RecursionError:
+        raise UserError(str(p), "nested too deeply", "A recipe is a few levels of keys and lists") from None
 
 
 def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
@@ -379,4 +496,4 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    Path(path).write_text(yaml.dump(recipe.to_dict(), Dumper=_RecipeDumper, sort_keys=False))

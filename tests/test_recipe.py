@@ -1,0 +1,243 @@
+"""Recipes: every shipped one validates; bad ones fail with the key path, all errors at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.cli import main
+from finetune.errors import RecipeErrors, UserError
+from finetune.recipe import (
+    ModelSection,
+    Recipe,
+    _RecipeLoader,
+    dump_recipe,
+    load_recipe,
+    read_yaml,
+    recipe_from_dict,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.y*ml")
+                 if isinstance(yaml.safe_load(p.read_text()), dict) and "model" in yaml.safe_load(p.read_text()))
+
+
+def minimal(**sections) -> dict:
+    raw = {"model": {"base": "some/base"}, "datasets": [{"path": "train.jsonl"}]}
+    for name, value in sections.items():
+        raw[name] = value
+    return raw
+
+
+def errors_of(raw) -> list[str]:
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(raw)
+    return e.value.lines()
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ---------------------------------------------------------------- shipped recipes
+
+
+def test_there_are_shipped_recipes():
+    assert ROOT / "recipes" / "demo.yaml" in SHIPPED and len(SHIPPED) >= 2
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_shipped_recipe_loads_and_validates(path, capsys):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe) and recipe.datasets
+    # The demo's data and base are generated at run time, so only the recipe itself is checked.
+    assert main(["validate", str(path), "--no-data"]) == 0
+    assert capsys.readouterr().out.startswith("ok:")
+
+
+# ---------------------------------------------------------------- good recipes
+
+
+def test_minimal_recipe_gets_the_documented_defaults():
+    r = recipe_from_dict(minimal(), "x.yaml")
+    assert r.source == "x.yaml"
+    assert r.model.quantization == "nf4" and r.model.trust_remote_code is False
+    assert r.model.allow_pickle is False and r.data.allow_network_media is False
+    assert r.data.on_bad_record == "error" and r.lora.targets == ["attention", "mlp"]
+    assert ModelSection.__dataclass_fields__["trust_remote_code"].default is False
+
+
+def test_friendly_coercions():
+    r = recipe_from_dict(minimal(lora={"targets": "attention", "alpha": 16},
+                                 train={"max_steps": 10.0, "output_dir": 2024}))
+    assert r.lora.targets == ["attention"] and r.lora.alpha == 16.0 and isinstance(r.lora.alpha, float)
+    assert r.train.max_steps == 10 and r.train.output_dir == "2024"
+
+
+def test_dates_stay_text_and_yaml_extras_load(tmp_path):
+    p = write(tmp_path, "model: {base: some/base}\ndatasets:\n  - &d {path: a.jsonl}\n  - *d\n"
+              "train:\n  output_dir: runs/2024-01-01\n  seed: 2024-13-45\n")
+    with pytest.raises(UserError) as e:  # an impossible date is a type error, not a crash
+        load_recipe(p)
+    assert e.value.lines() == ["train.seed: expected an integer, got '2024-13-45'."]
+    r = load_recipe(p, ["train.seed=3"])
+    assert r.train.output_dir == "runs/2024-01-01" and len(r.datasets) == 2
+
+
+def test_dump_and_load_round_trip(tmp_path):
+    r = recipe_from_dict(minimal(lora={"r": 4, "targets": ["attention", r"q_proj$"]}))
+    dump_recipe(r, tmp_path / "lock.yaml")
+    assert load_recipe(tmp_path / "lock.yaml").to_dict() == r.to_dict()
+
+
+# ---------------------------------------------------------------- bad recipes
+
+
+@pytest.mark.parametrize("sections,where,what", [
+    ({"lora": {"r": 0}}, "lora.r", "0 is below the minimum 1"),
+    ({"lora": {"dropout": 0.95}}, "lora.dropout", "above the maximum 0.9"),
+    ({"lora": {"alpha": float("nan")}}, "lora.alpha", "not a finite number"),
+    ({"train": {"lr": "fast"}}, "train.lr", "expected a number, got 'fast'"),
+    ({"train": {"max_steps": 2.5}}, "train.max_steps", "expected an integer"),
+    ({"train": {"packing": "yes"}}, "train.packing", "expected true or false"),
+    ({"train": {"report_to": ["mlflow"]}}, "train.report_to[0]", "not a known tracker"),
+    ({"model": {"base": "b", "quantization": "nf5"}}, "model.quantization", "Did you mean 'nf4'?"),
+    ({"model": {"quantization": "nf4"}}, "model.base", "is required"),
+    ({"model": "google/gemma"}, "model", "expected a mapping, got str"),
+    ({"data": {"image_tokens": 100}}, "data.image_tokens", "not one of 70 | 140 | 280 | 560 | 1120"),
+    ({"data": {"image_tokens": 280.0}}, "data.image_tokens", "not one of"),
+    ({"datasets": []}, "datasets", "is empty"),
+    ({"datasets": {"path": "a"}}, "datasets", "expected a list, got dict"),
+    ({"datasets": [{"path": "a", "weight": 0}]}, "datasets", "all weights are zero"),
+    ({"datasets": [{"path": "a", "columns": {"messages": ["x"]}}]}, "datasets[0].columns.messages",
+     "expected a name"),
+    ({"datasets": [{"format": "chatml"}]}, "datasets[0].path", "is required"),
+    ({"lora": {"targets": ["(unclosed"]}}, "lora.targets[0]", "not a valid regex"),
+    ({"lora": {"targets": ["(" * 2000 + ")" * 2000]}}, "lora.targets[0]", "not a valid regex"),
+    ({"lora": {"targets": [" "]}}, "lora.targets[0]", "an empty target"),
+    ({"train": {"packing": True}, "data": {"streaming": True}}, "train.packing", "needs the cached dataset"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_recipe_names_the_key(sections, where, what):
+    lines = errors_of(minimal(**sections))
+    assert any(line.startswith(f"{where}: ") and what in line for line in lines), lines
+
+
+def test_unknown_keys_suggest_the_closest_one():
+    lines = errors_of(minimal(lora={"alhpa": 8}, trian={}, model={"base": "b", "quantisation": "nf4"}))
+    assert "lora.alhpa: unknown key. Did you mean lora.alpha?" in lines
+    assert "trian: unknown key. Did you mean train?" in lines
+    assert "model.quantisation: unknown key. Did you mean model.quantization?" in lines
+    far = errors_of(minimal(lora={"zzz": 1}))
+    assert far[0].startswith("lora.zzz: unknown key. Known keys: r, alpha, dropout")
+
+
+def test_several_errors_are_reported_together():
+    with pytest.raises(RecipeErrors) as e:
+        recipe_from_dict({"model": {"quantization": "nf5"}, "lora": {"r": -1, "dropout": "x"},
+                          "train": {"optimizer": "adam", "lr": 5}})
+    wheres = [err.where for err in e.value.errors]
+    assert wheres == ["model.base", "model.quantization", "datasets", "lora.r", "lora.dropout",
+                      "train.lr", "train.optimizer"]
+    assert len(e.value.lines()) == len(wheres)
+
+
+def test_messages_stay_short_for_huge_values():
+    bomb: list = ["x" * 10_000]
+    for _ in range(30):  # what YAML aliases make of a few lines: 2**30 leaves, shared
+        bomb = [bomb, bomb]
+    lines = errors_of(minimal(lora={"targets": [bomb]}, train={"output_dir": {"k" * 5000: 1}}))
+    assert all(len(line) < 400 for line in lines), lines
+
+
+@pytest.mark.parametrize("text,where,what", [
+    ("model:\n  base: x\n datasets: [\n", ":3", "YAML syntax error"),
+    ("model: {base: a}\nmodel: {base: b}\n", ":2", "duplicate key 'model'"),
+    ("model: {base: a}\ndatasets: [{path: a, weight: !!float x}]\n", ":2", "bad !!float value 'x'"),
+    ("model: !!python/object/apply:os.getcwd []\n", ":1", "YAML tag '!!python/object/apply:os.getcwd'"),
+    ("? [a, b]\n: 1\n", ":1", "unhashable key"),
+    ("[" * 700 + "]" * 700, "", "nested too deeply"),
+    ("- model\n- datasets\n", "", "the recipe must be a mapping, got list"),
+    ("", "", "the recipe is empty"),
+    ("{}\n", "", "the recipe is empty"),
+], ids=["syntax", "duplicate", "bad-tag-value", "python-tag", "unhashable", "deep", "list", "empty", "empty-map"])
+def test_bad_yaml_files(tmp_path, text, where, what):
+    p = write(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        load_recipe(p)
+    assert e.value.where == f"{p}{where}" and what in e.value.what, e.value.line()
+
+
+def test_the_loader_is_a_safe_loader():
+    assert issubclass(_RecipeLoader, yaml.SafeLoader)
+    assert not issubclass(_RecipeLoader, (yaml.FullLoader, yaml.UnsafeLoader))
+
+
+def test_read_yaml_refuses_non_text(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"model:\x00\x01")
+    (tmp_path / "latin.yaml").write_bytes("model: caf\xe9".encode("latin-1"))
+    for name, what in [("bin.yaml", "binary"), ("latin.yaml", "not UTF-8"), ("nope.yaml", "not found"),
+                       ("", "is a directory")]:
+        with pytest.raises(UserError) as e:
+            read_yaml(tmp_path / name)
+        assert what in e.value.what and e.value.where == str(tmp_path / name)
+
+
+# ---------------------------------------------------------------- overrides
+
+
+@pytest.fixture
+def recipe_file(tmp_path) -> Path:
+    return write(tmp_path, "model:\n  base: some/base\ndatasets:\n  - path: a.jsonl\n  - path: b.jsonl\n"
+                 "eval:\n")
+
+
+def test_overrides_set_scalars_lists_and_list_items(recipe_file):
+    r = load_recipe(recipe_file, ["lora.r=8", "train.lr=1e-4", "train.packing=true",
+                                  "lora.targets=[attention, 'q_proj$']", "datasets.1.weight=3",
+                                  "datasets.0.format=sharegpt", "eval.metric=token_f1",
+                                  "model.base=other/base=v2", "train.output_dir="])
+    assert (r.lora.r, r.train.lr, r.train.packing) == (8, 1e-4, True)
+    assert r.lora.targets == ["attention", "q_proj$"]
+    assert (r.datasets[1].weight, r.datasets[0].format) == (3.0, "sharegpt")
+    assert r.eval.metric == "token_f1" and r.model.base == "other/base=v2" and r.train.output_dir == ""
+
+
+def test_override_appends_a_list_item_at_its_end(recipe_file):
+    r = load_recipe(recipe_file, ["eval_datasets.0.path=held.jsonl", "datasets.2.path=c.jsonl"])
+    assert [d.path for d in r.eval_datasets] == ["held.jsonl"]
+    assert [d.path for d in r.datasets] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+
+
+def test_override_values_are_data_not_code(recipe_file, tmp_path):
+    marker = tmp_path / "ran"
+    r = load_recipe(recipe_file, [f"model.base=!!python/object/apply:os.system ['touch {marker}']"])
+    assert r.model.base.startswith("!!python") and not marker.exists()
+
+
+@pytest.mark.parametrize("override,where,what", [
+    ("lora.r=abc", "lora.r", "expected an integer, got 'abc'"),
+    ("lora.alpah=4", "lora.alpah", "Did you mean lora.alpha?"),
+    ("datasets.5.path=x", "datasets.5", "no such list item"),
+    ("datasets.first.path=x", "datasets.first", "no such list item"),
+    ("model.base.name=x", "model.base", "not a section"),
+    ("lora.r", "lora.r", "must look like key.path=value"),
+    ("=3", "=3", "names no key"),
+    ("datasets.0=plain.jsonl", "datasets[0]", "expected a mapping"),
+    ("datasets.0.path.x=1", "datasets.0.path", "not a section"),
+])
+def test_bad_overrides_name_the_key(recipe_file, override, where, what):
+    with pytest.raises(UserError) as e:
+        load_recipe(recipe_file, [override])
+    assert any(line.startswith(f"{where}: ") and what in line for line in e.value.lines()), e.value.lines()
+
+
+def test_validate_exit_codes(recipe_file, capsys):
+    assert main(["validate", str(recipe_file), "--no-data"]) == 0
+    assert main(["validate", str(recipe_file), "lora.r=0", "train.lr=-1", "--no-data"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: lora.r: 0 is below the minimum 1. Use a value >= 1.",
+                   "error: train.lr: -1.0 is below the minimum 0.0. Use a value >= 0.0."]
