@@ -1,0 +1,57 @@
+"""The merge, combine and export verbs: argparse namespaces → library calls.
+
+Bad input raises UserError (the CLI prints it, exit 2). An artifact that fails its own
+numeric check is a finetune bug: its message goes to stderr and the verb returns 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from finetune.adapters import ParityError
+from finetune.errors import UserError
+
+
+def _run(fn, *args, **kwargs) -> int:
+    try:
+        fn(*args, **kwargs)
+    except ParityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from finetune.merge import merge_adapter
+
+    return _run(merge_adapter, args.adapter, args.out, base=args.base, dtype=args.dtype or "bf16",
+                allow_pickle=args.allow_pickle)
+
+
+def cmd_combine(args) -> int:
+    from finetune.merge import combine
+
+    return _run(combine, args.spec)
+
+
+def cmd_export(args) -> int:
+    from finetune.export import FORMATS, export
+
+    fmt = args.format
+    if fmt not in FORMATS:
+        raise UserError("--format", f"{fmt!r} is not an export format", f"Use one of {', '.join(FORMATS)}")
+    if args.merge_projections and fmt not in ("vllm", "sglang"):
+        raise UserError("--merge-projections", f"applies to --format vllm/sglang, not {fmt}",
+                        "Drop it; merged folders carry every update already" if fmt == "merged" else "Drop it")
+    if args.base_gguf and fmt != "ollama":
+        raise UserError("--base-gguf", f"applies to --format ollama, not {fmt}", "Drop it")
+    opts = {"base": args.base, "allow_pickle": args.allow_pickle}
+    if fmt in ("vllm", "sglang"):
+        opts["merge_projections"] = args.merge_projections  # --outtype does not apply: PEFT folders stay as trained
+    elif fmt == "merged":
+        opts["dtype"] = getattr(args, "dtype", None) or "bf16"
+    else:
+        opts["outtype"] = args.outtype or "f16"
+        if fmt == "ollama":
+            opts["base_gguf"] = args.base_gguf
+    return _run(export, fmt, args.adapter, args.out, **opts)

@@ -1,0 +1,365 @@
+"""Merge an adapter into its base, or combine adapters into one — each result proven on a probe.
+
+`merge_adapter` never merges into 4-bit weights (PEFT would re-quantize and the logits drift
+by more than the LoRA moves them): the base is loaded in fp32, merged, rounded to the output
+dtype and saved; then the saved folder is reloaded and its logits compared with base+adapter
+on a probe holding text, an image and audio, so every path of the model is exercised.
+
+Three numbers make the proof, all fp32 logits on the probe:
+- merge_diff: merged in memory vs base+adapter (the merge itself; ~1e-6),
+- reload_diff: the reloaded folder vs the in-memory merge rounded to the output dtype
+  (saving, key names, tied embeddings; ~0),
+- max_abs_diff: the reloaded folder vs base+adapter (what a user sees; for bf16 this includes
+  the rounding of the weights, reported as rounding_diff),
+next to lora_effect, how far the adapter moves the logits at all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from finetune.adapters import (
+    WEIGHTS_FILE,
+    ParityError,
+    base_of,
+    check_base,
+    delta,
+    family_config,
+    lora_pairs,
+    max_rel_diff,
+    model_class,
+    prepare_out,
+    read_adapter,
+    write_report,
+)
+from finetune.errors import RecipeErrors, UserError
+from finetune.recipe import _build, _f, read_yaml
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOLERANCE = 1e-4  # on fp32 logits, times max(1, max |logits|)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe and logits
+
+
+def probe_batch(base: str):
+    """(processor, batch): one user turn with a generated image, a 0.5 s sine and a question."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(base)
+    yy, xx = np.mgrid[0:96, 0:96]
+    image = Image.fromarray(np.stack([xx * 2, yy * 2, (xx + yy) % 256], -1).astype("uint8"))
+    rate = processor.feature_extractor.sampling_rate
+    t = np.arange(rate // 2) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype("float32")
+    conversation = [{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "audio", "audio": tone},
+        {"type": "text", "text": "What do you see and hear?"}]}]
+    batch = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                          return_dict=True, return_tensors="pt")
+    return processor, dict(batch)
+
+
+def load_base(base: str, family) -> torch.nn.Module:
+    return model_class(family).from_pretrained(base, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, batch: dict, attach: Path | None = None) -> torch.Tensor:
+    """fp32 logits of `model`, with the adapter folder `attach` loaded on top when given."""
+    from peft import PeftModel
+
+    if attach is None:
+        return model(**batch).logits.float()
+    peft_model = PeftModel.from_pretrained(model, str(attach)).eval()
+    try:
+        return peft_model(**batch).logits.float()
+    finally:
+        peft_model.unload()  # puts the plain modules back into `model`
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def save_checked(model, out: Path, dtype: torch.dtype, processor, batch: dict, ref: torch.Tensor,
+                 family, *, attach: Path | None = None) -> dict:
+    """Save a merged fp32 `model` as `dtype` and prove the folder; see the module docstring."""
+    tol = TOLERANCE * max(1.0, float(ref.abs().max()))
+    exact = logits(model, batch, attach)
+    if dtype != torch.float32:
+        # Round what the file will hold (parameters and persistent buffers), in place. Not
+        # model.to(dtype): that also rounds non-persistent buffers (rotary tables) that a reload
+        # recomputes in fp32.
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.to(dtype))
+        rounded = logits(model, batch, attach)
+    else:
+        rounded = exact
+    model.to(dtype).save_pretrained(out)
+    processor.save_pretrained(out)
+    model.to("meta")  # frees the weights before the reload: a 12B in fp32 is 48 GB
+    reloaded = model_class(family).from_pretrained(out, dtype=torch.float32).eval()
+    again = logits(reloaded, batch, attach)
+    report = {
+        "tolerance": tol,
+        "merge_diff": _max_diff(exact, ref),
+        "rounding_diff": _max_diff(rounded, ref),
+        "reload_diff": _max_diff(again, rounded),
+        "max_abs_diff": _max_diff(again, ref),
+        "tied_embeddings": reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight,
+    }
+    report["ok"] = report["merge_diff"] <= tol and report["reload_diff"] <= tol
+    return report
+
+
+def _checkpoint_keys(folder: str | Path) -> set[str] | None:
+    """Tensor names a checkpoint folder stores, from the safetensors headers (None: not local)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, "pt") as f:
+            return set(f.keys())
+    return None
+
+
+def _compare_keys(base: str, out: Path) -> dict:
+    want, got = _checkpoint_keys(base), _checkpoint_keys(out)
+    if want is None:
+        return {"checked": False, "why": "the base is not a local safetensors folder"}
+    return {"checked": True, "same": want == got, "missing": sorted(want - got)[:5], "extra": sorted(got - want)[:5]}
+
+
+def _finish(report: dict, out: Path, name: str, what: str) -> dict:
+    write_report(out, name, report)
+    print(f"{what}: max |logits(saved) - logits(base+adapter)| = {report['max_abs_diff']:.3g} "
+          f"(merge {report['merge_diff']:.3g}, reload {report['reload_diff']:.3g}, "
+          f"tolerance {report['tolerance']:.3g}); the adapter moves logits by up to {report['lora_effect']:.3g}")
+    print(f"report: {out / name}")
+    if not report["ok"]:
+        raise ParityError(f"{out}: the saved model does not reproduce base+adapter (see {out / name})")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "bf16",
+                  allow_pickle: bool = False) -> dict:
+    """Merge `adapter` into its base on full-precision weights, save a HF folder in `dtype`, prove it."""
+    from peft import PeftModel
+
+    if dtype not in DTYPES:
+        raise UserError("--dtype", f"{dtype!r} is not a merge dtype", f"Use one of {', '.join(DTYPES)}")
+    adapter = Path(adapter)
+    config, state = read_adapter(adapter, allow_pickle=allow_pickle)
+    base = base_of(adapter, config, base)
+    family, _ = check_base(adapter, state, base)
+    out = prepare_out(out, adapter, base)
+    processor, batch = probe_batch(base)
+
+    peft_model = PeftModel.from_pretrained(load_base(base, family), str(adapter)).eval()
+    ref = logits(peft_model, batch)
+    with peft_model.disable_adapter():
+        plain = logits(peft_model, batch)
+    merged = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
+    del peft_model
+    report = {"adapter": str(adapter), "base": base, "out": str(out), "dtype": dtype,
+              "probe_tokens": int(batch["input_ids"].shape[1]), "probe_parts": ["text", "image", "audio"],
+              "lora_modules": len(lora_pairs(state)), "lora_effect": _max_diff(ref, plain)}
+    report.update(save_checked(merged, out, DTYPES[dtype], processor, batch, ref, family))
+    report["checkpoint_keys"] = _compare_keys(base, out)
+    report["ok"] = report["ok"] and report["checkpoint_keys"].get("same", True)
+    return _finish(report, out, "merge_report.json", "merge")
+
+
+def merge_modules(adapter: Path, modules: list[str], text_adapter: Path, out: Path, *, base: str,
+                  allow_pickle: bool = False) -> dict:
+    """Write `base` with the LoRA of `modules` merged into it (saved in the base's own dtype), and
+    prove that it plus `text_adapter` (the rest of the LoRA) reproduces base + `adapter`."""
+    from peft import PeftModel
+
+    config, state = read_adapter(adapter, allow_pickle=allow_pickle)
+    pairs = lora_pairs(state)
+    family, cfg = family_config(base)
+    processor, batch = probe_batch(base)
+    peft_model = PeftModel.from_pretrained(load_base(base, family), str(adapter)).eval()
+    ref = logits(peft_model, batch)
+    with peft_model.disable_adapter():
+        plain = logits(peft_model, batch)
+    model = peft_model.unload()
+    del peft_model
+    with torch.no_grad():
+        for m in modules:
+            weight = model.get_submodule(m).weight
+            weight += delta(config, m, *pairs[m]).to(weight.dtype)
+    dtype = cfg.dtype if isinstance(cfg.dtype, torch.dtype) else getattr(torch, str(cfg.dtype or "float32"))
+    report = {"base": base, "out": str(out), "dtype": str(dtype).removeprefix("torch."), "merged_modules": modules,
+              "lora_effect": _max_diff(ref, plain)}
+    report.update(save_checked(model, out, dtype, processor, batch, ref, family, attach=text_adapter))
+    return _finish(report, out, "merge_report.json", "merged projections")
+
+
+# ---------------------------------------------------------------------------------------------
+# combine
+
+METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
+EQUAL_RANKS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+USES_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
+USES_SVD_RANK = ("svd", "ties_svd")
+
+
+@dataclass
+class AdapterRef:
+    path: str = _f(doc="adapter folder; a relative path resolves against the spec file's folder")
+    weight: float = _f(1.0, "weight of this adapter (negative subtracts)")
+
+
+@dataclass
+class CombineSpec:
+    method: Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune"] = _f(
+        doc="cat and svd blend the updates B·A; linear, ties, dare_* and magnitude_prune weight A and B apart")
+    adapters: list[AdapterRef] = _f(doc="the adapters, each {path, weight}")
+    output: str = _f(doc="folder for the combined adapter (relative to the spec file's folder)")
+    density: float | None = _f(None, "share of values kept by ties/dare/magnitude_prune", lo=0.0, hi=1.0)
+    svd_rank: int | None = _f(None, "rank of the svd/ties_svd result (default: the largest input rank)", lo=1)
+    base: str | None = _f(None, "base model, when the adapters' own base_model_name_or_path is stale")
+
+
+def read_spec(path: str | Path) -> CombineSpec:
+    """The validated spec, or every problem in it at once (key paths prefixed by the file)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    errors: list[UserError] = []
+    spec = _build(CombineSpec, raw, "", errors)
+    if spec is not None:
+        spec.adapters = [a for a in spec.adapters if a is not None]  # bad items are already reported
+        if not spec.adapters:
+            errors.append(UserError("adapters", "is empty", "List at least one {path, weight}"))
+        elif all(a.weight == 0 for a in spec.adapters):
+            errors.append(UserError("adapters", "all weights are zero", "Give one adapter a nonzero weight"))
+    # Rules across keys, read from the raw mapping so they are reported next to any other error.
+    method, density = (raw.get("method"), raw.get("density")) if isinstance(raw, dict) else (None, None)
+    if method in USES_DENSITY and density is None:
+        errors.append(UserError("density", f"is required by {method}", "Add `density: 0.5` (share kept)"))
+    if method in USES_DENSITY and density == 0:
+        errors.append(UserError("density", "0 prunes every value", "Use a density in (0, 1]"))
+    if method in METHODS and method not in USES_DENSITY and density is not None:
+        errors.append(UserError("density", f"{method} does not prune",
+                                f"Remove it; density applies to {', '.join(USES_DENSITY)}"))
+    if method in METHODS and method not in USES_SVD_RANK and isinstance(raw, dict) and "svd_rank" in raw:
+        errors.append(UserError("svd_rank", f"{method} does not use svd_rank", "Remove it"))
+    if errors:
+        raise RecipeErrors([UserError(f"{path}: {e.where}", e.what, e.fix) for e in errors])
+    here = path.parent
+    for a in spec.adapters:
+        a.path = str(here / a.path)
+    spec.output = str(here / spec.output)
+    return spec
+
+
+def _max_rank(config: dict) -> int:
+    return max([config["r"], *(config.get("rank_pattern") or {}).values()])
+
+
+def _lora_host(family, cfg) -> torch.nn.Module:
+    """The base's module tree with weightless linears. PEFT's weighted-adapter maths reads only
+    the LoRA tensors, so a 12B base need not be loaded to combine its adapters."""
+    with torch.device("meta"):
+        model = model_class(family)(cfg)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            # A zero-stride CPU view owns one float but has the right shape, so PEFT puts the
+            # LoRA tensors it creates next to it on the CPU (a meta weight would make them meta).
+            mod.weight = torch.nn.Parameter(torch.zeros(()).expand(mod.out_features, mod.in_features),
+                                            requires_grad=False)
+    return model
+
+
+def combine(spec_path: str | Path) -> dict:
+    """`finetune combine SPEC.yaml`: PEFT's add_weighted_adapter on the adapters the spec lists."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    spec = read_spec(spec_path)
+    loaded = [(Path(a.path), a.weight, *read_adapter(a.path)) for a in spec.adapters]
+    bases = {}
+    for path, _, config, _ in loaded:
+        if config.get("modules_to_save"):
+            raise UserError(str(path), f"has modules_to_save ({config['modules_to_save']}); combine merges "
+                            "LoRA tensors only", "Combine adapters trained without modules_to_save")
+        bases.setdefault(base_of(path, config, spec.base), []).append(str(path))
+    if len(bases) > 1:
+        raise UserError(f"{spec_path}: adapters", f"the adapters name different bases: {bases}",
+                        "Combine adapters of one base, or set `base:` if a path is merely stale")
+    base = next(iter(bases))
+    family, cfg = None, None
+    for path, _, _, state in loaded:
+        family, cfg = check_base(path, state, base)
+    ranks = [_max_rank(config) for _, _, config, _ in loaded]
+    if spec.method in EQUAL_RANKS and len(set(ranks)) > 1:
+        raise UserError(f"{spec_path}: method", f"{spec.method} needs adapters of equal rank, these have "
+                        f"r = {ranks}", f"Use cat (rank = sum of ranks = {sum(ranks)}) or svd "
+                        f"(rank = svd_rank, default {max(ranks)}), which accept any ranks")
+    out = prepare_out(spec.output, *(p for p, *_ in loaded))
+
+    names = [f"a{i}" for i in range(len(loaded))]
+    peft_model = None
+    for name, (path, _, _, state) in zip(names, loaded):
+        lora = LoraConfig.from_pretrained(str(path))
+        lora.target_modules = set(lora_pairs(state))  # exact names: PEFT unions sets, not regexes
+        lora.inference_mode = True
+        if peft_model is None:
+            peft_model = get_peft_model(_lora_host(family, cfg), lora, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, lora)
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+        assert not result.unexpected_keys, result.unexpected_keys[:3]  # shapes were checked above
+    torch.manual_seed(0)  # dare_* drop values at random: the same spec gives the same adapter
+    peft_model.add_weighted_adapter(names, [w for _, w, *_ in loaded], "combined", combination_type=spec.method,
+                                    density=spec.density, svd_rank=spec.svd_rank)
+    combined = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, adapter_name="combined").items()}
+    new = peft_model.peft_config["combined"]
+    # PEFT copies the first adapter's rsLoRA flag, but the combined tensors already carry each
+    # source's scale and expect scale 1 (alpha = r): with the flag kept they'd be off by sqrt(r).
+    new.use_rslora = False
+    new.base_model_name_or_path = base
+    new.target_modules = sorted({k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for k in combined})
+    new.save_pretrained(str(out))
+    save_file(combined, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    # How far the result is from the weighted sum of the updates: 0 for cat, the truncation
+    # error for svd, and for linear/ties/dare a reminder that they are not blends of updates.
+    new_config, new_state = read_adapter(out)
+    sums: dict[str, torch.Tensor] = {}
+    for _, weight, config, state in loaded:
+        for m, (A, B) in lora_pairs(state).items():
+            sums[m] = sums.get(m, 0) + weight * delta(config, m, A, B)
+    distance = max(max_rel_diff(delta(new_config, m, A, B), sums[m]) for m, (A, B) in lora_pairs(new_state).items())
+    report = {"method": spec.method, "adapters": [str(p) for p, *_ in loaded], "weights": [w for _, w, *_ in loaded],
+              "ranks": ranks, "rank": new.r, "density": spec.density, "base": base, "out": str(out),
+              "max_rel_distance_from_weighted_sum_of_updates": distance}
+    write_report(out, "combine_report.json", report)
+    print(f"combined {len(loaded)} adapters with {spec.method}: rank {new.r} -> {out}")
+    if spec.method in EQUAL_RANKS:
+        print(f"note: {spec.method} weights A and B separately, so the result is not the weighted sum of the "
+              f"updates (relative distance {distance:.3g}); cat and svd blend the updates themselves")
+    elif spec.method == "cat" and distance > 1e-5:
+        raise ParityError(f"{out}: cat did not reproduce the weighted sum of updates ({distance:.3g})")
+    return report
