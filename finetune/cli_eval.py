@@ -169,11 +169,14 @@ def write_report(path: Path, result: dict, items: list[EvalItem], title: str) ->
 
 
 def cmd_eval(args) -> int:
-    from finetune.model import adapter_base, load_adapter, load_base, load_processor
+    from finetune.adapters import check_base, read_adapter
+    from finetune.model import load_adapter, load_base, load_processor
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    adapter_base(args.adapter)  # a wrong folder fails now, not after the base's generations
+    # A missing, pickled, corrupt or other-base adapter fails now, not after the base's answers.
+    _, state = read_adapter(args.adapter, allow_pickle=recipe.model.allow_pickle)
+    check_base(args.adapter, state, recipe.model.base)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     m = recipe.model
     processor = load_processor(m.base, recipe.data.image_tokens, m.trust_remote_code)

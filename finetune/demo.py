@@ -1,12 +1,17 @@
 """The bundled demo: a small, deterministic, learnable mixed-modality dataset as real files.
 
 Three tasks a frozen random tiny base can't do and a LoRA adapter can learn:
-- image: the dominant colour of a picture (PNG, with distractor shapes);
+- image: the dominant colour of a picture (PNG, with distractor shapes); held-out items are
+  new pictures;
 - audio: whether a tone is high or low (WAV at several sample rates and channel counts, so
-  the resampling path runs);
-- text: a small table of invented facts (capitals of made-up countries). Held-out items ask
-  with a phrasing never seen in training.
+  the resampling path runs); held-out items are new tones;
+- text: a small table of invented facts (capitals of made-up countries), asked with three
+  phrasings. Each country is trained with two of them; the held-out item asks it with the
+  third, which training only paired with other countries (a compositional split).
 A few training samples mix an image and a tone in one question.
+
+The colours differ in *hue*, not brightness: the vision embedder LayerNorms each raw 48×48
+patch first, which maps a uniform white and a uniform black patch to the same vector.
 """
 
 from __future__ import annotations
@@ -20,28 +25,27 @@ import numpy as np
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
-    "purple": (130, 40, 170), "orange": (245, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15),
+    "purple": (130, 40, 170), "orange": (245, 140, 20), "cyan": (30, 200, 220), "pink": (240, 110, 180),
 }
 CAPITALS = {
     "Norvia": "Halden", "Quentar": "Mirovo", "Balsira": "Tessel", "Orlund": "Kaveny",
     "Zemlia": "Porta", "Vastmark": "Lindor", "Calvea": "Sorrin", "Drovnia": "Ulmet",
 }
 IMAGE_Q = ["What is the dominant colour of this picture?", "Which colour fills most of the image?"]
-IMAGE_Q_EVAL = "Name the main colour in this image."
 AUDIO_Q = ["Is this tone high or low?", "Listen: is the pitch high or low?"]
-AUDIO_Q_EVAL = "Is the sound you hear high or low?"
+# Every phrasing ends in "{c}?": the BPE glues punctuation to the word before it, and the
+# country must be the same token in all phrasings for the held-out one to make sense.
 TEXT_Q = ["What is the capital of {c}?", "Which city is the capital of {c}?",
-          "Name the capital city of {c}."]
-TEXT_Q_EVAL = "Tell me the capital of {c}."
+          "Tell me, what is the capital of {c}?"]
 MIXED_Q = "What colour is the picture, and is the tone high or low?"
 SYSTEM = "Answer with one word."
 
 
 def corpus_lines() -> list[str]:
     """Every string the demo uses, so the shipped BPE has compact tokens for them."""
-    lines = IMAGE_Q + [IMAGE_Q_EVAL, MIXED_Q, SYSTEM] + AUDIO_Q + [AUDIO_Q_EVAL]
+    lines = IMAGE_Q + [MIXED_Q, SYSTEM] + AUDIO_Q
     for c, cap in CAPITALS.items():
-        lines += [q.format(c=c) for q in TEXT_Q + [TEXT_Q_EVAL]] + [cap, f"{cap}."]
+        lines += [q.format(c=c) for q in TEXT_Q] + [cap, f"{cap}."]
     lines += list(COLOURS) + ["high", "low"] + [f"{c}, {t}" for c in COLOURS for t in ("high", "low")]
     return lines * 3
 
@@ -63,10 +67,10 @@ def _image(colour: str, rng: random.Random, path: Path) -> None:
 def _tone(high: bool, rng: random.Random, path: Path) -> None:
     import soundfile as sf
 
-    rate = rng.choice([16000, 22050, 44100, 8000])
+    rate = rng.choice([16000, 22050, 44100, 48000])
     channels = rng.choice([1, 1, 2])
-    seconds = rng.uniform(0.35, 0.6)
-    freq = rng.uniform(1500, 3000) if high else rng.uniform(150, 400)
+    seconds = rng.uniform(0.4, 0.8)
+    freq = rng.uniform(2000, 4000) if high else rng.uniform(100, 300)
     t = np.arange(int(rate * seconds)) / rate
     wave = 0.5 * np.sin(2 * math.pi * freq * t) + 0.02 * np.asarray(
         [rng.gauss(0, 1) for _ in range(len(t))])
@@ -79,8 +83,8 @@ def _user(parts: list[dict]) -> list[dict]:
 
 
 def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audio: int = 160,
-                   n_text_repeat: int = 6, n_mixed: int = 32, n_eval_each: int = 24) -> Path:
-    """Write train.jsonl / eval.jsonl + media under `out`. Deterministic for a seed."""
+                   n_text_repeat: int = 12, n_mixed: int = 32, n_eval_each: int = 24) -> Path:
+    """Write train_{image,audio,text,mixed}.jsonl, eval.jsonl + media under `out` (seeded)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -91,7 +95,7 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
         colour = list(COLOURS)[i % len(COLOURS)]
         rel = f"images/{split}_{i:04d}.png"
         _image(colour, rng, out / rel)
-        q = IMAGE_Q_EVAL if split == "eval" else rng.choice(IMAGE_Q)
+        q = rng.choice(IMAGE_Q)
         return {"id": f"{split}-image-{i}", "messages": _user(
             [{"type": "image", "path": rel}, {"type": "text", "text": q}])
             + [{"role": "assistant", "content": colour}]}
@@ -100,7 +104,7 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
         high = i % 2 == 0
         rel = f"audio/{split}_{i:04d}.wav"
         _tone(high, rng, out / rel)
-        q = AUDIO_Q_EVAL if split == "eval" else rng.choice(AUDIO_Q)
+        q = rng.choice(AUDIO_Q)
         return {"id": f"{split}-audio-{i}", "messages": _user(
             [{"type": "audio", "path": rel}, {"type": "text", "text": q}])
             + [{"role": "assistant", "content": "high" if high else "low"}]}
@@ -109,9 +113,13 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
         train.append(image_item(i, "train"))
     for i in range(n_audio):
         train.append(audio_item(i, "train"))
+    def held_out_phrasing(k: int) -> int:
+        return k % len(TEXT_Q)
+
     for r in range(n_text_repeat):
-        for c, cap in CAPITALS.items():
-            q = TEXT_Q[r % len(TEXT_Q)].format(c=c)
+        for k, (c, cap) in enumerate(CAPITALS.items()):
+            seen = [j for j in range(len(TEXT_Q)) if j != held_out_phrasing(k)]
+            q = TEXT_Q[seen[r % len(seen)]].format(c=c)
             train.append({"id": f"train-text-{c}-{r}", "messages": [
                 {"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
                 {"role": "assistant", "content": cap}]})
@@ -129,14 +137,18 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
     for i in range(n_eval_each):
         held.append(image_item(i, "eval"))
         held.append(audio_item(i, "eval"))
-    for c, cap in CAPITALS.items():
+    for k, (c, cap) in enumerate(CAPITALS.items()):
         held.append({"id": f"eval-text-{c}", "messages": [
             {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": TEXT_Q_EVAL.format(c=c)},
+            {"role": "user", "content": TEXT_Q[held_out_phrasing(k)].format(c=c)},
             {"role": "assistant", "content": cap}]})
 
-    rng.shuffle(train)
-    for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
+    # One file per task, so the recipe's weights decide the mix (text samples are few and short).
+    files = {"eval.jsonl": held}
+    for row in train:
+        files.setdefault(f"train_{row['id'].split('-')[1]}.jsonl", []).append(row)
+    for name, rows in files.items():
+        rng.shuffle(rows)
         with open(out / name, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

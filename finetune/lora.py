@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
-import torch
-
 from finetune.families import Family
 
 # Presets name *roles*; each model family says which module names play them.
@@ -52,8 +50,10 @@ def lora_config(lora, family: Family):
     )
 
 
-def trainable_table(model: torch.nn.Module, family: Family) -> list[dict]:
+def trainable_table(model, family: Family) -> list[dict]:
     """Rows of {part, modules, trainable, frozen} grouped by which modality a weight serves."""
+    import torch  # here, not at the top: `finetune validate` imports this module
+
     rows: OrderedDict[str, dict] = OrderedDict(
         (part, {"part": part, "lora_modules": 0, "trainable": 0, "frozen": 0})
         for part in ("text backbone", "vision projection", "audio projection", "embeddings + head"))

@@ -70,7 +70,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_config_dict(*, num_kv_shared_layers: int = 0) -> dict:
+def tiny_config_dict(*, num_kv_shared_layers: int = 0, num_layers: int = 4) -> dict:
     """Keyword arguments for Gemma4UnifiedConfig; token ids match the shipped tokenizer."""
     ids = special_ids()
     vocab_size = len(load_tokenizer())
@@ -78,14 +78,15 @@ def tiny_config_dict(*, num_kv_shared_layers: int = 0) -> dict:
         "vocab_size": vocab_size,
         "hidden_size": 128,
         "intermediate_size": 256,
-        "num_hidden_layers": 4,
+        "num_hidden_layers": num_layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 32,
         "global_head_dim": 64,
         "num_global_key_value_heads": 1,
         "attention_k_eq_v": True,
-        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        # Alternating, ending on a full layer (as the 12B's 5:1 pattern does).
+        "layer_types": ["sliding_attention", "full_attention"] * (num_layers // 2),
         "sliding_window": 64,
         "final_logit_softcapping": 30.0,
         "max_position_embeddings": 8192,
@@ -149,8 +150,10 @@ def build_tokenizer_json(path: Path = TOKENIZER_JSON) -> None:
 
 def load_tokenizer():
     """The shipped tokenizer wrapped for transformers, with Gemma 4's named special tokens."""
-    from transformers import GemmaTokenizerFast  # noqa: F401  (registers the class)
-    from transformers import PreTrainedTokenizerFast
+    from transformers import (
+        GemmaTokenizerFast,  # noqa: F401  (registers the class)
+        PreTrainedTokenizerFast,
+    )
 
     return PreTrainedTokenizerFast(
         tokenizer_file=str(TOKENIZER_JSON),
@@ -187,21 +190,28 @@ def build_processor(tokenizer=None, image_tokens: int = 70):
     )
 
 
-def build_tiny_model(seed: int = 0, *, num_kv_shared_layers: int = 0):
+def build_tiny_model(seed: int = 0, *, num_kv_shared_layers: int = 0, num_layers: int = 4):
     import torch
     from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
-    config = Gemma4UnifiedConfig(**tiny_config_dict(num_kv_shared_layers=num_kv_shared_layers))
+    config = Gemma4UnifiedConfig(**tiny_config_dict(num_kv_shared_layers=num_kv_shared_layers,
+                                                     num_layers=num_layers))
     torch.manual_seed(seed)
     model = Gemma4UnifiedForConditionalGeneration(config)
+    # With initializer_range 0.02 the tied embedding rows have norm ~0.2, so after the final
+    # norm no logit can exceed ~2.6 and no adapter can push the loss below ~4 nats. Trained
+    # embeddings are far larger; std 0.1 gives a usable logit range (still soft-capped at 30).
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.normal_(0.0, 0.1)
     return model.eval()
 
 
-def write_tiny_model(out: str | Path, seed: int = 0, *, num_kv_shared_layers: int = 0) -> Path:
+def write_tiny_model(out: str | Path, seed: int = 0, *, num_kv_shared_layers: int = 0,
+                     num_layers: int = 4) -> Path:
     """Write a complete base folder (config, weights, tokenizer, processor, template)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_model(seed, num_kv_shared_layers=num_kv_shared_layers)
+    model = build_tiny_model(seed, num_kv_shared_layers=num_kv_shared_layers, num_layers=num_layers)
     processor = build_processor()
     assert len(processor.tokenizer) == model.config.text_config.vocab_size, "vocab mismatch"
     model.save_pretrained(out)
