@@ -41,7 +41,8 @@ def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
                    cap: float | None, chunk_size: int = 256) -> torch.Tensor:
     h, t = shifted_targets(hidden, labels)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # An empty sum still hangs off the graph: a window without labels backpropagates zeros.
+    total = h[:0].sum().float()
     for start in range(0, len(t), chunk_size):
         hs, ts = h[start:start + chunk_size], t[start:start + chunk_size]
         if torch.is_grad_enabled():

@@ -122,7 +122,11 @@ def _cast_unquantized(model, dtype: torch.dtype) -> None:
 
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant checkpointing of each decoder layer; inputs need grads for LoRA to see them."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
 
 
@@ -138,7 +142,7 @@ def attach_lora(model, lora_section, family: Family):
         raise UserError("lora.targets", f"no module matched ({str(e).splitlines()[0][:160]})",
                         "Use presets attention, mlp, vision, audio or a regex over module names") from None
     # LoRA weights train in fp32 even over a bf16/4-bit base: Adam on bf16 weights loses updates.
-    for n, p in peft_model.named_parameters():
+    for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return peft_model
