@@ -11,7 +11,7 @@ import random
 import numpy as np
 import torch
 
-from data_tools.render import IGNORE
+from data_tools.render import IGNORE, RESCALE
 
 PATCH = 6912  # 48 × 48 × 3 raw values per model patch
 FRAME = 640  # audio samples per token at 16 kHz
@@ -27,8 +27,9 @@ def _media(samples: list[dict]) -> dict:
         poss = [p for s in samples for p in s["image_position_ids"]]
         for i, (p, q) in enumerate(zip(pvs, poss)):
             # uint8 k → k * (1/255) reproduces the image processor's values bit for bit.
-            pixel[i, : len(p)] = torch.from_numpy(np.asarray(p, dtype=np.uint8)).float() * (1 / 255)
-            pos[i, : len(q)] = torch.from_numpy(np.asarray(q, dtype=np.int64))
+            # torch.tensor copies: cached rows are read-only views of Arrow buffers.
+            pixel[i, : len(p)] = torch.tensor(np.asarray(p, dtype=np.uint8)).float() * RESCALE
+            pos[i, : len(q)] = torch.tensor(np.asarray(q, dtype=np.int64))
         out["pixel_values"] = pixel
         out["image_position_ids"] = pos
     feats = [f for s in samples for f in s.get("input_features", [])]
@@ -37,7 +38,7 @@ def _media(samples: list[dict]) -> dict:
         x = torch.zeros(len(feats), n, FRAME, dtype=torch.float32)
         mask = torch.zeros(len(feats), n, dtype=torch.bool)
         for i, f in enumerate(feats):
-            x[i, : len(f)] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+            x[i, : len(f)] = torch.tensor(np.asarray(f, dtype=np.float32))
             mask[i, : len(f)] = True
         out["input_features"] = x
         out["input_features_mask"] = mask

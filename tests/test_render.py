@@ -1,0 +1,309 @@
+"""Rendering: exactly which tokens carry a label, budgets, overflow, and bit-exact media caching.
+
+Each test goes the way a record does in a run: parse (data_tools.formats) → load media from
+real files (data_tools.media) → render through the tiny base's real processor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from data_tools.collate import collate
+from data_tools.conversation import BadRecord
+from data_tools.pipeline import Stats, _Worker
+from data_tools.render import IGNORE, Renderer, RenderSettings
+
+GEN_PROMPT_END = "<|turn>model\n<|channel>thought\n<channel|>"
+
+
+@pytest.fixture
+def media(tmp_path):
+    """A 400×300 red PNG and a 0.5 s 16 kHz tone (13 audio tokens) on disk."""
+    Image.new("RGB", (400, 300), (220, 30, 30)).save(tmp_path / "red.png")
+    t = np.arange(8000) / 16000
+    sf.write(tmp_path / "tone.wav", (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    return tmp_path
+
+
+def render(processor, make_recipe, record, fmt="messages", base_dir=".", **data):
+    """(sample, conv, images, audios, renderer) for one record, the way the pipeline does it."""
+    recipe = make_recipe([{"path": "unused.jsonl", "format": fmt}],
+                         data={"image_tokens": 70, "max_seq_len": 512, **data})
+    worker = _Worker(processor, recipe)
+    conv, images, audios = worker.load(("t.jsonl:1", record, str(base_dir), fmt, "0:t.jsonl"))
+    return worker.renderer.render(conv, images, audios), conv, images, audios, worker.renderer
+
+
+def labelled(processor, sample) -> list[str]:
+    """Each contiguous run of labelled tokens, decoded."""
+    runs, cur = [], []
+    for tok, lab in zip(sample["input_ids"], sample["labels"]):
+        if lab != IGNORE:
+            assert lab == tok  # a label is the token itself; the loss shifts
+            cur.append(tok)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [processor.tokenizer.decode(r) for r in runs]
+
+
+def media_ids(r: Renderer) -> set[int]:
+    return {r.image_id, r.audio_id, r.boi_id, r.eoi_id, r.boa_id, r.eoa_id}
+
+
+def check_prompt_prefix(processor, r, sample, conv, images, audios):
+    """The served prompt (add_generation_prompt=True), expanded by the processor, is an exact
+    prefix of the sample, and the labels start right after it."""
+    prompt = r.prompt_text(conv)
+    assert prompt.endswith(GEN_PROMPT_END)
+    kw = {"images": images, "images_kwargs": {"max_soft_tokens": 70}} if images else {}
+    if audios:
+        kw["audio"] = audios
+    served = processor(text=prompt, add_special_tokens=False, **kw)["input_ids"][0]
+    served = list(np.asarray(served))
+    assert sample["input_ids"][: len(served)] == served
+    # The last answer's labels start right after it (earlier answers may be labelled too).
+    assert sample["labels"][len(served) - 1] == IGNORE != sample["labels"][len(served)]
+
+
+def test_messages_with_image_and_audio_labels_only_the_answer(processor, make_recipe, media):
+    record = {"messages": [
+        {"role": "system", "content": "Answer with one word."},
+        {"role": "user", "content": [{"type": "image", "path": "red.png"},
+                                     {"type": "audio", "path": "tone.wav"},
+                                     {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": "red"}]}
+    s, conv, images, audios, r = render(processor, make_recipe, record, base_dir=media)
+    assert labelled(processor, s) == ["red<turn|>"]
+    check_prompt_prefix(processor, r, s, conv, images, audios)
+    assert not media_ids(r) & {x for x in s["labels"] if x != IGNORE}
+    types = np.asarray(s["mm_token_type_ids"])
+    ids = np.asarray(s["input_ids"])
+    assert (types == 1).sum() == (ids == r.image_id).sum() == len(s["pixel_values"][0])
+    assert (types == 3).sum() == (ids == r.audio_id).sum() == 13 == len(s["input_features"][0])
+    # The image span comes first, then the audio span, each closed.
+    assert np.flatnonzero(ids == r.boi_id)[0] < np.flatnonzero(ids == r.boa_id)[0]
+    assert (ids == r.eoi_id).sum() == (ids == r.eoa_id).sum() == 1
+
+
+def test_sharegpt_placeholders_take_media_in_order(processor, make_recipe, media):
+    record = {"conversations": [{"from": "human", "value": "<image>\nWhat colour is it? <audio>"},
+                                {"from": "gpt", "value": "blue"}],
+              "images": ["red.png"], "audios": ["tone.wav"]}
+    s, conv, images, audios, r = render(processor, make_recipe, record, "sharegpt", media)
+    assert labelled(processor, s) == ["blue<turn|>"]
+    check_prompt_prefix(processor, r, s, conv, images, audios)
+    text = processor.tokenizer.decode(s["input_ids"])
+    assert text.index("<image|>") < text.index("What colour is it?") < text.index("<|audio>")
+
+
+def test_text_format_labels_everything_after_bos(processor, make_recipe):
+    s, *_ = render(processor, make_recipe, {"text": "Norvia lies north of Quentar."}, "text")
+    assert s["labels"][0] == IGNORE and s["input_ids"][0] == processor.tokenizer.bos_token_id
+    assert labelled(processor, s) == ["Norvia lies north of Quentar.<eos>"]
+    assert set(s["mm_token_type_ids"]) == {0}
+
+
+def test_instruction_with_system_and_image(processor, make_recipe, media):
+    record = {"instruction": "Name the colour.", "input": "", "output": "green", "image": "red.png",
+              "system": "Be brief."}
+    s, conv, images, audios, r = render(processor, make_recipe, record, "instruction", media)
+    assert labelled(processor, s) == ["green<turn|>"]
+    check_prompt_prefix(processor, r, s, conv, images, audios)
+    assert processor.tokenizer.decode(s["input_ids"]).startswith("<bos><|turn>system\nBe brief.<turn|>")
+
+
+MULTI = {"messages": [{"role": "user", "content": "Capital of Norvia?"},
+                      {"role": "assistant", "content": "Halden"},
+                      {"role": "user", "content": "And of Quentar?"},
+                      {"role": "assistant", "content": "Mirovo"}]}
+
+
+@pytest.mark.parametrize("train_on, runs", [
+    ("assistant", ["Halden<turn|>", "Mirovo<turn|>"]),
+    ("last_assistant", ["Mirovo<turn|>"]),
+])
+def test_multi_turn_train_on(processor, make_recipe, train_on, runs):
+    s, conv, images, audios, r = render(processor, make_recipe, MULTI, train_on=train_on)
+    assert labelled(processor, s) == runs
+    check_prompt_prefix(processor, r, s, conv, images, audios)
+    # History answers are labelled as the template renders them in the history (no thinking
+    # scaffold), the last one as the continuation of the generation prompt.
+    text = processor.tokenizer.decode(s["input_ids"])
+    assert "<|turn>model\nHalden<turn|>" in text and text.endswith(GEN_PROMPT_END + "Mirovo<turn|>\n")
+
+
+@pytest.mark.parametrize("history", [
+    [{"role": "assistant", "content": "Hello, ask me."}],  # before any user turn: a greeting
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],  # empty
+])
+def test_history_turns_that_are_not_answers_are_context(processor, make_recipe, history):
+    record = {"messages": history + [{"role": "user", "content": "Capital of Norvia?"},
+                                     {"role": "assistant", "content": "Halden"}]}
+    s, *_ = render(processor, make_recipe, record)
+    assert labelled(processor, s) == ["Halden<turn|>"]
+
+
+def test_train_on_all_labels_every_token_but_bos_and_media(processor, make_recipe, media):
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "path": "red.png"},
+                                                        {"type": "text", "text": "Colour?"}]},
+                           {"role": "assistant", "content": "red"}]}
+    s, _, _, _, r = render(processor, make_recipe, record, base_dir=media, train_on="all")
+    for i, (tok, lab) in enumerate(zip(s["input_ids"], s["labels"])):
+        assert lab == (IGNORE if i == 0 or tok in media_ids(r) else tok)
+
+
+def test_image_budget_sets_the_span_length(processor, make_recipe, media):
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "path": "red.png"}]},
+                           {"role": "assistant", "content": "red"}]}
+    img = Image.open(media / "red.png").convert("RGB")
+    spans = []
+    for budget in (70, 140, 280):
+        s, *_ = render(processor, make_recipe, record, base_dir=media, image_tokens=budget)
+        expected = processor.image_processor([img], max_soft_tokens=budget)["num_soft_tokens_per_image"][0]
+        n = s["mm_token_type_ids"].count(1)
+        assert n == expected == len(s["pixel_values"][0]) <= budget and s["image_budget"] == budget
+        spans.append(n)
+    assert spans[0] < spans[1] < spans[2]
+
+
+IMAGE_AUDIO = {"messages": [{"role": "user", "content": [{"type": "image", "path": "red.png"},
+                                                         {"type": "audio", "path": "tone.wav"},
+                                                         {"type": "text", "text": "Colour and pitch?"}]},
+                            {"role": "assistant", "content": "red, high"}]}
+
+
+def test_overflow_drop_rejects_over_budget(processor, make_recipe, media):
+    with pytest.raises(BadRecord) as e:
+        render(processor, make_recipe, IMAGE_AUDIO, base_dir=media, image_tokens=280, max_seq_len=100,
+               overflow="drop")
+    assert e.value.reason == "over_budget"
+
+
+def test_overflow_shrink_steps_image_budget_down_then_trims_audio(processor, make_recipe, media):
+    full, *_ = render(processor, make_recipe, IMAGE_AUDIO, base_dir=media, image_tokens=280)
+    at_70, *_ = render(processor, make_recipe, IMAGE_AUDIO, base_dir=media, image_tokens=70)
+    n_img_280 = full["mm_token_type_ids"].count(1)
+    # Fits once the image is at 140: only the image shrinks.
+    s, *_ = render(processor, make_recipe, IMAGE_AUDIO, base_dir=media, image_tokens=280,
+                   max_seq_len=len(full["input_ids"]) - 1)
+    assert s["overflow"] == "shrink_image" and s["image_budget"] == 140
+    assert s["mm_token_type_ids"].count(1) < n_img_280 and s["mm_token_type_ids"].count(3) == 13
+    # Even 70 is too long: the audio is trimmed by whole frames after the image shrank.
+    limit = len(at_70["input_ids"]) - 5
+    s, *_ = render(processor, make_recipe, IMAGE_AUDIO, base_dir=media, image_tokens=280, max_seq_len=limit)
+    assert s["overflow"] == "shrink_image+trim_audio" and s["image_budget"] == 70
+    assert len(s["input_ids"]) <= limit and s["mm_token_type_ids"].count(3) < 13
+    assert len(s["input_features"][0]) == s["mm_token_type_ids"].count(3)
+    assert labelled(processor, s) == ["red, high<turn|>"]
+    st = Stats()
+    st.add_sample(s, "mixed")
+    assert st.to_dict()["overflow_actions"] == {"shrink_image+trim_audio": 1}
+
+
+def test_truncate_text_cuts_text_only_and_keeps_labels(processor, make_recipe, media):
+    long_answer = " ".join(["red"] * 60)
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "path": "red.png"},
+                                                        {"type": "text", "text": "Colour?"}]},
+                           {"role": "assistant", "content": long_answer}]}
+    full, _, _, _, r = render(processor, make_recipe, record, base_dir=media)
+    limit = len(full["input_ids"]) - 20
+    s, *_ = render(processor, make_recipe, record, base_dir=media, max_seq_len=limit,
+                   overflow="truncate_text")
+    assert s["overflow"] == "truncate_text" and len(s["input_ids"]) == limit
+    assert s["input_ids"] == full["input_ids"][:limit]
+    assert s["mm_token_type_ids"].count(1) == full["mm_token_type_ids"].count(1)  # the span is whole
+    assert r.eoi_id in s["input_ids"] and any(x != IGNORE for x in s["labels"])
+    # A limit inside the image span is never cut there: the sample is rejected instead.
+    inside = s["input_ids"].index(r.eoi_id) - 3
+    with pytest.raises(BadRecord, match="max_seq_len") as e:
+        render(processor, make_recipe, record, base_dir=media, max_seq_len=inside, overflow="truncate_text")
+    assert e.value.reason == "over_budget"
+
+
+def test_truncate_text_never_removes_all_labels(processor, make_recipe, media):
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "path": "red.png"},
+                                                        {"type": "text", "text": "Colour? " * 40}]},
+                           {"role": "assistant", "content": "red"}]}
+    full, *_ = render(processor, make_recipe, record, base_dir=media)
+    first_label = next(i for i, x in enumerate(full["labels"]) if x != IGNORE)
+    with pytest.raises(BadRecord) as e:
+        render(processor, make_recipe, record, base_dir=media, max_seq_len=first_label - 1,
+               overflow="truncate_text")
+    assert e.value.reason == "over_budget"
+
+
+def test_uint8_pixels_and_audio_frames_reproduce_the_processor_bit_exactly(processor, make_recipe, media):
+    s, conv, images, audios, r = render(processor, make_recipe, IMAGE_AUDIO, base_dir=media)
+    assert s["pixel_values"][0].dtype == np.uint8
+    # The processor's own float output, with its default rescale.
+    ref = processor(text=r.text_and_labels(conv)[0], images=images, audio=audios, add_special_tokens=False,
+                    images_kwargs={"max_soft_tokens": 70}, return_tensors="pt")
+    batch = collate([s], pad_id=processor.tokenizer.pad_token_id)
+    n = len(s["pixel_values"][0])
+    assert ref["pixel_values"].dtype == batch["pixel_values"].dtype == torch.float32
+    assert torch.equal(batch["pixel_values"][0, :n], ref["pixel_values"][0, :n])
+    assert torch.equal(batch["image_position_ids"][0, :n], ref["image_position_ids"][0, :n].long())
+    assert torch.equal(batch["input_features"], ref["input_features"])
+    assert torch.equal(batch["input_ids"][0], ref["input_ids"][0])
+    assert torch.equal(batch["mm_token_type_ids"][0], ref["mm_token_type_ids"][0])
+
+
+def test_render_many_equals_render_and_isolates_bad_items(processor, make_recipe, media):
+    """Batched processor calls (one per media kind) give the same samples as one by one."""
+    recipe = make_recipe([{"path": "unused.jsonl"}], data={"image_tokens": 70})
+    worker = _Worker(processor, recipe)
+    img = {"messages": [{"role": "user", "content": [{"type": "image", "path": "red.png"}]},
+                        {"role": "assistant", "content": "red"}]}
+    big = {"messages": [{"role": "user", "content": [{"type": "image", "path": "wide.png"},
+                                                     {"type": "text", "text": "?"}]},
+                        {"role": "assistant", "content": "a longer answer"}]}
+    Image.new("RGB", (300, 90), (0, 0, 200)).save(media / "wide.png")
+    no_answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    records = [img, IMAGE_AUDIO, big, no_answer, MULTI, img]
+    items = [worker.load((f"t:{i}", rec, str(media), "messages", "0:t")) for i, rec in enumerate(records)]
+    items[3][0].messages[-1].parts = []  # an empty answer only the renderer sees
+    many = worker.renderer.render_many(items)
+    assert isinstance(many[3], BadRecord) and many[3].reason == "no_answer"
+    assert worker.renderer.fallbacks == 0
+    for k, item in enumerate(items):
+        if k == 3:
+            continue
+        one = worker.renderer.render(*item)
+        for key in ("input_ids", "labels", "mm_token_type_ids", "overflow"):
+            assert many[k][key] == one[key]
+        for key in ("pixel_values", "image_position_ids", "input_features"):
+            assert len(many[k].get(key, [])) == len(one.get(key, []))
+            assert all(np.array_equal(a, b) for a, b in zip(many[k].get(key, []), one.get(key, [])))
+    # A record whose text smuggles in a placeholder spoils the shared call: it alone is rejected.
+    trap = {"messages": [{"role": "user", "content": [{"type": "image", "path": "red.png"},
+                                                      {"type": "text", "text": "and <|image|> too"}]},
+                         {"role": "assistant", "content": "red"}]}
+    batch = [items[0], worker.load(("t:trap", trap, str(media), "messages", "0:t")), items[5]]
+    got = worker.renderer.render_many(batch)
+    assert worker.renderer.fallbacks == 1
+    assert isinstance(got[1], BadRecord) and got[1].reason == "render_failed" and got[1].origin == "t:trap"
+    assert got[0]["input_ids"] == got[2]["input_ids"] == many[0]["input_ids"]
+
+
+def test_fast_paths_agree_with_the_processor(processor, make_recipe):
+    """Tokenizer-side template and Rust encode are used only when they match the processor's."""
+    r = Renderer(processor, RenderSettings())
+    assert r._fast_template
+    msgs = [{"role": "user", "content": [{"type": "audio"},
+                                         {"type": "text", "text": "Tell me ✓ the pitch."}]}]
+    slow = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert r._template(msgs, True) == slow
+    text = r._template(msgs, True) + "high<turn|>\n"
+    assert r._ids(text) == processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Text-only samples skip the processor: same ids, all text.
+    s, conv, *_ = render(processor, make_recipe, MULTI)
+    ref = processor(text=r.text_and_labels(conv)[0], add_special_tokens=False)
+    assert s["input_ids"] == list(ref["input_ids"][0])
+    assert s["mm_token_type_ids"] == list(ref["mm_token_type_ids"][0])
