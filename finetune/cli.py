@@ -238,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     argv, debug = _split_debug(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may also follow flags (`plan R --json lora.r=8`): argparse stops collecting the
+    # positional list at the first flag, so pick the stragglers up here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     args.debug = args.debug or debug
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

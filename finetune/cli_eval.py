@@ -225,14 +225,17 @@ def _inference_model(adapter: str | None, base: str | None):
     without, `base` in full precision (a merged folder or a plain base)."""
     import yaml
 
-    from finetune.model import adapter_base, load_adapter, load_base, load_processor
+    from finetune.adapters import base_of, check_base, read_adapter
+    from finetune.model import load_adapter, load_base, load_processor
 
     if not adapter and not base:
         raise UserError("generate", "no model given",
                         "Pass --adapter DIR, or --base DIR for a merged or base model")
     quant, image_tokens = "none", None
     if adapter:
-        base = base or adapter_base(adapter)
+        config, state = read_adapter(adapter)
+        base = base_of(adapter, config, base)
+        check_base(adapter, state, base)  # before loading anything big
         quant = "nf4"
         lock = Path(adapter).parent / "recipe.lock.yaml"  # written by `finetune train` next to adapter/
         if lock.exists():

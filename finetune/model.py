@@ -8,7 +8,6 @@ to fp32: 4 GB on the 12B).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -149,34 +148,14 @@ def attach_lora(model, lora_section, family: Family):
 
 
 def load_adapter(model, adapter: str, *, is_trainable: bool = False, allow_pickle: bool = False):
+    """base + adapter; every problem with the folder (missing, pickle, corrupt, NaN) is a UserError."""
     from peft import PeftModel
 
-    p = Path(adapter)
-    if not (p / "adapter_config.json").exists():
-        raise UserError(adapter, "not an adapter folder (no adapter_config.json)",
-                        "Point at the adapter/ folder a training run wrote")
-    if not (p / "adapter_model.safetensors").exists():
-        if (p / "adapter_model.bin").exists() and not allow_pickle:
-            raise UserError(adapter, "the adapter is stored as pickle (adapter_model.bin)",
-                            "Re-save it as safetensors, or pass --allow-pickle if you trust it")
-        if not (p / "adapter_model.bin").exists():
-            raise UserError(adapter, "no adapter weights (adapter_model.safetensors)", "Re-save the adapter")
+    from finetune.adapters import read_adapter
+
+    read_adapter(adapter, allow_pickle=allow_pickle)
     try:
         return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(adapter, f"does not fit this base ({str(e).splitlines()[0][:200]})",
                         "Use the base the adapter was trained on (see adapter_config.json)") from None
-
-
-def adapter_base(adapter: str) -> str:
-    p = Path(adapter) / "adapter_config.json"
-    if not p.exists():
-        raise UserError(adapter, "not an adapter folder (no adapter_config.json)",
-                        "Point at the adapter/ folder a training run wrote")
-    try:
-        base = json.loads(p.read_text()).get("base_model_name_or_path")
-    except json.JSONDecodeError:
-        raise UserError(str(p), "is not valid JSON", "Re-save the adapter") from None
-    if not base:
-        raise UserError(str(p), "names no base model", "Pass --base")
-    return base

@@ -73,7 +73,9 @@ def data_stats(recipe_path: str, overrides=()) -> dict:
 
     recipe = load_recipe(recipe_path, overrides)
     processor = load_processor(recipe.model.base, recipe.data.image_tokens, recipe.model.trust_remote_code)
-    prep = prepare(recipe, processor, recipe.model.base, log=None)
+    # Stats need the full pass, also for a streaming recipe (which then just isn't cached).
+    prep = prepare(recipe, processor, recipe.model.base, log=None, streaming=False,
+                   use_cache=not recipe.data.streaming)
     total = dict(prep.stats["total"])
     total["datasets"] = prep.stats["datasets"]
     total["eval"] = prep.stats["eval"]

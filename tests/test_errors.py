@@ -7,7 +7,6 @@ the same holds for the real executable.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -228,8 +227,6 @@ def test_validate_checks_base_and_every_source_at_once(env, tmp_path, capsys):
 def test_every_recipe_verb_reports_a_bad_recipe(tmp_path, capsys, verb):
     (tmp_path / "r.yaml").write_text("model:\n  base: b\ndatasets:\n  - path: a.jsonl\nlora:\n  r: many\n")
     argv = verb[:2] + [tmp_path / "r.yaml"] + verb[2:] if verb[0] == "data" else verb[:1] + [tmp_path / "r.yaml"] + verb[1:]
-    if importlib.util.find_spec("data_tools.preview") is None and verb[-1] == "x.html":
-        pytest.xfail("`finetune data preview` (data_tools.preview) is not written yet")
     assert_user_error(cli(capsys, *argv), "lora.r", "expected an integer")
     assert list(tmp_path.iterdir()) == [tmp_path / "r.yaml"]  # nothing ran, nothing written
 
@@ -316,10 +313,8 @@ def test_cap_messages_name_the_setting(env, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("variant", [
-    pytest.param({"eval_set": False}, id="no-eval-set", marks=pytest.mark.xfail(
-        strict=False, reason="pipeline.prepare: an empty split is saved with 0 shards and load_from_disk fails")),
-    pytest.param({"streaming": True}, id="streaming", marks=pytest.mark.xfail(
-        strict=False, reason="workflows.data_stats reads stats['total'], which streaming leaves None")),
+    pytest.param({"eval_set": False}, id="no-eval-set"),
+    pytest.param({"streaming": True}, id="streaming"),
 ])
 def test_data_stats_on_valid_data_sections(env, tmp_path, capsys, variant):
     (tmp_path / "r.yaml").write_text(recipe_text(env, out=tmp_path / "out", cache_dir=tmp_path / "c", **variant))
@@ -331,18 +326,12 @@ def test_data_stats_on_valid_data_sections(env, tmp_path, capsys, variant):
 # ---------------------------------------------------------------- artifacts
 
 
-def _needs(module: str, verb: str):
-    if importlib.util.find_spec(module) is None:
-        pytest.xfail(f"`finetune {verb}` ({module}) is not written yet")
-
-
 ARTIFACT_CASES = [(verb, kind, what) for verb in ("export", "merge") for kind, what in [
     ("missing", "not found"), ("pickle", "pickle"), ("other-base", "another base"), ("corrupt", "safetensors")]]
 
 
 @pytest.mark.parametrize("verb,kind,what", ARTIFACT_CASES, ids=[f"{v}-{k}" for v, k, _ in ARTIFACT_CASES])
 def test_bad_adapter_for_export_and_merge(env, tmp_path, capsys, verb, kind, what):
-    _needs("finetune.cli_export", verb)
     adapter = env.adapters[kind]
     argv = ["export", "--format", "vllm"] if verb == "export" else ["merge"]
     run = cli(capsys, *argv, adapter, tmp_path / "out")
@@ -350,9 +339,8 @@ def test_bad_adapter_for_export_and_merge(env, tmp_path, capsys, verb, kind, wha
 
 
 @pytest.mark.parametrize("kind,what", [
-    ("missing", "adapter_config.json"), ("pickle", "pickle"), ("other-base", "does not fit this base"),
-    pytest.param("corrupt", "safetensors", marks=pytest.mark.xfail(
-        strict=False, reason="finetune.model.load_adapter lets SafetensorError through (exit 1)"))])
+    ("missing", "not found"), ("pickle", "pickle"), ("other-base", "another base"),
+    ("corrupt", "safetensors")])
 def test_bad_adapter_for_generate(env, capsys, kind, what):
     adapter = env.adapters[kind]
     run = cli(capsys, "generate", "--adapter", adapter, "--max-new-tokens", 1, "hi")
@@ -365,7 +353,6 @@ def test_bad_adapter_for_generate(env, capsys, kind, what):
     ("method: linear\nadapters:\n  - path: nope\n    weight: 1\noutput: o\n", "{tmp}/nope", "not found"),
 ], ids=["missing-spec", "bad-method", "missing-adapter"])
 def test_bad_combine_spec(tmp_path, capsys, spec, where, what):
-    _needs("finetune.cli_export", "combine")
     path = tmp_path / "spec.yaml"
     if spec:
         path.write_text(spec)
@@ -376,7 +363,7 @@ def test_bad_adapter_for_eval(env, tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(recipe_text(env))
     adapter = env.adapters["missing"]
     assert_user_error(cli(capsys, "eval", tmp_path / "r.yaml", "--adapter", adapter), str(adapter),
-                      "adapter_config.json")
+                      "not found")
 
 
 def test_pickle_adapter_is_refused_by_the_loader(env):
@@ -384,7 +371,8 @@ def test_pickle_adapter_is_refused_by_the_loader(env):
 
     with pytest.raises(UserError) as e:
         load_adapter(torch.nn.Linear(1, 1), str(env.adapters["pickle"]))
-    assert e.value.where == str(env.adapters["pickle"]) and "--allow-pickle" in e.value.fix
+    # The place named is the pickle file inside the adapter folder.
+    assert e.value.where.startswith(str(env.adapters["pickle"])) and "--allow-pickle" in e.value.fix
 
 
 # ---------------------------------------------------------------- exit codes and --debug
