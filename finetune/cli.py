@@ -73,7 +73,8 @@ def _check_runnable(recipe) -> None:
 def cmd_tiny_model(args) -> int:
     from finetune.tiny import write_tiny_model
 
-    out = write_tiny_model(args.dir, seed=args.seed, num_kv_shared_layers=args.kv_shared)
+    out = write_tiny_model(args.dir, seed=args.seed, num_kv_shared_layers=args.kv_shared,
+                           num_layers=args.layers)
     print(f"tiny gemma4_unified base written to {out}")
     return 0
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--kv-shared", type=int, default=0, help="num_kv_shared_layers")
+    sp.add_argument("--layers", type=int, default=4, choices=[2, 4, 6, 8],
+                    help="decoder layers, alternating sliding/full")
     sp.set_defaults(func=cmd_tiny_model)
 
     sp = sub.add_parser("demo", help="the bundled end-to-end demo (same as python train.py)")

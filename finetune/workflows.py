@@ -34,7 +34,9 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
     out = Path(recipe.train.output_dir)
     base = Path(recipe.model.base)
     if not (base / "config.json").exists():
-        write_tiny_model(base, seed=0)
+        # Two layers (one sliding, one full): the demo's 5-minute budget on 2 cores; the test
+        # fixture keeps four.
+        write_tiny_model(base, seed=0, num_layers=2)
         log(f"demo: tiny gemma4_unified base written to {base}")
     data_dir = Path(recipe.datasets[0].path).parent
     if not (data_dir / "eval.jsonl").exists():

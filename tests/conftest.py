@@ -14,6 +14,18 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models on 2 cores: OpenMP threads spin against each other and make small ops up to
+    20x slower (see finetune.train._cpu_threads), so the suite computes on one thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A complete tiny base folder (config, safetensors, tokenizer, processor, chat template),
