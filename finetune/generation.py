@@ -8,13 +8,17 @@ step ("Image features and image tokens do not match").
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from data_tools.conversation import Conversation
 from data_tools.render import Renderer, RenderSettings
 
 
+@functools.lru_cache(maxsize=4)
 def _renderer(processor) -> Renderer:
+    # One per processor: building it renders probe templates to pick its fast paths.
     return Renderer(processor, RenderSettings())
 
 
