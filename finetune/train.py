@@ -535,6 +535,10 @@ def train(recipe: Recipe, *, resume: bool = False, log=print) -> TrainResult:
     if acc.num_processes > 1:
         _check_ranks_agree(model, acc, out, log)
     acc.end_training()
+    if acc.num_processes > 1 and torch.distributed.is_initialized():
+        # Left to interpreter exit, gloo's threads can abort the process ("terminate called
+        # without an active exception") after a successful run.
+        torch.distributed.destroy_process_group()
     seconds = time.time() - t0
     return TrainResult(adapter_dir, losses, step, seconds, real_tokens / max(seconds, 1e-9))
 
