@@ -187,6 +187,15 @@ def check_base(adapter_path: str | Path, state: dict[str, torch.Tensor], base: s
     return family, cfg
 
 
+def open_adapter(path: str | Path, *, base: str | None = None, allow_pickle: bool = False):
+    """(config, state, base, family, base config): the adapter read and proven to fit its base
+    (or `base`), before anything large is loaded."""
+    config, state = read_adapter(path, allow_pickle=allow_pickle)
+    base = base_of(path, config, base)
+    family, cfg = check_base(path, state, base)
+    return config, state, base, family, cfg
+
+
 def roles(family: Family, modules) -> dict[str, list[str]]:
     """Split LoRA modules into text (attention/MLP), media (vision/audio projections) and other."""
     out: dict[str, list[str]] = {"text": [], "media": [], "other": []}

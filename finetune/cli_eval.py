@@ -169,14 +169,13 @@ def write_report(path: Path, result: dict, items: list[EvalItem], title: str) ->
 
 
 def cmd_eval(args) -> int:
-    from finetune.adapters import check_base, read_adapter
+    from finetune.adapters import open_adapter
     from finetune.model import load_adapter, load_base, load_processor
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     # A missing, pickled, corrupt or other-base adapter fails now, not after the base's answers.
-    _, state = read_adapter(args.adapter, allow_pickle=recipe.model.allow_pickle)
-    check_base(args.adapter, state, recipe.model.base)
+    open_adapter(args.adapter, base=recipe.model.base, allow_pickle=recipe.model.allow_pickle)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     m = recipe.model
     processor = load_processor(m.base, recipe.data.image_tokens, m.trust_remote_code)
@@ -225,7 +224,7 @@ def _inference_model(adapter: str | None, base: str | None):
     without, `base` in full precision (a merged folder or a plain base)."""
     import yaml
 
-    from finetune.adapters import base_of, check_base, read_adapter
+    from finetune.adapters import open_adapter
     from finetune.model import load_adapter, load_base, load_processor
 
     if not adapter and not base:
@@ -233,9 +232,7 @@ def _inference_model(adapter: str | None, base: str | None):
                         "Pass --adapter DIR, or --base DIR for a merged or base model")
     quant, image_tokens = "none", None
     if adapter:
-        config, state = read_adapter(adapter)
-        base = base_of(adapter, config, base)
-        check_base(adapter, state, base)  # before loading anything big
+        base = open_adapter(adapter, base=base)[2]  # proven to fit before anything big loads
         quant = "nf4"
         lock = Path(adapter).parent / "recipe.lock.yaml"  # written by `finetune train` next to adapter/
         if lock.exists():

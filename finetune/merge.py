@@ -33,6 +33,7 @@ from finetune.adapters import (
     lora_pairs,
     max_rel_diff,
     model_class,
+    open_adapter,
     prepare_out,
     read_adapter,
     write_report,
@@ -168,9 +169,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     if dtype not in DTYPES:
         raise UserError("--dtype", f"{dtype!r} is not a merge dtype", f"Use one of {', '.join(DTYPES)}")
     adapter = Path(adapter)
-    config, state = read_adapter(adapter, allow_pickle=allow_pickle)
-    base = base_of(adapter, config, base)
-    family, _ = check_base(adapter, state, base)
+    config, state, base, family, _ = open_adapter(adapter, base=base, allow_pickle=allow_pickle)
     out = prepare_out(out, adapter, base)
     processor, batch = probe_batch(base)
 

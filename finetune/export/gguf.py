@@ -22,13 +22,11 @@ import torch
 
 from finetune.adapters import (
     ParityError,
-    base_of,
-    check_base,
     delta,
     lora_pairs,
     max_rel_diff,
+    open_adapter,
     prepare_out,
-    read_adapter,
     roles,
     scale,
     write_report,
@@ -67,9 +65,7 @@ def export_gguf(adapter: str | Path, out: str | Path, *, outtype: str = "f32", b
     if outtype not in OUTTYPES:
         raise UserError("--outtype", f"{outtype!r} is not a GGUF LoRA type", f"Use one of {', '.join(OUTTYPES)}")
     adapter = Path(adapter)
-    config, state = read_adapter(adapter, allow_pickle=allow_pickle)
-    base = base_of(adapter, config, base)
-    family, cfg = check_base(adapter, state, base)
+    config, state, base, family, cfg = open_adapter(adapter, base=base, allow_pickle=allow_pickle)
     refuse_unservable(config, adapter, "llama.cpp")
     pairs = lora_pairs(state)
     parts = roles(family, pairs)

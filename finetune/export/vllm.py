@@ -24,11 +24,10 @@ from finetune.adapters import (
     PREFIX,
     WEIGHTS_FILE,
     ParityError,
-    base_of,
-    check_base,
     delta,
     lora_pairs,
     max_rel_diff,
+    open_adapter,
     prepare_out,
     read_adapter,
     roles,
@@ -76,9 +75,7 @@ def export_vllm(adapter: str | Path, out: str | Path, *, server: str = "vllm", m
     if server not in SERVERS:
         raise UserError("--format", f"{server!r} is not a PEFT-folder server", f"Use one of {', '.join(SERVERS)}")
     adapter = Path(adapter)
-    config, state = read_adapter(adapter, allow_pickle=allow_pickle)
-    base = base_of(adapter, config, base)
-    family, cfg = check_base(adapter, state, base)
+    config, state, base, family, cfg = open_adapter(adapter, base=base, allow_pickle=allow_pickle)
     refuse_unservable(config, adapter, server)
     pairs = lora_pairs(state)
     parts = roles(family, pairs)
