@@ -510,7 +510,7 @@ def train(recipe: Recipe, *, resume: bool = False, log=print) -> TrainResult:
                 row.update(_eval_loss(model, data.eval, pad_id, cdtype, acc.device, t))
             metrics.write(row)
             if t.preview_every and step % t.preview_every == 0 and acc.is_main_process:
-                _preview(model, processor, recipe, out, step, log)
+                _preview(model, processor, recipe, out, step, log, acc)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
@@ -622,7 +622,8 @@ def _check_ranks_agree(model, acc, out: Path, log) -> None:
         log(f"adapter identical on {len(digests)} ranks (sha256 {digests[0][:12]})")
 
 
-def _preview(model, processor, recipe, out: Path, step: int, log) -> None:
+def _preview(model, processor, recipe, out: Path, step: int, log, acc) -> None:
+    """Answers on a few fixed held-out items: console, previews.jsonl, tensorboard text."""
     from finetune.generation import preview_items
 
     rows = preview_items(unwrap_peft(model), processor, recipe)
@@ -631,6 +632,11 @@ def _preview(model, processor, recipe, out: Path, step: int, log) -> None:
             f.write(json.dumps({"step": step} | r) + "\n")
     for r in rows:
         log(f"preview step {step} [{r['id']}]: {r['output']!r} (reference {r['reference']!r})")
+    if "tensorboard" in recipe.train.report_to:
+        writer = acc.get_tracker("tensorboard", unwrap=True)
+        text = "\n\n".join(f"**{r['id']}** ({r['modality']}): `{r['output']}` — reference `{r['reference']}`"
+                           for r in rows)
+        writer.add_text("previews", text, step)
 
 
 def _has_wandb() -> bool:

@@ -390,3 +390,24 @@ def test_cuda_out_of_memory_is_one_line_with_the_settings_to_change(assets, monk
     line = e.value.line()
     assert "\n" not in line and "out of memory at step 1" in line
     assert "finetune plan" in line and "data.max_seq_len" in line and "train.batch_size" in line
+
+
+def test_previews_and_tensorboard(assets, tmp_path):
+    """preview_every writes held-out answers to previews.jsonl and tensorboard (text), and the
+    tensorboard tracker receives the per-step loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from finetune.train import train
+
+    out = tmp_path / "run"
+    recipe = make_recipe(assets, out, max_steps=2, preview_every=2, preview_items=2,
+                         report_to=["tensorboard"])
+    train(recipe, log=lambda *_: None)
+    rows = [json.loads(x) for x in (out / "previews.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 2]
+    assert all(r["reference"] and "output" in r for r in rows)
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent),
+                              size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert "previews/text_summary" in events.Tags()["tensors"]
