@@ -158,7 +158,7 @@ def generate_batch(model, processor, convs: list[Conversation], images: list[lis
                    max_new_tokens: int, image_tokens: int) -> list[str]:
     """Greedy answers for several prompts at once, left-padded so every prompt ends where
     generation starts. Same stopping and suppression as `finetune.generation.generate`."""
-    from finetune.generation import _float_dtype, _renderer, suppressed_ids
+    from finetune.generation import _renderer, greedy
 
     r = _renderer(processor)
     kwargs = {}
@@ -169,16 +169,7 @@ def generate_batch(model, processor, convs: list[Conversation], images: list[lis
         kwargs["audio"] = flat_audio
     inputs = processor(text=[r.prompt_text(c) for c in convs], add_special_tokens=False, return_tensors="pt",
                        padding=True, padding_side="left", **kwargs)
-    device, dtype = next(model.parameters()).device, _float_dtype(model)
-    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-    tok = processor.tokenizer
-    model.eval()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=[tok.convert_tokens_to_ids("<turn|>"), tok.eos_token_id],
-                         pad_token_id=tok.pad_token_id, bad_words_ids=suppressed_ids(processor),
-                         use_cache=True)
-    n = inputs["input_ids"].shape[1]
-    return [tok.decode(row[n:], skip_special_tokens=True).strip() for row in out]
+    return greedy(model, processor, inputs, max_new_tokens=max_new_tokens)
 
 
 def generate_items(model, processor, items: list[EvalItem], *, max_new_tokens: int, image_tokens: int,

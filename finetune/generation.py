@@ -43,23 +43,28 @@ def suppressed_ids(processor) -> list[list[int]]:
 
 
 @torch.no_grad()
-def generate(model, processor, conv: Conversation, images: list, audios: list, *,
-             max_new_tokens: int = 32, image_tokens: int = 280, streamer=None) -> str:
-    inputs = prompt_inputs(processor, conv, images, audios, image_tokens)
-    device = next(p for p in model.parameters()).device
-    dtype = _float_dtype(model)
+def greedy(model, processor, inputs: dict, *, max_new_tokens: int, streamer=None) -> list[str]:
+    """Greedy answers for processor outputs (one row per prompt, left-padded when several):
+    stop at end of turn, suppress media and channel tokens, return the decoded new text."""
+    device, dtype = next(model.parameters()).device, _float_dtype(model)
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-    eot = processor.tokenizer.convert_tokens_to_ids("<turn|>")
+    tok = processor.tokenizer
     was_training = model.training
     model.eval()
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=[eot, processor.tokenizer.eos_token_id],
-                         pad_token_id=processor.tokenizer.pad_token_id,
-                         bad_words_ids=suppressed_ids(processor), streamer=streamer, use_cache=True)
+                         eos_token_id=[_renderer(processor).eot_id, tok.eos_token_id],
+                         pad_token_id=tok.pad_token_id, bad_words_ids=suppressed_ids(processor),
+                         streamer=streamer, use_cache=True)
     if was_training:
         model.train()
-    new = out[0, inputs["input_ids"].shape[1]:]
-    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+    n = inputs["input_ids"].shape[1]
+    return [tok.decode(row[n:], skip_special_tokens=True).strip() for row in out]
+
+
+def generate(model, processor, conv: Conversation, images: list, audios: list, *,
+             max_new_tokens: int = 32, image_tokens: int = 280, streamer=None) -> str:
+    inputs = prompt_inputs(processor, conv, images, audios, image_tokens)
+    return greedy(model, processor, inputs, max_new_tokens=max_new_tokens, streamer=streamer)[0]
 
 
 def _float_dtype(model) -> torch.dtype:
