@@ -100,14 +100,6 @@ class Stats:
                            for m, v in sorted(self.lengths_by_modality.items())}}
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Stats:
-        """The counters back from `to_dict` (lengths are summarised there, so they stay empty)."""
-        s = cls(records=d["records"], used=d["used"], rejected=d["rejected"])
-        for k in ("rejected_by_reason", "overflow_actions", "tokens", "by_modality"):
-            getattr(s, k).update(d.get(k, {}))
-        return s
-
 
 def n_label_tokens(sample: dict) -> int:
     return sum(1 for x in sample["labels"] if x != IGNORE)

@@ -144,18 +144,20 @@ def base_of(adapter_path: str | Path, config: dict, base_override: str | None = 
                     "Pass --base with the base model folder or hub id")
 
 
-def family_config(base: str):
-    """(family, config) of a base model, or a UserError when finetune has no family for it."""
+def family_config(base: str, *, trust_remote_code: bool = False, where: str | None = None):
+    """(family, config) of a base model, or a UserError (at `where`, default the base) when its
+    config can't be read or finetune has no family for it."""
     from transformers import AutoConfig
 
+    where = where or base
     try:
-        cfg = AutoConfig.from_pretrained(base)
+        cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(base, f"can't read the base model's config ({str(e).splitlines()[0]})",
-                        "Pass --base with a model folder that has config.json") from None
+        raise UserError(where, f"can't read the config of {base} ({str(e).splitlines()[0]})",
+                        "Point at a model folder that has config.json, or check that the hub is reachable") from None
     family = family_for(cfg.model_type)
     if family is None:
-        raise UserError(base, f"model_type {cfg.model_type!r} is not a model family finetune knows",
+        raise UserError(where, f"model_type {cfg.model_type!r} is not a model family finetune knows",
                         "Use a gemma4_unified base")
     return family, cfg
 

@@ -8,7 +8,7 @@ image/audio-text model plugs in with one more entry.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,6 @@ class Family:
     part_patterns: tuple[tuple[str, str], ...]
     # Runtime LoRA module name → llama.cpp tensor base name, e.g. blk.3.attn_q
     gguf_names: tuple[tuple[str, str], ...]
-    # Token ids that must never be labels nor generated (placeholders and boundaries).
-    media_token_attrs: tuple[str, ...] = field(default=())
-    end_of_turn: str = "<turn|>"
 
     def part_of(self, name: str) -> str:
         for pattern, part in self.part_patterns:
@@ -64,8 +61,6 @@ GEMMA4_UNIFIED = Family(
         (r".*language_model\.layers\.(\d+)\.mlp\.up_proj", r"blk.\1.ffn_up"),
         (r".*language_model\.layers\.(\d+)\.mlp\.down_proj", r"blk.\1.ffn_down"),
     ),
-    media_token_attrs=("image_token_id", "boi_token_id", "eoi_token_id", "audio_token_id",
-                       "boa_token_id", "eoa_token_index", "video_token_id"),
 )
 
 FAMILIES = {GEMMA4_UNIFIED.model_type: GEMMA4_UNIFIED}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import UserError
-from finetune.families import Family, family_for
+from finetune.families import Family
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -50,18 +50,9 @@ def _check_base(base: str, allow_pickle: bool) -> None:
 
 
 def base_family(base: str, trust_remote_code: bool = False) -> Family:
-    from transformers import AutoConfig
+    from finetune.adapters import family_config
 
-    try:
-        cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError("model.base", f"cannot read the config of {base} ({str(e).splitlines()[0]})",
-                        "Check the path, or that the hub is reachable") from None
-    fam = family_for(cfg.model_type)
-    if fam is None:
-        raise UserError("model.base", f"model_type {cfg.model_type!r} is not supported yet",
-                        "Supported: gemma4_unified")
-    return fam
+    return family_config(base, trust_remote_code=trust_remote_code, where="model.base")[0]
 
 
 def load_processor(base: str, image_tokens: int | None = None, trust_remote_code: bool = False):
