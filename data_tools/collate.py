@@ -45,19 +45,34 @@ def _media(samples: list[dict]) -> dict:
     return out
 
 
-def collate(samples: list[dict], pad_id: int) -> dict:
-    """Pad to the longest row; a 2-D attention mask lets the model build its own masks."""
-    n = max(len(s["input_ids"]) for s in samples)
+def useful_length(sample: dict) -> int:
+    """Tokens of `sample` that can change its loss: up to its last label or media token.
+
+    Attention is causal outside media blocks, so tokens after the last label (the newline
+    after `<turn|>`, a trailing unanswered turn) feed no loss term; training on them is pure
+    cost. The cut never enters an image or audio span: a media block after the last label is
+    kept whole, because its placeholders must match the pixel values / audio frames."""
+    labels = np.asarray(sample["labels"])
+    types = np.asarray(sample["mm_token_type_ids"])
+    keep = np.flatnonzero((labels != IGNORE) | (types != 0))
+    return int(keep[-1]) + 1 if len(keep) else len(labels)
+
+
+def collate(samples: list[dict], pad_id: int, trim_tail: bool = False) -> dict:
+    """Pad to the longest row; a 2-D attention mask lets the model build its own masks.
+
+    `trim_tail`: drop each sample's tokens after `useful_length` (the loss is unchanged)."""
+    keep = [useful_length(s) if trim_tail else len(s["input_ids"]) for s in samples]
+    n = max(keep)
     b = len(samples)
     ids = torch.full((b, n), pad_id, dtype=torch.long)
     labels = torch.full((b, n), IGNORE, dtype=torch.long)
     types = torch.zeros((b, n), dtype=torch.long)
     attn = torch.zeros((b, n), dtype=torch.long)
-    for i, s in enumerate(samples):
-        k = len(s["input_ids"])
-        ids[i, :k] = torch.as_tensor(s["input_ids"])
-        labels[i, :k] = torch.as_tensor(s["labels"])
-        types[i, :k] = torch.as_tensor(s["mm_token_type_ids"])
+    for i, (s, k) in enumerate(zip(samples, keep)):
+        ids[i, :k] = torch.as_tensor(s["input_ids"][:k])
+        labels[i, :k] = torch.as_tensor(s["labels"][:k])
+        types[i, :k] = torch.as_tensor(s["mm_token_type_ids"][:k])
         attn[i, :k] = 1
     return {"input_ids": ids, "labels": labels, "mm_token_type_ids": types, "attention_mask": attn,
             **_media(samples)}
@@ -132,9 +147,11 @@ def packed_mask(segments: torch.Tensor, types: torch.Tensor, sliding_window: int
 
 
 def collate_packed(rows: list[list[dict]], pad_id: int, sliding_window: int | None,
-                   layer_types: list[str]) -> dict:
+                   layer_types: list[str], trim_tail: bool = False) -> dict:
     """Several samples per row, position ids restarting per sample, masks as a dict."""
-    n = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    size = useful_length if trim_tail else (lambda s: len(s["input_ids"]))
+    keep = [[size(s) for s in row] for row in rows]
+    n = max(sum(row) for row in keep)
     b = len(rows)
     ids = torch.full((b, n), pad_id, dtype=torch.long)
     labels = torch.full((b, n), IGNORE, dtype=torch.long)
@@ -143,11 +160,10 @@ def collate_packed(rows: list[list[dict]], pad_id: int, sliding_window: int | No
     seg = torch.full((b, n), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
-        for j, s in enumerate(row):
-            k = len(s["input_ids"])
-            ids[r, at:at + k] = torch.as_tensor(s["input_ids"])
-            labels[r, at:at + k] = torch.as_tensor(s["labels"])
-            types[r, at:at + k] = torch.as_tensor(s["mm_token_type_ids"])
+        for j, (s, k) in enumerate(zip(row, keep[r])):
+            ids[r, at:at + k] = torch.as_tensor(s["input_ids"][:k])
+            labels[r, at:at + k] = torch.as_tensor(s["labels"][:k])
+            types[r, at:at + k] = torch.as_tensor(s["mm_token_type_ids"][:k])
             pos[r, at:at + k] = torch.arange(k)
             seg[r, at:at + k] = j
             at += k

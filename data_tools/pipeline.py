@@ -570,13 +570,15 @@ class StreamingSamples:
                  f"{total.rejected} rejected {dict(total.rejected_by_reason) or ''}")
 
     def micro_batches(self, batch_size: int, pad_id: int, *, rank: int = 0, world: int = 1,
-                      start: int = 0, group_by_length: bool = True, window: int = 32) -> Iterator[dict]:
+                      start: int = 0, group_by_length: bool = True, window: int = 32,
+                      trim_tail: bool = False) -> Iterator[dict]:
         """Collated micro-batches for this rank, epoch after epoch, forever.
 
         Global batches hold batch_size × world samples and rank r takes slice r. With
         `group_by_length`, each run of `window` global batches is sorted by length before it is
         cut (less padding, order still random), like the cached path. `start` skips that many
         micro-batches (resume from a saved position: the skipped samples are rendered again).
+        `trim_tail`: as in `collate`.
         Only rank 0 counts records and writes rejects.
         """
         from data_tools.collate import collate, length_grouped_batches, random_batches
@@ -595,7 +597,7 @@ class StreamingSamples:
                     made += 1
                     if position >= start:
                         yield collate([buf[j] for j in b[rank * batch_size:(rank + 1) * batch_size]],
-                                      pad_id)
+                                      pad_id, trim_tail)
                     position += 1
             if not made:
                 raise UserError("train.batch_size", "the streamed dataset is smaller than one global "

@@ -227,6 +227,54 @@ def test_packed_loss_equals_unpacked(model, samples, labels):
         assert abs(float(loss_sum(model, leaky, chunked=True)) - sum_alone) / n_alone > 1e-3
 
 
+# ---------------------------------------------------------------- trimmed tails
+
+
+def _labels_only_before_media(sample: dict) -> dict:
+    """The image sample with its answer unlabelled and one label before the image: the
+    image block then lies after the last label (like an unanswered trailing user turn)."""
+    import numpy as np
+
+    types = np.asarray(sample["mm_token_type_ids"])
+    first_media = int(np.flatnonzero(types != 0)[0])
+    labels = [IGNORE] * len(sample["labels"])
+    labels[first_media - 1] = int(sample["input_ids"][first_media - 1])
+    return dict(sample, labels=labels)
+
+
+def test_trimmed_tails_leave_loss_and_gradients_unchanged(model, samples):
+    """collate(trim_tail=True) drops the tokens after each sample's last label (the newline
+    after `<turn|>`), except a media block, which stays whole."""
+    import numpy as np
+
+    from data_tools.collate import useful_length
+
+    picked = [samples[m][0] for m in ("image", "audio", "text", "mixed")]
+    for s in picked:  # the rendered chat template leaves exactly one token after `<turn|>`
+        assert useful_length(s) == len(s["input_ids"]) - 1
+    late = _labels_only_before_media(samples["image"][1])
+    types = np.asarray(late["mm_token_type_ids"])
+    last_media = int(np.flatnonzero(types != 0)[-1])
+    assert useful_length(late) == last_media + 1  # the whole image, nothing after it
+
+    for batch_samples in (picked, [late, samples["audio"][1]]):
+        full, trimmed = (fp32(collate(batch_samples, 0, trim_tail=trim)) for trim in (False, True))
+        assert trimmed["input_ids"].shape[1] < full["input_ids"].shape[1]
+        assert torch.equal(trimmed["pixel_values"], full["pixel_values"])
+        loss_full, g_full = loss_and_grads(model, full, chunked=True)
+        loss_trim, g_trim = loss_and_grads(model, trimmed, chunked=True)
+        assert abs(loss_full - loss_trim) <= 1e-5
+        assert max_grad_diff(g_full, g_trim) <= 1e-5
+
+    cfg = model.get_base_model().config.get_text_config()
+    rows = [[samples["image"][0], samples["audio"][0]], [samples["text"][0], late]]
+    packed = [fp32(collate_packed(rows, 0, cfg.sliding_window, cfg.layer_types, trim_tail=trim))
+              for trim in (False, True)]
+    assert packed[1]["input_ids"].shape[1] < packed[0]["input_ids"].shape[1]
+    losses = [loss_and_grads(model, b, chunked=True)[0] for b in packed]
+    assert abs(losses[0] - losses[1]) <= 1e-5
+
+
 # ---------------------------------------------------------------- KV sharing
 
 
