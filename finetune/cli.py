@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     sp.add_argument("--base")
     sp.add_argument("--allow-pickle", action="store_true")
+    sp.add_argument("--low-memory", action="store_true", default=None,
+                    help="merge tensor by tensor from the safetensors files (a few GiB of RAM for a 12B); "
+                         "chosen by itself when the fp32 model would not fit")
     sp.set_defaults(func=_lazy("finetune.cli_export", "cmd_merge"))
 
     sp = sub.add_parser("combine", help="combine adapters (linear/cat/svd/ties/dare…)")
@@ -188,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base")
     sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     sp.add_argument("--allow-pickle", action="store_true")
+    sp.add_argument("--low-memory", action="store_true", default=None, help="--format merged: as in merge")
     sp.set_defaults(func=_lazy("finetune.cli_export", "cmd_export"))
 
     sp = recipe_verb("eval", _lazy("finetune.cli_eval", "cmd_eval"), "base vs adapter, item by item")

@@ -25,7 +25,7 @@ def cmd_merge(args) -> int:
     from finetune.merge import merge_adapter
 
     return _run(merge_adapter, args.adapter, args.out, base=args.base, dtype=args.dtype or "bf16",
-                allow_pickle=args.allow_pickle)
+                allow_pickle=args.allow_pickle, low_memory=getattr(args, "low_memory", None))
 
 
 def cmd_combine(args) -> int:
@@ -45,11 +45,14 @@ def cmd_export(args) -> int:
                         "Drop it; merged folders carry every update already" if fmt == "merged" else "Drop it")
     if args.base_gguf and fmt != "ollama":
         raise UserError("--base-gguf", f"applies to --format ollama, not {fmt}", "Drop it")
+    if getattr(args, "low_memory", None) and fmt != "merged":
+        raise UserError("--low-memory", f"applies to --format merged, not {fmt}", "Drop it")
     opts = {"base": args.base, "allow_pickle": args.allow_pickle}
     if fmt in ("vllm", "sglang"):
         opts["merge_projections"] = args.merge_projections  # --outtype does not apply: PEFT folders stay as trained
     elif fmt == "merged":
         opts["dtype"] = getattr(args, "dtype", None) or "bf16"
+        opts["low_memory"] = getattr(args, "low_memory", None)
     else:
         opts["outtype"] = args.outtype or "f16"
         if fmt == "ollama":

@@ -129,6 +129,80 @@ def test_merge_parity(base, adapters, tmp_path, name, dtype):
         "fp32": "float32", "bf16": "bfloat16"}[dtype]
 
 
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("name,dtype", [("media", "bf16"), ("rslora", "fp32")])
+def test_low_memory_merge_equals_the_full_merge(base, adapters, probe, tmp_path, monkeypatch, name, dtype):
+    """Tensor by tensor from the safetensors files, in several shards: the same tensors, bit for
+    bit, as the in-memory merge, the same config, and a folder transformers loads whose logits
+    match base+adapter like the full merge's."""
+    import finetune.merge as merge
+
+    full = merge.merge_adapter(adapters[name], tmp_path / "full", dtype=dtype, low_memory=False)
+    monkeypatch.setattr(merge, "SHARD_BYTES", 256 * 1024)  # the tiny base then needs several shards
+    report = merge.merge_adapter(adapters[name], tmp_path / "low", dtype=dtype, low_memory=True)
+    assert report["ok"] and report["mode"] == "low_memory" and report["shards"] > 2
+    assert report["checkpoint_keys"]["same"] and not report["mismatched_tensors"]
+    assert (tmp_path / "low" / "model.safetensors.index.json").is_file()
+
+    a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "low")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "low" / "config.json").read_text()) == \
+        json.loads((tmp_path / "full" / "config.json").read_text())
+    for f in ("chat_template.jinja", "tokenizer.json", "processor_config.json", "generation_config.json"):
+        assert (tmp_path / "low" / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
+
+    merged_logits = _logits(tmp_path / "low", None, probe)
+    ref = _logits(base, adapters[name], probe)
+    assert float((merged_logits - ref).abs().max()) == pytest.approx(full["max_abs_diff"], abs=1e-6)
+    if dtype == "fp32":
+        assert report["update_rounding_rel_error"] <= 1e-6
+
+
+def test_low_memory_merge_is_picked_by_itself_and_checks_what_it_wrote(base, adapters, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    import finetune.merge as merge
+    from finetune.adapters import ParityError
+
+    monkeypatch.setattr(merge, "_available_bytes", lambda: 1024)  # "the fp32 model does not fit"
+    assert merge.merge_adapter(adapters["full"], tmp_path / "auto")["mode"] == "low_memory"
+
+    save = safetensors.torch.save_file
+
+    def corrupting(tensors, path, metadata=None):  # one merged weight written wrong
+        key = next(k for k in tensors if k.endswith("q_proj.weight"))
+        save({**tensors, key: tensors[key] + 1}, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", corrupting)
+    with pytest.raises(ParityError, match="do not equal base"):
+        merge.merge_adapter(adapters["full"], tmp_path / "bad", low_memory=True)
+    report = json.loads((tmp_path / "bad" / "merge_report.json").read_text())
+    assert report["mismatched_tensors"] and report["mismatched_tensors"][0].endswith("q_proj.weight")
+
+
+def test_low_memory_merge_needs_local_safetensors(base, adapters, tmp_path):
+    import shutil
+
+    from finetune.merge import merge_adapter
+
+    weightless = tmp_path / "weightless"
+    shutil.copytree(base, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(UserError) as e:
+        merge_adapter(adapters["full"], tmp_path / "out", base=str(weightless), low_memory=True)
+    assert e.value.where == str(weightless) and "local folder" in e.value.what
+    assert not (tmp_path / "out").exists()
+
+
 # --- gguf ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,outtype", [("full", "f32"), ("rslora", "f32"), ("attention", "bf16"),

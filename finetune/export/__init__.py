@@ -11,16 +11,19 @@ FORMATS = ("vllm", "sglang", "gguf", "ollama", "merged")
 
 
 def export_merged(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", base: str | None = None,
-                  allow_pickle: bool = False) -> dict:
+                  allow_pickle: bool = False, low_memory: bool | None = None) -> dict:
     """The merged HF folder of `finetune merge`, with its report also as export_report.json."""
     from finetune.adapters import write_report
     from finetune.merge import merge_adapter
 
-    report = {"format": "merged", **merge_adapter(adapter, out, base=base, dtype=dtype, allow_pickle=allow_pickle)}
+    report = {"format": "merged", **merge_adapter(adapter, out, base=base, dtype=dtype, allow_pickle=allow_pickle,
+                                                  low_memory=low_memory)}
     report["checks"] = [
         "merged on full-precision weights (never 4-bit), saved with the checkpoint's key names",
-        "reloaded folder == in-memory merge rounded to the dtype (reload_diff)",
-        "merge == base+adapter on a text/image/audio probe (merge_diff); max_abs_diff includes dtype rounding",
+        *(["every written tensor == (base + update in fp32) rounded once to the dtype; others == base"]
+          if report.get("mode") == "low_memory" else [
+            "reloaded folder == in-memory merge rounded to the dtype (reload_diff)",
+            "merge == base+adapter on a text/image/audio probe (merge_diff); max_abs_diff includes dtype rounding"]),
     ]
     write_report(Path(out), "export_report.json", report)
     return report
