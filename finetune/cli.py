@@ -107,6 +107,15 @@ def cmd_data_preview(args) -> int:
     return 0
 
 
+class _InOrder(argparse._AppendAction):
+    """`append`, and also records which flag came when (`media_order`): with no `{image}` /
+    `{audio}` markers, `--audio a.wav --image b.png` puts the clip before the picture."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.media_order = [*getattr(namespace, "media_order", []), self.dest]
+
+
 def _lazy(module: str, name: str):
     def run(args):
         import importlib
@@ -204,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("prompt")
     sp.add_argument("--adapter")
     sp.add_argument("--base")
-    sp.add_argument("--image", action="append", default=[])
-    sp.add_argument("--audio", action="append", default=[])
+    sp.add_argument("--image", action=_InOrder, default=[])
+    sp.add_argument("--audio", action=_InOrder, default=[])
     sp.add_argument("--max-new-tokens", type=int, default=64)
-    sp.set_defaults(func=_lazy("finetune.cli_eval", "cmd_generate"))
+    sp.set_defaults(func=_lazy("finetune.cli_eval", "cmd_generate"), media_order=[])
 
     sp = sub.add_parser("chat", help="interactive chat with /image, /audio, /reset")
     sp.add_argument("--adapter")

@@ -267,15 +267,17 @@ def _media(kind: str, path: str):
 _MARKER = re.compile(r"\{(image|audio)\}")
 
 
-def user_parts(prompt: str, n_images: int, n_audios: int) -> list[Part]:
-    """Media go where `{image}`/`{audio}` markers put them, else before the prompt, in order."""
+def user_parts(prompt: str, n_images: int, n_audios: int, order: list[str] | None = None) -> list[Part]:
+    """Media go where `{image}`/`{audio}` markers put them, else before the prompt in `order`
+    (the kinds in command-line order; default: images, then audio)."""
     counts = {"image": n_images, "audio": n_audios}
     marked = {k: prompt.count("{" + k + "}") for k in counts}
     for k, n in marked.items():
         if n and n != counts[k]:
             raise UserError("prompt", f"{n} {{{k}}} marker(s) but {counts[k]} --{k} file(s)",
                             f"Give one --{k} per {{{k}}} marker, or drop the markers")
-    parts = [Part(k) for k in ("image", "audio") for _ in range(counts[k]) if not marked[k]]
+    order = order or ["image"] * n_images + ["audio"] * n_audios
+    parts = [Part(k) for k in order if not marked[k]]
     for i, piece in enumerate(_MARKER.split(prompt)):
         if i % 2:
             parts.append(Part(piece))
@@ -291,7 +293,8 @@ def cmd_generate(args) -> int:
 
     images = [_media("image", p) for p in args.image]  # bad paths fail before the model loads
     audios = [_media("audio", p) for p in args.audio]
-    conv = Conversation([Message("user", user_parts(args.prompt, len(images), len(audios)))])
+    conv = Conversation([Message("user", user_parts(args.prompt, len(images), len(audios),
+                                                    getattr(args, "media_order", None)))])
     model, processor, image_tokens = _inference_model(args.adapter, args.base)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     generate(model, processor, conv, images, audios, max_new_tokens=args.max_new_tokens,

@@ -95,6 +95,21 @@ def test_user_parts_place_media_by_marker_or_first():
     assert [p.type for p in user_parts("see {image}", 1, 1)] == ["audio", "text", "image"]
 
 
+def test_generate_keeps_the_command_line_order_of_unmarked_media():
+    from finetune.cli import build_parser
+    from finetune.cli_eval import user_parts
+
+    args = build_parser().parse_args(["generate", "--audio", "a.wav", "--image", "b.png", "--audio", "c.wav",
+                                      "Which came first?"])
+    assert args.audio == ["a.wav", "c.wav"] and args.image == ["b.png"]
+    assert args.media_order == ["audio", "image", "audio"]
+    parts = user_parts(args.prompt, len(args.image), len(args.audio), args.media_order)
+    assert [p.type for p in parts] == ["audio", "image", "audio", "text"]
+    # Marked kinds still go to their markers; the rest keep their order in front.
+    parts = user_parts("Hear {audio} then {audio}.", 1, 2, args.media_order)
+    assert [p.type for p in parts if p.type != "text"] == ["image", "audio", "audio"]
+
+
 def test_winner_follows_metric_direction():
     from finetune.cli_eval import _winner
 
