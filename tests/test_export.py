@@ -117,6 +117,7 @@ def test_merge_parity(base, adapters, tmp_path, name, dtype):
     report = merge_adapter(adapters[name], tmp_path / "merged", dtype=dtype)
     assert report["ok"] and report["merge_diff"] <= 1e-4 and report["reload_diff"] <= 1e-4
     assert report["checkpoint_keys"]["same"] and report["tied_embeddings"]
+    assert report["tensors"] == 67 and not report["mismatched_tensors"]  # every tensor read back
     assert report["lora_effect"] > 1e-3  # the probe sees the adapter at all
     if dtype == "fp32":
         assert report["max_abs_diff"] <= 1e-4
