@@ -207,11 +207,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     adapter = Path(adapter)
     config, state, base, family, cfg = open_adapter(adapter, base=base, allow_pickle=allow_pickle)
     if low_memory is None:
-        need, have = full_merge_bytes(base), _available_bytes()
-        low_memory = need is not None and need > have
-        if low_memory:
-            print(f"merge: the fp32 merge needs about {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB is "
-                  "available: merging tensor by tensor (--low-memory)")
+        low_memory = _does_not_fit(base)
     if low_memory:
         return merge_streaming(adapter, out, base=base, dtype=dtype, allow_pickle=allow_pickle)
     out = prepare_out(out, adapter, base)
@@ -297,6 +293,16 @@ def _runtime_names(family, cfg, keys: list[str]) -> dict[str, str]:
     return out
 
 
+def _does_not_fit(base: str) -> bool:
+    """Whether the in-memory fp32 merge of `base` needs more memory than is available now."""
+    need, have = full_merge_bytes(base), _available_bytes()
+    if need is None or need <= have:
+        return False
+    print(f"merge: the fp32 merge needs about {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB is available: "
+          "merging tensor by tensor (--low-memory)")
+    return True
+
+
 def _available_bytes() -> int:
     import psutil
 
@@ -364,7 +370,7 @@ def check_tensors(out: Path, keys: dict[str, Path], want: dict[str, str], config
 
 
 def merge_streaming(adapter: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "bf16",
-                    allow_pickle: bool = False) -> dict:
+                    allow_pickle: bool = False, modules: list[str] | None = None) -> dict:
     """`finetune merge --low-memory`: W + B·A·scale computed in fp32 one tensor at a time, straight
     from the base's safetensors files into shards of at most SHARD_BYTES, so a 12B merges in a
     few GiB of RAM instead of ~50.
@@ -373,7 +379,7 @@ def merge_streaming(adapter: str | Path, out: str | Path, *, base: str | None = 
     (base + update) in fp32 rounded once to `dtype`, every other tensor equals the base's,
     the key names equal the base's; the report also says how much of each update survives
     the rounding. (The logits proof of the in-memory merge needs the whole model; tests hold
-    the two paths equal on the tiny base.)"""
+    the two paths equal on the tiny base.) `modules`: merge only these LoRA modules."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoProcessor
@@ -388,6 +394,8 @@ def merge_streaming(adapter: str | Path, out: str | Path, *, base: str | None = 
                         "merge writes LoRA updates only", "Merge without --low-memory")
     out = prepare_out(out, adapter, base)
     pairs = lora_pairs(state)
+    if modules is not None:
+        pairs = {m: pairs[m] for m in modules}
     target = DTYPES[dtype]
 
     keys, want = _file_targets(adapter, files, family, cfg, pairs)
@@ -459,9 +467,13 @@ def merge_modules(adapter: Path, modules: list[str], text_adapter: Path, out: Pa
     prove that it plus `text_adapter` (the rest of the LoRA) reproduces base + `adapter`."""
     from peft import PeftModel
 
+    family, cfg = family_config(base)
+    dtype = cfg.dtype if isinstance(cfg.dtype, torch.dtype) else getattr(torch, str(cfg.dtype or "float32"))
+    if _does_not_fit(base):  # per-tensor proof only: the logits proof needs the whole model twice
+        name = {v: k for k, v in DTYPES.items()}[dtype]
+        return merge_streaming(adapter, out, base=base, dtype=name, allow_pickle=allow_pickle, modules=modules)
     config, state = read_adapter(adapter, allow_pickle=allow_pickle)
     pairs = lora_pairs(state)
-    family, cfg = family_config(base)
     _, batch = probe_batch(base)
     peft_model = PeftModel.from_pretrained(load_base(base, family), str(adapter)).eval()
     ref = logits(peft_model, batch)
@@ -473,7 +485,6 @@ def merge_modules(adapter: Path, modules: list[str], text_adapter: Path, out: Pa
         for m in modules:
             weight = model.get_submodule(m).weight
             weight += delta(config, m, *pairs[m]).to(weight.dtype)
-    dtype = cfg.dtype if isinstance(cfg.dtype, torch.dtype) else getattr(torch, str(cfg.dtype or "float32"))
     report = {"base": base, "out": str(out), "dtype": str(dtype).removeprefix("torch."), "merged_modules": modules,
               "lora_effect": _max_diff(ref, plain)}
     report.update(save_checked(model, out, dtype, base, batch, ref, family, lora_effect=report["lora_effect"],

@@ -274,6 +274,22 @@ def test_vllm_projection_lora_needs_flag_then_merges(base, adapters, tmp_path):
     assert not any("embed_vision" in k or "embed_audio" in k for k in state)
 
 
+def test_vllm_projection_merge_in_low_memory(base, adapters, probe, tmp_path, monkeypatch):
+    """When the fp32 base would not fit, the projections merge tensor by tensor; the served
+    base + exported adapter still reproduce base + source adapter."""
+    import finetune.merge as merge
+    from finetune.export.vllm import export_vllm
+
+    monkeypatch.setattr(merge, "_available_bytes", lambda: 1024)
+    report = export_vllm(adapters["media"], tmp_path / "v", merge_projections=True)
+    merged = report["merge_projections"]
+    assert merged["mode"] == "low_memory" and merged["ok"] and not merged["mismatched_tensors"]
+    assert merged["lora_modules"] == 3  # patch_dense, the vision and the audio projection; no text module
+    served = _logits(tmp_path / "v" / "base", tmp_path / "v", probe)
+    ref = _logits(base, adapters["media"], probe)
+    assert float((served - ref).abs().max()) <= 1e-4
+
+
 def test_max_lora_rank_choice():
     from finetune.export.vllm import max_lora_rank
 
