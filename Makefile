@@ -31,6 +31,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/cpu_throughput.py
+	$(BIN)/python benchmarks/merge_memory.py
 
 clean:
 	rm -rf runs .pytest_cache

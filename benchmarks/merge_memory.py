@@ -5,7 +5,7 @@
 A gemma4_unified base larger than the tiny one (hidden, layers and MLP width scaled; random
 weights, saved in bf16 like the released checkpoints) and a LoRA r=16 on attention + MLP
 are written to a temporary folder. Each merge then runs in its own process, and the
-process's peak resident memory (ru_maxrss) is recorded, next to a bare process that only
+process's peak resident memory (VmHWM) is recorded, next to a bare process that only
 imports what a merge imports. Both merges must produce the same tensors, bit for bit.
 
 The in-memory merge grows with the model (about 2× its fp32 size); the low-memory merge is
@@ -66,8 +66,26 @@ def write_adapter(base: Path, out: Path) -> None:
 
 
 CHILD = """
-import resource, sys, json, time
+import sys, json, threading, time
 sys.path.insert(0, {root!r})
+
+
+def status(field):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(field + ":")) * 1024 / 2**30
+
+
+# Anonymous memory, sampled: what the merge itself holds. The resident peak (VmHWM) also counts
+# pages of the mmapped safetensors files, which the kernel can drop at any time.
+peak_anon = [0.0]
+
+
+def sample():
+    while True:
+        peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+        time.sleep(0.002)
+
+
+threading.Thread(target=sample, daemon=True).start()
 import finetune.merge as merge
 # What either merge imports, so "imports" is the floor both start from.
 import peft, PIL.Image, safetensors.torch, transformers
@@ -76,8 +94,9 @@ merge.SHARD_BYTES = {shard}
 t = time.time()
 if {mode!r} != "imports":
     merge.merge_adapter({adapter!r}, {out!r}, dtype="bf16", low_memory={mode!r} == "low")
-print(json.dumps({{"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
-                  "seconds": time.time() - t}}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent that forked us.
+peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+print(json.dumps({{"peak_anon_gib": peak_anon[0], "peak_rss_gib": status("VmHWM"), "seconds": time.time() - t}}))
 """
 
 
@@ -125,28 +144,32 @@ def main(argv: list[str] | None = None) -> int:
         low = run_child("low", tmp / "adapter", tmp / "low", shard)
         identical = same_tensors(tmp / "full", tmp / "low")
         for name, r in (("imports only", imports), ("in-memory merge", full), ("--low-memory", low)):
-            print(f"{name:16s} peak RSS {r['peak_rss_gib']:.2f} GiB  ({r['seconds']:.0f} s)")
+            print(f"{name:16s} peak anonymous {r['peak_anon_gib']:.2f} GiB, resident incl. mmapped files "
+                  f"{r['peak_rss_gib']:.2f} GiB  ({r['seconds']:.0f} s)")
         print(f"same tensors: {identical}")
 
     fp32 = params * 4 / GIB
-    grow_full = (full["peak_rss_gib"] - imports["peak_rss_gib"]) / fp32  # GiB per fp32 GiB
-    low_over = low["peak_rss_gib"] - imports["peak_rss_gib"]
+    grow_full = (full["peak_anon_gib"] - imports["peak_anon_gib"]) / fp32  # GiB per fp32 GiB
+    low_over = low["peak_anon_gib"] - imports["peak_anon_gib"]
     result = {
         "params": params,
         "fp32_gib": round(fp32, 3),
-        "peak_rss_gib": {"imports_only": round(imports["peak_rss_gib"], 3),
-                         "full": round(full["peak_rss_gib"], 3), "low_memory": round(low["peak_rss_gib"], 3)},
+        "peak_anon_gib": {k: round(r["peak_anon_gib"], 3) for k, r in
+                          (("imports_only", imports), ("full", full), ("low_memory", low))},
+        "peak_rss_gib": {k: round(r["peak_rss_gib"], 3) for k, r in
+                         (("imports_only", imports), ("full", full), ("low_memory", low))},
         "seconds": {"full": round(full["seconds"], 1), "low_memory": round(low["seconds"], 1)},
-        "ratio_full_over_low": round(full["peak_rss_gib"] / low["peak_rss_gib"], 2),
+        "ratio_full_over_low": round(full["peak_anon_gib"] / low["peak_anon_gib"], 2),
         "identical_tensors": identical,
         "shard_mib": args.shard_mib,
         # The full merge's growth per fp32 GiB applied to the 12B; the low-memory bound is the
         # default 2 GiB output shard + the largest merged tensor in fp32 (+ its bf16 source).
         "12b_estimate_gib": {
-            "full": round(imports["peak_rss_gib"] + grow_full * PARAMS_12B * 4 / GIB, 1),
-            "low_memory_bound": round(imports["peak_rss_gib"] + 2 + LARGEST_MERGED_12B * 6 / GIB, 1),
+            "full": round(imports["peak_anon_gib"] + grow_full * PARAMS_12B * 4 / GIB, 1),
+            "low_memory_bound": round(imports["peak_anon_gib"] + 2 + LARGEST_MERGED_12B * 6 / GIB, 1),
         },
-        "unit": "peak resident set size of the merging process, GiB",
+        "unit": "GiB; peak_anon: anonymous memory of the merging process (sampled every 2 ms), "
+                "peak_rss: its resident peak including mmapped safetensors pages",
         "settings": {"hidden": args.hidden, "layers": args.layers, "lora": "r=16 attention+mlp",
                      "dtype": "bf16"},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -155,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     result["low_memory_over_imports_gib"] = round(low_over, 3)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"in-memory {result['peak_rss_gib']['full']} GiB vs low-memory {result['peak_rss_gib']['low_memory']} GiB "
+    print(f"in-memory {result['peak_anon_gib']['full']} GiB vs low-memory {result['peak_anon_gib']['low_memory']} GiB "
           f"({result['ratio_full_over_low']}x); 12B estimate: {result['12b_estimate_gib']}")
     return 0 if identical else 1
 
