@@ -106,6 +106,16 @@ def _set_dtype(config, dtype: torch.dtype) -> None:
             sub.dtype = dtype
 
 
+def _refuse_quantized(base: str, cfg) -> None:
+    """A pre-quantized checkpoint (4-bit, 8-bit, fp8…) has no full-precision weights to merge
+    into; merging into quantized weights would re-round them and lose the update."""
+    quant = getattr(cfg, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise UserError(base, f"is a pre-quantized checkpoint ({method}); a merge needs the full-precision "
+                        "weights", "Pass --base with the original bf16 model the adapter was trained from")
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
@@ -206,6 +216,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
         raise UserError("--dtype", f"{dtype!r} is not a merge dtype", f"Use one of {', '.join(DTYPES)}")
     adapter = Path(adapter)
     config, state, base, family, cfg = open_adapter(adapter, base=base, allow_pickle=allow_pickle)
+    _refuse_quantized(base, cfg)
     if low_memory is None:
         low_memory = _does_not_fit(base)
     if low_memory:
@@ -388,6 +399,7 @@ def merge_streaming(adapter: str | Path, out: str | Path, *, base: str | None = 
         raise UserError("--dtype", f"{dtype!r} is not a merge dtype", f"Use one of {', '.join(DTYPES)}")
     adapter = Path(adapter)
     config, state, base, family, cfg = open_adapter(adapter, base=base, allow_pickle=allow_pickle)
+    _refuse_quantized(base, cfg)
     files = _weight_files(base)
     if config.get("modules_to_save"):
         raise UserError(str(adapter), f"has modules_to_save ({config['modules_to_save']}); the low-memory "
@@ -468,6 +480,7 @@ def merge_modules(adapter: Path, modules: list[str], text_adapter: Path, out: Pa
     from peft import PeftModel
 
     family, cfg = family_config(base)
+    _refuse_quantized(base, cfg)
     dtype = cfg.dtype if isinstance(cfg.dtype, torch.dtype) else getattr(torch, str(cfg.dtype or "float32"))
     if _does_not_fit(base):  # per-tensor proof only: the logits proof needs the whole model twice
         name = {v: k for k, v in DTYPES.items()}[dtype]

@@ -191,6 +191,23 @@ def test_low_memory_merge_is_picked_by_itself_and_checks_what_it_wrote(base, ada
     assert report["mismatched_tensors"] and report["mismatched_tensors"][0].endswith("q_proj.weight")
 
 
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_merge_refuses_a_pre_quantized_base(base, adapters, tmp_path, low_memory):
+    import shutil
+
+    from finetune.merge import merge_adapter
+
+    quantized = tmp_path / "nf4-base"
+    shutil.copytree(base, quantized)
+    cfg = json.loads((quantized / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (quantized / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as e:
+        merge_adapter(adapters["full"], tmp_path / "out", base=str(quantized), low_memory=low_memory)
+    assert e.value.where == str(quantized) and "pre-quantized" in e.value.what and "bitsandbytes" in e.value.what
+    assert not (tmp_path / "out").exists()
+
+
 def test_low_memory_merge_needs_local_safetensors(base, adapters, tmp_path):
     import shutil
 
