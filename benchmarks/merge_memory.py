@@ -163,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         "identical_tensors": identical,
         "shard_mib": args.shard_mib,
         # The full merge's growth per fp32 GiB applied to the 12B; the low-memory bound is the
-        # default 2 GiB output shard + the largest merged tensor in fp32 (+ its bf16 source).
+        # default 2 GiB output shard (or the 2 GiB bf16 embedding alone) + the largest merged
+        # tensor as bf16 source, fp32 copy, fp32 update and bf16 result (12 bytes an element).
         "12b_estimate_gib": {
             "full": round(imports["peak_anon_gib"] + grow_full * PARAMS_12B * 4 / GIB, 1),
-            "low_memory_bound": round(imports["peak_anon_gib"] + 2 + LARGEST_MERGED_12B * 6 / GIB, 1),
+            "low_memory_bound": round(imports["peak_anon_gib"] + 2 + LARGEST_MERGED_12B * 12 / GIB, 1),
         },
         "unit": "GiB; peak_anon: anonymous memory of the merging process (sampled every 2 ms), "
                 "peak_rss: its resident peak including mmapped safetensors pages",
