@@ -468,3 +468,16 @@ def test_cli_export_maps_options(adapters, tmp_path):
     args.merge_projections = False
     assert cmd_export(args) == 0
     assert json.loads((tmp_path / "g" / "export_report.json").read_text())["outtype"] == "f16"
+
+
+def test_cli_low_memory_flag(adapters, tmp_path, capsys):
+    from finetune.cli import main
+
+    assert main(["merge", str(adapters["full"]), str(tmp_path / "m"), "--low-memory"]) == 0
+    assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["mode"] == "low_memory"
+    assert main(["export", "--format", "merged", str(adapters["full"]), str(tmp_path / "e"), "--low-memory"]) == 0
+    assert json.loads((tmp_path / "e" / "export_report.json").read_text())["mode"] == "low_memory"
+    capsys.readouterr()
+    assert main(["export", "--format", "gguf", str(adapters["full"]), str(tmp_path / "g"), "--low-memory"]) == 2
+    assert "--low-memory: applies to --format merged, not gguf" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
