@@ -163,19 +163,26 @@ def save_checked(model, out: Path, dtype: torch.dtype, base: str, batch: dict, r
     return report
 
 
-def _checkpoint_keys(folder: str | Path) -> set[str] | None:
-    """Tensor names a checkpoint folder stores, from the safetensors headers (None: not local)."""
+def _tensor_files(folder: str | Path) -> dict[str, Path] | None:
+    """{tensor name: the safetensors file holding it} of a checkpoint folder, from its index or
+    its single file's header (None: not a local safetensors folder)."""
     from safetensors import safe_open
 
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return set(json.loads(index.read_text())["weight_map"])
+        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
     single = folder / "model.safetensors"
     if single.is_file():
         with safe_open(single, "pt") as f:
-            return set(f.keys())
+            return dict.fromkeys(f.keys(), single)
     return None
+
+
+def _checkpoint_keys(folder: str | Path) -> set[str] | None:
+    """Tensor names a checkpoint folder stores (None: not local)."""
+    files = _tensor_files(folder)
+    return None if files is None else set(files)
 
 
 def _compare_keys(base: str, out: Path) -> dict:
@@ -224,6 +231,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     out = prepare_out(out, adapter, base)
     _, batch = probe_batch(base)
 
+    pairs = lora_pairs(state)
     peft_model = PeftModel.from_pretrained(load_base(base, family), str(adapter)).eval()
     ref = logits(peft_model, batch)
     with peft_model.disable_adapter():
@@ -232,17 +240,18 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     del peft_model
     report = {"adapter": str(adapter), "base": base, "out": str(out), "dtype": dtype,
               "probe_tokens": int(batch["input_ids"].shape[1]), "probe_parts": ["text", "image", "audio"],
-              "lora_modules": len(lora_pairs(state)), "lora_effect": _max_diff(ref, plain)}
+              "lora_modules": len(pairs), "lora_effect": _max_diff(ref, plain)}
     report.update(save_checked(merged, out, DTYPES[dtype], base, batch, ref, family,
                                lora_effect=report["lora_effect"]))
     report["checkpoint_keys"] = _compare_keys(base, out)
     report["ok"] = report["ok"] and report["checkpoint_keys"].get("same", True)
     try:  # the per-tensor proof needs the base's safetensors files (not a hub id, not .bin)
-        keys, want = _file_targets(adapter, _weight_files(base), family, cfg, lora_pairs(state))
+        keys = _weight_files(base)
+        want = _file_targets(adapter, keys, family, cfg, pairs)
     except UserError as e:
         report["tensor_check"] = f"skipped: {e.what}"
     else:
-        report.update(check_tensors(out, keys, want, config, lora_pairs(state), DTYPES[dtype]))
+        report.update(check_tensors(out, keys, want, config, pairs, DTYPES[dtype]))
         report["ok"] = report["ok"] and not report["mismatched_tensors"]
     return _finish(report, out, "merge_report.json", "merge")
 
@@ -253,17 +262,14 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
 SHARD_BYTES = 2 * 2**30  # output shard size: with one fp32 tensor, the streaming merge's peak memory
 
 
-def _weight_files(base: str) -> list[Path]:
-    """The base's safetensors files, or a UserError: streaming needs them on local disk."""
-    folder = Path(base)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    raise UserError(base, "the low-memory merge reads the base's safetensors files from a local folder, and "
-                    "this base has none", "Download the base first (`hf download ID --local-dir DIR`) and pass "
-                    "--base DIR, or merge without --low-memory")
+def _weight_files(base: str) -> dict[str, Path]:
+    """{tensor name: file} of the base, or a UserError: merging from files needs them on local disk."""
+    files = _tensor_files(base)
+    if files is None:
+        raise UserError(base, "the low-memory merge reads the base's safetensors files from a local folder, and "
+                        "this base has none", "Download the base first (`hf download ID --local-dir DIR`) and "
+                        "pass --base DIR, or merge without --low-memory")
+    return files
 
 
 def full_merge_bytes(base: str) -> int | None:
@@ -276,7 +282,7 @@ def full_merge_bytes(base: str) -> int | None:
     except UserError:
         return None
     n = 0
-    for f in files:
+    for f in dict.fromkeys(files.values()):
         with safe_open(f, "pt") as st:
             for k in st.keys():
                 n += math.prod(st.get_slice(k).get_shape())
@@ -320,24 +326,18 @@ def _available_bytes() -> int:
     return psutil.virtual_memory().available
 
 
-def _file_targets(adapter: Path, files: list[Path], family, cfg, pairs: dict) -> tuple[dict, dict]:
-    """({checkpoint key: its file}, {checkpoint key: LoRA module merged into it}).
+def _file_targets(adapter: Path, keys: dict[str, Path], family, cfg, pairs: dict) -> dict[str, str]:
+    """{checkpoint key: LoRA module merged into it}, for the base's `keys` ({name: file}).
 
     LoRA tensors name runtime modules; the files may use older names (transformers renames on
     load, e.g. Gemma 4's embed_vision.embedding_projection), so targets are keyed by file name."""
-    from safetensors import safe_open
-
-    keys: dict[str, Path] = {}
-    for f in files:
-        with safe_open(f, "pt") as st:
-            keys.update(dict.fromkeys(st.keys(), f))
     by_runtime = {r: k for k, r in _runtime_names(family, cfg, list(keys)).items()}
     want = {f"{m}.weight": m for m in pairs}
     missing = sorted(set(want) - set(by_runtime))
     if missing:
         raise UserError(str(adapter), f"the base's checkpoint has no tensor for the LoRA module "
                         f"{want[missing[0]]} (a tied or fused weight)", "Merge without --low-memory")
-    return keys, {by_runtime[r]: m for r, m in want.items()}
+    return {by_runtime[r]: m for r, m in want.items()}
 
 
 def check_tensors(out: Path, keys: dict[str, Path], want: dict[str, str], config: dict, pairs: dict,
@@ -350,12 +350,10 @@ def check_tensors(out: Path, keys: dict[str, Path], want: dict[str, str], config
     module: a missed, doubled or mis-scaled update fails here."""
     from safetensors import safe_open
 
-    index = out / "model.safetensors.index.json"
-    written = ({k: out / f for k, f in json.loads(index.read_text())["weight_map"].items()} if index.is_file()
-               else dict.fromkeys(keys, out / "model.safetensors"))
+    written = _tensor_files(out) or {}
     eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
     worst_update, mismatched, base_file = 0.0, [], {}
-    for key, src in keys.items():
+    for key, src in sorted(keys.items(), key=lambda kv: str(kv[1])):  # file by file
         if src not in base_file:
             base_file.clear()  # one base file open at a time
             base_file[src] = safe_open(src, "pt")
@@ -400,7 +398,7 @@ def merge_streaming(adapter: str | Path, out: str | Path, *, base: str | None = 
     adapter = Path(adapter)
     config, state, base, family, cfg = open_adapter(adapter, base=base, allow_pickle=allow_pickle)
     _refuse_quantized(base, cfg)
-    files = _weight_files(base)
+    keys = _weight_files(base)
     if config.get("modules_to_save"):
         raise UserError(str(adapter), f"has modules_to_save ({config['modules_to_save']}); the low-memory "
                         "merge writes LoRA updates only", "Merge without --low-memory")
@@ -410,7 +408,7 @@ def merge_streaming(adapter: str | Path, out: str | Path, *, base: str | None = 
         pairs = {m: pairs[m] for m in modules}
     target = DTYPES[dtype]
 
-    keys, want = _file_targets(adapter, files, family, cfg, pairs)
+    want = _file_targets(adapter, keys, family, cfg, pairs)
 
     def merged(st, key: str) -> torch.Tensor:
         t = st.get_tensor(key)
@@ -430,7 +428,7 @@ def merge_streaming(adapter: str | Path, out: str | Path, *, base: str | None = 
             shards.append([])
         buf, size = {}, 0
 
-    for f in files:
+    for f in dict.fromkeys(keys.values()):
         with safe_open(f, "pt") as st:
             for key in st.keys():
                 t = merged(st, key)
