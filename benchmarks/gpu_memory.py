@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (keeps runs short)")
     ap.add_argument("--config", help="model folder or config.json instead of the recipe's base")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--offload-seq-lens", type=int, nargs="*", default=[],
+                    help="extra runs at these lengths with train.offload_activations=true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/gpu_memory.json"))
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -238,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
             "measured_gib": round(torch.cuda.memory_allocated() / GIB, 3),
             "predicted_gib": round(weights / GIB, 3)}
 
-    for seq in args.seq_lens:
-        r = load_recipe(args.recipe, common + [f"data.max_seq_len={seq}"])
+    runs = [(s, False) for s in args.seq_lens] + [(s, True) for s in args.offload_seq_lens]
+    for seq, offload in runs:
+        r = load_recipe(args.recipe, common + [f"data.max_seq_len={seq}",
+                                               f"train.offload_activations={str(offload).lower()}"])
         pred = memory.plan(r, device=args.device, budget_gib=16.0)
         micro = [sample(config, seq, args.device, dtype, seed=i) for i in range(args.grad_accum)]
-        run = {"seq_len": seq, "grad_accum": args.grad_accum, "steps": args.steps,
+        run = {"seq_len": seq, "offload_activations": offload, "grad_accum": args.grad_accum, "steps": args.steps,
                "image_tokens": IMAGE_TOKENS, "audio_tokens": int(AUDIO_SECONDS * memory.AUDIO_TOKENS_PER_S),
                "predicted": {k: pred[k] for k in ("peak_gib", "allocated_gib", "reserved_gib", "fits")}
                | {"breakdown": pred["breakdown"]}}

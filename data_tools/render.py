@@ -31,6 +31,17 @@ RESCALE = 1 / 255  # what the image processor multiplies uint8 pixels by; collat
 AUDIO_FRAME = 640  # samples per audio token at 16 kHz (the feature extractor's framing)
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """The chat-format tokens rendering needs beyond the template itself; each model family
+    supplies its own (`finetune.families`), so nothing here is specific to one model."""
+
+    turn_end: str          # ends every turn: generation stops there, labels run through it
+    model_turn: str        # opens an assistant turn in the rendered history
+    channel_open: str      # opens a thinking channel (never generated with thinking off)
+    channel_close: str     # closes it
+
+
 @dataclass
 class RenderSettings:
     max_seq_len: int = 2048

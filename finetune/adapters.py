@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from data_tools.locations import looks_like_hub_id
 from finetune.errors import UserError
-from finetune.families import Family, family_for
+from finetune.families import Family, family_config
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -137,29 +138,11 @@ def base_of(adapter_path: str | Path, config: dict, base_override: str | None = 
     if not base:
         raise UserError(str(adapter_path), "the adapter does not name its base model",
                         "Pass --base with the folder or hub id it was trained on")
-    if Path(base).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not base.startswith("."):
+    if Path(base).exists() or looks_like_hub_id(base):
         return base
     named = "--base" if base_override else f"{adapter_path}/{CONFIG_FILE} (base_model_name_or_path)"
     raise UserError(base, f"base model folder not found (named by {named})",
                     "Pass --base with the base model folder or hub id")
-
-
-def family_config(base: str, *, trust_remote_code: bool = False, where: str | None = None):
-    """(family, config) of a base model, or a UserError (at `where`, default the base) when its
-    config can't be read or finetune has no family for it."""
-    from transformers import AutoConfig
-
-    where = where or base
-    try:
-        cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(where, f"can't read the config of {base} ({str(e).splitlines()[0]})",
-                        "Point at a model folder that has config.json, or check that the hub is reachable") from None
-    family = family_for(cfg.model_type)
-    if family is None:
-        raise UserError(where, f"model_type {cfg.model_type!r} is not a model family finetune knows",
-                        "Use a gemma4_unified base")
-    return family, cfg
 
 
 def model_class(family: Family):

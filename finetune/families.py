@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from data_tools.render import ChatFormat
+from finetune.errors import UserError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -22,6 +25,8 @@ class Family:
     part_patterns: tuple[tuple[str, str], ...]
     # Runtime LoRA module name → llama.cpp tensor base name, e.g. blk.3.attn_q
     gguf_names: tuple[tuple[str, str], ...]
+    # The chat format's own tokens (turn end, model turn header, thinking channel)
+    chat: ChatFormat
 
     def part_of(self, name: str) -> str:
         for pattern, part in self.part_patterns:
@@ -61,6 +66,8 @@ GEMMA4_UNIFIED = Family(
         (r".*language_model\.layers\.(\d+)\.mlp\.up_proj", r"blk.\1.ffn_up"),
         (r".*language_model\.layers\.(\d+)\.mlp\.down_proj", r"blk.\1.ffn_down"),
     ),
+    chat=ChatFormat(turn_end="<turn|>", model_turn="<|turn>model\n", channel_open="<|channel>",
+                    channel_close="<channel|>"),
 )
 
 FAMILIES = {GEMMA4_UNIFIED.model_type: GEMMA4_UNIFIED}
@@ -68,3 +75,21 @@ FAMILIES = {GEMMA4_UNIFIED.model_type: GEMMA4_UNIFIED}
 
 def family_for(model_type: str) -> Family | None:
     return FAMILIES.get(model_type)
+
+
+def family_config(base: str, *, trust_remote_code: bool = False, where: str | None = None):
+    """(family, config) of a base model, or a UserError (at `where`, default the base) when its
+    config can't be read or finetune has no family for it."""
+    from transformers import AutoConfig
+
+    where = where or base
+    try:
+        cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(where, f"can't read the config of {base} ({str(e).splitlines()[0]})",
+                        "Point at a model folder that has config.json, or check that the hub is reachable") from None
+    family = family_for(cfg.model_type)
+    if family is None:
+        raise UserError(where, f"model_type {cfg.model_type!r} is not a model family finetune knows",
+                        "Use a gemma4_unified base")
+    return family, cfg

@@ -54,6 +54,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_tools.locations import looks_like_hub_id
 from finetune.errors import UserError
 from finetune.families import Family, family_for
 
@@ -148,7 +149,7 @@ def load_config(model):
         raw = json.loads((CONFIG_DIR / bundled).read_text())
         raw.pop("_source", None)
         return AutoConfig.for_model(raw.pop("model_type"), **raw), f"bundled:{bundled}"
-    if path.is_absolute() or base.startswith((".", "~")) or base.count("/") != 1:
+    if not looks_like_hub_id(base):
         raise UserError("model.base", f"{base} does not exist",
                         "Give a local model folder or a hub id like google/gemma-4-12B-it")
     errors = []
@@ -517,13 +518,9 @@ def _result(recipe, sk: Skeleton, est: dict, budget_gib: float, device: str) -> 
 
 
 def _with(recipe, overrides: list[str]):
-    from finetune.recipe import apply_override, parse_override, recipe_from_dict
+    from finetune.recipe import with_overrides
 
-    raw = recipe.to_dict()
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(raw, keys, value)
-    return recipe_from_dict(raw, recipe.source)
+    return with_overrides(recipe, overrides)
 
 
 def _candidates(recipe, device: str) -> list[list[str]]:

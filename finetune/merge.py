@@ -47,7 +47,8 @@ from finetune.adapters import (
     write_report,
 )
 from finetune.errors import RecipeErrors, UserError
-from finetune.recipe import _build, _f, read_yaml
+from finetune.schema import build_section, read_yaml
+from finetune.schema import field_doc as _f
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = 1e-4  # on fp32 logits, times max(1, max |logits|)
@@ -534,7 +535,7 @@ def read_spec(path: str | Path) -> CombineSpec:
     path = Path(path)
     raw = read_yaml(path)
     errors: list[UserError] = []
-    spec = _build(CombineSpec, raw, "", errors)
+    spec = build_section(CombineSpec, raw, "", errors)
     if spec is not None:
         spec.adapters = [a for a in spec.adapters if a is not None]  # bad items are already reported
         if not spec.adapters:

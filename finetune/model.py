@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from data_tools.locations import looks_like_hub_id
 from finetune.errors import UserError
-from finetune.families import Family
+from finetune.families import Family, family_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -31,7 +32,7 @@ def default_device() -> str:
 def _check_base(base: str, allow_pickle: bool) -> None:
     p = Path(base)
     if not p.exists():
-        if p.is_absolute() or base.startswith((".", "/")) or base.count("/") != 1:
+        if not looks_like_hub_id(base):
             raise UserError("model.base", f"{base} does not exist",
                             "Give a local model folder or a hub id like google/gemma-4-12B-it")
         return  # a hub id: from_pretrained downloads it (and fails clearly offline)
@@ -50,8 +51,6 @@ def _check_base(base: str, allow_pickle: bool) -> None:
 
 
 def base_family(base: str, trust_remote_code: bool = False) -> Family:
-    from finetune.adapters import family_config
-
     return family_config(base, trust_remote_code=trust_remote_code, where="model.base")[0]
 
 

@@ -12,12 +12,12 @@ from finetune.errors import RecipeErrors, UserError
 from finetune.recipe import (
     ModelSection,
     Recipe,
-    _RecipeLoader,
     dump_recipe,
     load_recipe,
     read_yaml,
     recipe_from_dict,
 )
+from finetune.schema import SafeYamlLoader
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.y*ml")
@@ -172,8 +172,8 @@ def test_bad_yaml_files(tmp_path, text, where, what):
 
 
 def test_the_loader_is_a_safe_loader():
-    assert issubclass(_RecipeLoader, yaml.SafeLoader)
-    assert not issubclass(_RecipeLoader, (yaml.FullLoader, yaml.UnsafeLoader))
+    assert issubclass(SafeYamlLoader, yaml.SafeLoader)
+    assert not issubclass(SafeYamlLoader, (yaml.FullLoader, yaml.UnsafeLoader))
 
 
 def test_read_yaml_refuses_non_text(tmp_path):

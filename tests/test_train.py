@@ -355,8 +355,11 @@ def test_offload_activations_leaves_loss_unchanged(assets, mixed_batch, monkeypa
 # make_recipe's settings. A change here means training changed: the model, the tokenizer,
 # rendering, batching, the loss, or the optimizer. If the change is intended, regenerate with
 #   GOLDEN_PRINT=1 pytest tests/test_train.py -k golden -s
-# and paste the printed list.
+# and paste the printed list. Step 1 is the same on every CPU; later steps drift by up to ~2e-3
+# between CPUs (bitsandbytes' and oneDNN's kernels pick different vector paths), far below what
+# any change to the training itself moves them (a different loss, batch or lr moves them by >0.05).
 GOLDEN_LOSSES = [7.079377, 7.020455, 7.858405, 6.626049]
+GOLDEN_ABS = 5e-3
 
 
 def test_golden_qlora_losses(assets):
@@ -372,7 +375,8 @@ def test_golden_qlora_losses(assets):
     result = train(recipe, log=lambda *_: None)
     if os.environ.get("GOLDEN_PRINT"):
         print("GOLDEN_LOSSES =", [round(x, 6) for x in result.losses])
-    assert result.losses == pytest.approx(GOLDEN_LOSSES, abs=1e-3)
+    assert result.losses[0] == pytest.approx(GOLDEN_LOSSES[0], abs=1e-5)
+    assert result.losses == pytest.approx(GOLDEN_LOSSES, abs=GOLDEN_ABS)
 
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

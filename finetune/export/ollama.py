@@ -81,7 +81,7 @@ def _template_matches_base(base: str) -> bool:
 def export_ollama(adapter: str | Path, out: str | Path, *, base_gguf: str | None = None, outtype: str = "f32",
                   base: str | None = None, allow_pickle: bool = False) -> dict:
     """OUT/adapter.gguf (see export_gguf), OUT/Modelfile and OUT/README.md."""
-    from finetune.adapters import family_config
+    from finetune.families import family_config
 
     adapter = Path(adapter)
     config, _ = read_adapter(adapter, allow_pickle=allow_pickle)
