@@ -64,8 +64,9 @@ def _epoch_steps(recipe, data, pad_id: int) -> tuple[int, int, int, int]:
     sample's tokens past its last label (`data_tools.collate.useful_length`)."""
     from types import SimpleNamespace
 
-    from data_tools.collate import useful_length
     from finetune.train import BatchPlan
+
+    from data_tools.collate import useful_length
 
     t = recipe.train
     cfg = SimpleNamespace(sliding_window=64, layer_types=["sliding_attention", "full_attention"])
@@ -173,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     import peft
     import torch
     import transformers
+    from finetune.train import _cpu_threads
 
     from data_tools.pipeline import prepare
     from finetune.demo import make_demo_data
     from finetune.model import load_processor
     from finetune.tiny import write_tiny_model
-    from finetune.train import _cpu_threads
 
     # The thread count our trainer picks on CPU, for both trainers: fair, and 2 threads on 2
     # busy cores would slow each of them 5-30x (see finetune.train._cpu_threads).

@@ -163,7 +163,6 @@ def sample(config, seq_len: int, device: str, dtype: torch.dtype, seed: int = 0)
 def run_steps(model, recipe, micro: list[dict], steps: int, device: str) -> tuple[list[float], float]:
     """`steps` optimizer steps through the trainer's own step function."""
     from accelerate import Accelerator
-
     from finetune.train import _optimizer_step, make_optimizer, make_scheduler
 
     acc = Accelerator(cpu=device == "cpu")

@@ -154,3 +154,17 @@ def _fetch(url: str, *, max_bytes: int, allow_network: bool, origin: str) -> byt
     if len(data) > max_bytes:
         raise BadRecord("media_too_large", f"{url} is over max_media_bytes={max_bytes}", origin)
     return data
+
+
+def load_media(conv, data) -> tuple[list, list]:  # TEMP until the data_tools restructure lands
+    images, audios = [], []
+    for p in conv.media():
+        if p.type == "image":
+            images.append(load_image(p, conv.base_dir, max_pixels=data.max_image_pixels,
+                                     max_bytes=data.max_media_bytes, allow_network=data.allow_network_media,
+                                     origin=conv.origin))
+        else:
+            audios.append(load_audio(p, conv.base_dir, max_seconds=data.max_audio_seconds,
+                                     policy=data.audio_overflow, max_bytes=data.max_media_bytes,
+                                     allow_network=data.allow_network_media, origin=conv.origin))
+    return images, audios

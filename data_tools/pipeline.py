@@ -639,7 +639,7 @@ class Prepared:
 
 
 def prepare(recipe, processor, processor_dir: str, *, log=print, use_cache: bool = True,
-            streaming: bool | None = None) -> Prepared:
+            streaming: bool | None = None, chat=None, rejects_path=None) -> Prepared:
     """Everything the trainer needs from the data section, cached by content hash.
 
     `streaming` overrides `data.streaming` (e.g. `data stats` wants the full pass).
@@ -647,9 +647,10 @@ def prepare(recipe, processor, processor_dir: str, *, log=print, use_cache: bool
     quiet = log is None
     log = log or (lambda *_: None)
     streaming = recipe.data.streaming if streaming is None else streaming
-    out_dir = Path(recipe.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rejects_path = out_dir / "rejects.jsonl"
+    if rejects_path is None:
+        out_dir = Path(recipe.train.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rejects_path = out_dir / "rejects.jsonl"
     if streaming:
         return _prepare_streaming(recipe, processor, rejects_path, log)
     root = Path(recipe.data.cache_dir or ".cache/finetune-data")

@@ -73,7 +73,7 @@ _PROBE = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
 
 
 class Renderer:
-    def __init__(self, processor, settings: RenderSettings):
+    def __init__(self, processor, settings: RenderSettings, chat=None):
         self.processor = processor
         self.tok = processor.tokenizer
         self.s = settings

@@ -16,19 +16,16 @@ from pathlib import Path
 
 from finetune.errors import UserError
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
-
-
 # ---------------------------------------------------------------- verbs
 
 
 def cmd_train(args) -> int:
     from finetune.recipe import load_recipe
-    from finetune.train import train
+    from finetune.training.loop import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     _check_runnable(recipe)
-    result = train(recipe, resume=args.resume)
+    result = train(recipe, resume=args.resume, log=print)
     print(f"adapter: {result.adapter_dir}  ({result.steps} steps, {result.seconds:.0f}s, "
           f"{result.tokens_per_s:.0f} real tokens/s)")
     return 0
@@ -82,7 +79,7 @@ def cmd_tiny_model(args) -> int:
 def cmd_demo(args) -> int:
     from finetune.workflows import run_demo
 
-    run_demo(args.overrides)
+    run_demo(args.overrides, log=print)
     return 0
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
     "purple": (130, 40, 170), "orange": (245, 140, 20), "cyan": (30, 200, 220), "pink": (240, 110, 180),

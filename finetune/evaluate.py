@@ -1,20 +1,21 @@
-"""Base vs adapter, item by item, on held-out samples.
+"""Base vs adapter, item by item, on held-out samples: the one eval flow.
 
-Scores: exact match (case/punctuation-insensitive), token F1, and character/word error rate
-for transcription-like answers. The same greedy generation as serving (finetune.generation).
+`finetune eval` and the demo both call `evaluate_adapter`: the recipe's held-out items are
+answered by the base and then by base + adapter (the base loaded once, in the recipe's
+quantization, the adapter attached on top), with the same greedy generation as serving
+(finetune.generation), and every answer is scored with its dataset's metric: exact match
+(case/punctuation-insensitive), token F1, or character/word error rate.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from data_tools.conversation import BadRecord, Conversation
+from data_tools.conversation import BadRecord, Conversation, Part
+from finetune.errors import UserError
 
 
 def _norm(s: str) -> str:
@@ -60,15 +61,7 @@ METRICS = {"exact_match": exact_match, "token_f1": token_f1, "cer": cer, "wer": 
 LOWER_IS_BETTER = {"cer", "wer"}
 
 
-def accuracy_by_modality(items, outputs: list[str]) -> dict:
-    """{modality: {"accuracy", "n"}} by exact match: the demo's eval.json shape."""
-    acc: dict[str, list[float]] = defaultdict(list)
-    for it, out in zip(items, outputs):
-        acc[it.conv.modality()].append(exact_match(out, it.reference))
-    return {m: {"accuracy": round(sum(v) / len(v), 4), "n": len(v)} for m, v in sorted(acc.items())}
-
-
-# ---------------------------------------------------------------- held-out items and batched generation
+# ---------------------------------------------------------------- held-out items
 
 
 @dataclass
@@ -85,49 +78,33 @@ class EvalItem:
         return self.conv.messages[-1].text().strip()
 
 
-# ---------------------------------------------------------------- items
-
-
-def _load_media(conv: Conversation, data) -> tuple[list, list]:
-    from data_tools.media import load_audio, load_image
-
-    images, audios = [], []
-    for p in conv.media():
-        if p.type == "image":
-            images.append(load_image(p, conv.base_dir, max_pixels=data.max_image_pixels,
-                                     max_bytes=data.max_media_bytes, allow_network=data.allow_network_media,
-                                     origin=conv.origin))
-        else:
-            audios.append(load_audio(p, conv.base_dir, max_seconds=data.max_audio_seconds,
-                                     policy=data.audio_overflow, max_bytes=data.max_media_bytes,
-                                     allow_network=data.allow_network_media, origin=conv.origin))
-    return images, audios
-
-
-def _held_out_origins(recipe, processor) -> set[str]:
+def _held_out_origins(recipe, processor, chat) -> set[str]:
     """The records the trainer held out (data.eval_fraction): the data pipeline decides, and its
-    cache makes asking it again cheap."""
+    cache makes asking it again cheap. Rejects are not written again (the run wrote them)."""
     from data_tools.pipeline import prepare
 
-    ev = prepare(recipe, processor, recipe.model.base, log=None).eval
+    ev = prepare(recipe, processor, recipe.model.base, chat=chat, rejects_path=None, log=None,
+                 streaming=False, use_cache=not recipe.data.streaming).eval
     return set(ev.table["origin"]) if hasattr(ev, "table") else {s["origin"] for s in ev}
 
 
-def eval_items(recipe, processor, limit: int | None = None, log=print) -> tuple[list[EvalItem], int]:
+def eval_items(recipe, processor, chat, limit: int | None = None, log=None) -> tuple[list[EvalItem], int]:
     """(items, skipped): held-out chat records ending in an answer, with decoded media."""
     from data_tools.formats import parse_record
+    from data_tools.media import load_media
+    from data_tools.pipeline import dataset_name
     from data_tools.sources import iter_records
 
     specs, held = recipe.eval_datasets, None
     if not specs:
         specs = recipe.datasets
         if recipe.data.eval_fraction > 0:
-            held = _held_out_origins(recipe, processor)
-        else:
+            held = _held_out_origins(recipe, processor, chat)
+        elif log:
             log("note: no eval_datasets and data.eval_fraction is 0: evaluating on the training data")
     items, skipped = [], 0
     for i, spec in enumerate(specs):
-        name = f"{i}:{Path(spec.path).name}"  # the data pipeline's dataset name
+        name = dataset_name(i, spec)
         for origin, record, base_dir in iter_records(spec):
             if limit is not None and len(items) >= limit:
                 return items, skipped
@@ -140,7 +117,7 @@ def eval_items(recipe, processor, limit: int | None = None, log=print) -> tuple[
                 last = conv.messages[-1]
                 if conv.kind != "chat" or last.role != "assistant" or not last.text().strip():
                     raise BadRecord("no_answer", "nothing to compare against", origin)
-                images, audios = _load_media(conv, recipe.data)
+                images, audios = load_media(conv, recipe.data)
             except BadRecord:
                 skipped += 1  # training already reported it (rejects.jsonl)
                 continue
@@ -150,44 +127,93 @@ def eval_items(recipe, processor, limit: int | None = None, log=print) -> tuple[
     return items, skipped
 
 
-# ---------------------------------------------------------------- batched greedy generation
+# ---------------------------------------------------------------- scoring
 
 
-@torch.no_grad()
-def generate_batch(model, processor, convs: list[Conversation], images: list[list], audios: list[list], *,
-                   max_new_tokens: int, image_tokens: int) -> list[str]:
-    """Greedy answers for several prompts at once, left-padded so every prompt ends where
-    generation starts. Same stopping and suppression as `finetune.generation.generate`."""
-    from finetune.generation import _renderer, greedy
-
-    r = _renderer(processor)
-    kwargs = {}
-    if any(images):
-        kwargs.update(images=images, images_kwargs={"max_soft_tokens": image_tokens})
-    flat_audio = [a for clips in audios for a in clips]
-    if flat_audio:
-        kwargs["audio"] = flat_audio
-    inputs = processor(text=[r.prompt_text(c) for c in convs], add_special_tokens=False, return_tensors="pt",
-                       padding=True, padding_side="left", **kwargs)
-    return greedy(model, processor, inputs, max_new_tokens=max_new_tokens)
+def winner(metric: str, base: float, adapter: float) -> str:
+    if abs(base - adapter) < 1e-12:
+        return "tie"
+    return "adapter" if (adapter < base) == (metric in LOWER_IS_BETTER) else "base"
 
 
-def generate_items(model, processor, items: list[EvalItem], *, max_new_tokens: int, image_tokens: int,
-                   batch_size: int) -> list[str]:
-    from tqdm import tqdm
+def _aggregate(rows: list[dict]) -> dict:
+    """Wins/losses/ties from the adapter's side, and mean scores per metric."""
+    agg = {"n": len(rows), "wins": 0, "losses": 0, "ties": 0, "metrics": {}}
+    for r in rows:
+        agg[{"adapter": "wins", "base": "losses", "tie": "ties"}[r["winner"]]] += 1
+    for metric in sorted({r["metric"] for r in rows}):
+        sel = [r["scores"] for r in rows if r["metric"] == metric]
+        agg["metrics"][metric] = {"base": round(sum(s["base"] for s in sel) / len(sel), 4),
+                                  "adapter": round(sum(s["adapter"] for s in sel) / len(sel), 4),
+                                  "n": len(sel), "lower_is_better": metric in LOWER_IS_BETTER}
+    return agg
 
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        groups[(len(it.images), len(it.audios))].append(i)
-    outputs = [""] * len(items)
-    with tqdm(total=len(items), desc="generate", unit=" item", leave=False, file=sys.stderr) as bar:
-        for idx in groups.values():
-            for k in range(0, len(idx), batch_size):
-                chunk = [items[i] for i in idx[k:k + batch_size]]
-                answers = generate_batch(model, processor, [it.conv for it in chunk],
-                                         [it.images for it in chunk], [it.audios for it in chunk],
-                                         max_new_tokens=max_new_tokens, image_tokens=image_tokens)
-                for i, a in zip(idx[k:k + batch_size], answers):
-                    outputs[i] = a
-                bar.update(len(chunk))
-    return outputs
+
+def prompt_text(conv: Conversation) -> str:
+    """The prompt turns as readable text, media as <image>/<audio>."""
+    def part(p: Part) -> str:
+        return (p.text or "") if p.type == "text" else f"<{p.type}>"
+
+    return "\n".join(f"{m.role}: " + "".join(map(part, m.parts)) for m in conv.messages[:-1])
+
+
+def score(items: list[EvalItem], base_out: list[str], adapter_out: list[str]) -> dict:
+    """{items, by_modality, by_dataset, summary}: each answer scored by its dataset's metric."""
+    rows = []
+    for it, b, a in zip(items, base_out, adapter_out):
+        fn = METRICS[it.metric]
+        s = {"base": round(fn(b, it.reference), 4), "adapter": round(fn(a, it.reference), 4)}
+        rows.append({"id": it.id, "dataset": it.dataset, "modality": it.conv.modality(), "metric": it.metric,
+                     "prompt": prompt_text(it.conv), "reference": it.reference, "base": b, "adapter": a,
+                     "scores": s, "winner": winner(it.metric, s["base"], s["adapter"])})
+    by = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by["modality"][r["modality"]].append(r)
+        by["dataset"][r["dataset"]].append(r)
+    return {"items": rows,
+            "by_modality": {k: _aggregate(v) for k, v in sorted(by["modality"].items())},
+            "by_dataset": {k: _aggregate(v) for k, v in sorted(by["dataset"].items())},
+            "summary": _aggregate(rows)}
+
+
+# ---------------------------------------------------------------- the flow
+
+
+def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = None, log=None,
+                     progress: bool = False) -> tuple[dict, list[EvalItem]]:
+    """(result, items): the recipe's held-out items answered by base and base + adapter, scored."""
+    from finetune.adapters import load_adapter, open_adapter
+    from finetune.generation import generate_items
+    from finetune.model import base_family, load_base, load_processor
+
+    m = recipe.model
+    # A missing, pickled, corrupt or other-base adapter fails now, not after the base's answers.
+    open_adapter(adapter, base=m.base, allow_pickle=m.allow_pickle)
+    family = base_family(m.base, m.trust_remote_code)
+    processor = load_processor(m.base, recipe.data.image_tokens, m.trust_remote_code)
+    items, skipped = eval_items(recipe, processor, family.chat, max_items or recipe.eval.max_items, log)
+    if not items:
+        raise UserError("eval_datasets", "no usable held-out items (chat records ending in an answer)",
+                        "Add eval_datasets, or set data.eval_fraction")
+    model = load_base(m.base, quantization=m.quantization, dtype=m.dtype, double_quant=m.double_quant,
+                      quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
+                      allow_pickle=m.allow_pickle)
+    gen = {"max_new_tokens": recipe.eval.max_new_tokens, "image_tokens": recipe.data.image_tokens,
+           "batch_size": recipe.eval.batch_size, "progress": progress}
+    base_out = generate_items(model, processor, family.chat, items, **gen)
+    model = load_adapter(model, str(adapter), allow_pickle=m.allow_pickle)
+    adapter_out = generate_items(model, processor, family.chat, items, **gen)
+    result = score(items, base_out, adapter_out)
+    result["summary"].update(skipped=skipped, adapter=str(adapter), base=m.base)
+    return result, items
+
+
+def accuracy_table(result: dict, metric: str = "exact_match") -> dict:
+    """{"base": {modality: {"accuracy", "n"}}, "adapter": {...}} from a result (the demo's eval.json)."""
+    out: dict[str, dict] = {"base": {}, "adapter": {}}
+    for modality, agg in result["by_modality"].items():
+        m = agg["metrics"].get(metric)
+        if m:
+            for side in out:
+                out[side][modality] = {"accuracy": m[side], "n": m["n"]}
+    return out

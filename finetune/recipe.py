@@ -82,6 +82,7 @@ class LoraSection:
 
 @dataclass
 class TrainSection:
+    objective: str = _f("sft", "what to train: sft (next-token cross-entropy on the answers)")
     output_dir: str = _f("runs/train", "where adapter, checkpoints and logs go")
     max_steps: int = _f(100, "optimizer steps", lo=1)
     lr: float = _f(2e-4, "peak learning rate", lo=0.0, hi=1.0)
@@ -156,6 +157,11 @@ def _cross_checks(r: Recipe, errors: list[UserError]) -> None:
         if problem:
             errors.append(UserError(f"lora.targets[{i}]", problem,
                                     f"Use a preset ({', '.join(PRESETS)}) or a valid regex"))
+    from finetune.objectives import names as objectives
+
+    if r.train.objective not in objectives():
+        errors.append(UserError("train.objective", f"{r.train.objective!r} is not a training objective",
+                                f"Use one of {', '.join(objectives())}"))
     if r.train.packing and r.data.streaming:
         errors.append(UserError("train.packing", "packing needs the cached dataset",
                                 "Set data.streaming: false or train.packing: false"))

@@ -6,10 +6,6 @@ import json
 import time
 from pathlib import Path
 
-from finetune.cli import DEMO_RECIPE
-
-DEMO_DIR = Path("runs/demo")
-
 
 def _eval_table(result: dict) -> str:
     mods = sorted({m for side in result.values() for m in side})
@@ -20,25 +16,30 @@ def _eval_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
-    """Data + tiny base → QLoRA adapter → held-out eval (base vs adapter) → merge + parity."""
-    from finetune.demo import make_demo_data
-    from finetune.evaluate import accuracy_by_modality, eval_items, generate_items
-    from finetune.model import load_adapter, load_base, load_processor
+def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None) -> dict:
+    """Data + tiny base → QLoRA adapter → held-out eval (base vs adapter) → merge + parity.
+
+    The demo owns its output folder: what an earlier run produced there is replaced (the
+    generated base, data and tokenized cache are kept: they come out the same every time)."""
+    from finetune.demo import DEMO_RECIPE, make_demo_data
+    from finetune.evaluate import accuracy_table, evaluate_adapter
+    from finetune.merge import merge_adapter
     from finetune.recipe import load_recipe
     from finetune.tiny import write_tiny_model
-    from finetune.train import train
+    from finetune.training.loop import train
 
+    log = log or (lambda *_: None)
     t0 = time.time()
     recipe = load_recipe(DEMO_RECIPE, overrides)
     out = Path(recipe.train.output_dir)
     base = Path(recipe.model.base)
+    data_dir = Path(recipe.datasets[0].path).parent
+    _clear_demo_outputs(out, keep=[base, data_dir, Path(recipe.data.cache_dir or out / ".cache")])
     if not (base / "config.json").exists():
         # Two layers (one sliding, one full): the demo's 5-minute budget on 2 cores; the test
         # fixture keeps four.
         write_tiny_model(base, seed=0, num_layers=2)
         log(f"demo: tiny gemma4_unified base written to {base}")
-    data_dir = Path(recipe.datasets[0].path).parent
     if not (data_dir / "eval.jsonl").exists():
         make_demo_data(data_dir, seed=0)
         log(f"demo: dataset written to {data_dir}")
@@ -46,38 +47,48 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
     result = train(recipe, log=log)
     log(f"demo: trained {result.steps} steps in {result.seconds:.0f}s")
 
-    processor = load_processor(str(base), recipe.data.image_tokens)
-    items, _ = eval_items(recipe, processor, log=log)
-    model = load_base(str(base), quantization=recipe.model.quantization, dtype=recipe.model.dtype)
-    gen = {"max_new_tokens": recipe.eval.max_new_tokens, "image_tokens": recipe.data.image_tokens,
-           "batch_size": recipe.eval.batch_size}
-    base_out = generate_items(model, processor, items, **gen)
-    model = load_adapter(model, str(result.adapter_dir))
-    adapter_out = generate_items(model, processor, items, **gen)
-    scores = {"base": accuracy_by_modality(items, base_out), "adapter": accuracy_by_modality(items, adapter_out)}
+    evaluation, _ = evaluate_adapter(recipe, result.adapter_dir, log=log, progress=True)
+    scores = accuracy_table(evaluation)
     (out / "eval.json").write_text(json.dumps(scores, indent=1))
     log("held-out exact match:\n" + _eval_table(scores))
 
-    from finetune.merge import merge_adapter
-
-    report = merge_adapter(str(result.adapter_dir), str(out / "merged"), dtype="fp32")
+    report = merge_adapter(str(result.adapter_dir), str(out / "merged"), dtype="fp32", log=log)
     log(f"demo: merged into {out / 'merged'}; max |logits(merged) - logits(base+adapter)| = "
         f"{report['max_abs_diff']:.2e}")
     log(f"demo: done in {time.time() - t0:.0f}s → {out}/eval.json, {out}/adapter, {out}/merged")
     return scores
 
 
+def _clear_demo_outputs(out: Path, keep: list[Path]) -> None:
+    """Remove what an earlier demo run left in `out`, except the folders in `keep`."""
+    import shutil
+
+    if not out.is_dir():
+        return
+    kept = {p.resolve() for p in keep}
+    for p in out.iterdir():
+        if p.resolve() in kept:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def data_stats(recipe_path: str, overrides=()) -> dict:
     """Render every record of the recipe; {records, used, rejected, …, datasets: {...}}."""
     from data_tools.pipeline import prepare
-    from finetune.model import load_processor
+    from finetune.model import base_family, load_processor
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     processor = load_processor(recipe.model.base, recipe.data.image_tokens, recipe.model.trust_remote_code)
+    chat = base_family(recipe.model.base, recipe.model.trust_remote_code).chat
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     # Stats need the full pass, also for a streaming recipe (which then just isn't cached).
-    prep = prepare(recipe, processor, recipe.model.base, log=None, streaming=False,
-                   use_cache=not recipe.data.streaming)
+    prep = prepare(recipe, processor, recipe.model.base, chat=chat, rejects_path=out / "rejects.jsonl",
+                   log=None, streaming=False, use_cache=not recipe.data.streaming)
     total = dict(prep.stats["total"])
     total["datasets"] = prep.stats["datasets"]
     total["eval"] = prep.stats["eval"]

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """Tiny models on 2 cores: OpenMP threads spin against each other and make small ops up to
-    20x slower (see finetune.train._cpu_threads), so the suite computes on one thread."""
+    20x slower (see finetune.training.loop.cpu_threads_for), so the suite computes on one thread."""
     import torch
 
     n = torch.get_num_threads()

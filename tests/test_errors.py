@@ -499,7 +499,7 @@ def test_train_passes_the_recipe_safety_switches_through(env, tmp_path, monkeypa
     import data_tools.pipeline
     from finetune import model as fm
     from finetune.recipe import recipe_from_dict
-    from finetune.train import train
+    from finetune.training.loop import train
 
     calls = {}
 
@@ -514,7 +514,7 @@ def test_train_passes_the_recipe_safety_switches_through(env, tmp_path, monkeypa
             return result
         return fn
 
-    monkeypatch.setattr(fm, "base_family", record("family"))
+    monkeypatch.setattr(fm, "base_family", record("family", types.SimpleNamespace(chat=None)))
     monkeypatch.setattr(fm, "load_processor", record("processor"))
     monkeypatch.setattr(data_tools.pipeline, "prepare", record("prepare", types.SimpleNamespace(stats={})))
     monkeypatch.setattr(fm, "load_base", record("base", Stop))

@@ -47,7 +47,7 @@ def assets(tmp_path_factory):
 def trained(assets):
     """A 20-step QLoRA adapter on the tones, and the recipe that made it (as a YAML file)."""
     from finetune.recipe import recipe_from_dict
-    from finetune.train import train
+    from finetune.training.loop import train
 
     root = assets.root
     raw = {"model": {"base": str(assets.base), "quantization": "nf4"},
@@ -111,12 +111,12 @@ def test_generate_keeps_the_command_line_order_of_unmarked_media():
 
 
 def test_winner_follows_metric_direction():
-    from finetune.cli_eval import _winner
+    from finetune.evaluate import winner
 
-    assert _winner("exact_match", 0.0, 1.0) == "adapter"
-    assert _winner("token_f1", 0.5, 0.2) == "base"
-    assert _winner("cer", 0.5, 0.2) == "adapter"  # error rates: lower is better
-    assert _winner("wer", 0.3, 0.3) == "tie"
+    assert winner("exact_match", 0.0, 1.0) == "adapter"
+    assert winner("token_f1", 0.5, 0.2) == "base"
+    assert winner("cer", 0.5, 0.2) == "adapter"  # error rates: lower is better
+    assert winner("wer", 0.3, 0.3) == "tie"
 
 
 def test_generate_rejects_bad_input_before_loading(tmp_path, capsys):
@@ -139,9 +139,9 @@ def test_generate_base_with_markers(assets, monkeypatch, capsys):
 
     seen, real = [], finetune.generation.generate
 
-    def spy(model, processor, conv, images, audios, **kw):
+    def spy(model, processor, chat, conv, images, audios, **kw):
         seen.append([p.type for p in conv.messages[0].parts])
-        return real(model, processor, conv, images, audios, **kw)
+        return real(model, processor, chat, conv, images, audios, **kw)
 
     monkeypatch.setattr(finetune.generation, "generate", spy)
     rc = main(["generate", "--base", str(assets.base), "--image", str(assets.image),
@@ -189,18 +189,21 @@ def test_eval_json_per_item_and_adapter_wins(evaluated):
 @pytest.mark.integration
 def test_eval_batched_equals_one_by_one(trained):
     """Left-padded batches give the same greedy answers as one prompt at a time."""
-    from finetune.cli_eval import eval_items, generate_items
-    from finetune.generation import generate
-    from finetune.model import load_adapter, load_base, load_processor
+    from finetune.adapters import load_adapter
+    from finetune.evaluate import eval_items
+    from finetune.families import GEMMA4_UNIFIED
+    from finetune.generation import generate, generate_items
+    from finetune.model import load_base, load_processor
     from finetune.recipe import recipe_from_dict
 
+    chat = GEMMA4_UNIFIED.chat
     recipe = recipe_from_dict(trained.raw)
     processor = load_processor(recipe.model.base, 70)
-    items, skipped = eval_items(recipe, processor)
+    items, skipped = eval_items(recipe, processor, chat)
     assert skipped == 0 and len(items) == 8
     model = load_adapter(load_base(recipe.model.base, quantization="nf4"), str(trained.adapter))
-    batched = generate_items(model, processor, items, max_new_tokens=4, image_tokens=70, batch_size=8)
-    single = [generate(model, processor, it.conv, it.images, it.audios, max_new_tokens=4, image_tokens=70)
+    batched = generate_items(model, processor, chat, items, max_new_tokens=4, image_tokens=70, batch_size=8)
+    single = [generate(model, processor, chat, it.conv, it.images, it.audios, max_new_tokens=4, image_tokens=70)
               for it in items]
     assert batched == single
 
@@ -208,7 +211,8 @@ def test_eval_batched_equals_one_by_one(trained):
 def test_eval_items_follow_the_trainers_held_out_split(assets, tmp_path):
     """No eval_datasets: exactly the records the data pipeline held out (data.eval_fraction)."""
     from data_tools.pipeline import prepare
-    from finetune.cli_eval import eval_items
+    from finetune.evaluate import eval_items
+    from finetune.families import GEMMA4_UNIFIED
     from finetune.model import load_processor
     from finetune.recipe import recipe_from_dict
 
@@ -217,8 +221,9 @@ def test_eval_items_follow_the_trainers_held_out_split(assets, tmp_path):
         "data": {"image_tokens": 70, "eval_fraction": 0.25, "cache_dir": str(tmp_path / "cache")},
         "train": {"output_dir": str(tmp_path / "run")}})
     processor = load_processor(str(assets.base), 70)
-    items, _ = eval_items(recipe, processor)
-    held = prepare(recipe, processor, str(assets.base), log=None).eval
+    items, _ = eval_items(recipe, processor, GEMMA4_UNIFIED.chat)
+    held = prepare(recipe, processor, str(assets.base), chat=GEMMA4_UNIFIED.chat,
+                   rejects_path=tmp_path / "rejects.jsonl", log=None).eval
     assert len(items) == 6
     assert {it.conv.origin for it in items} == {held[i]["origin"] for i in range(len(held))}
 
@@ -273,9 +278,9 @@ def test_chat_keeps_history_and_resets(assets, trained, monkeypatch, capsys):
     calls, answers = [], []
     real = finetune.generation.generate
 
-    def spy(model, processor, conv, images, audios, **kw):
+    def spy(model, processor, chat, conv, images, audios, **kw):
         calls.append((len(conv.messages), len(images), len(audios)))
-        answers.append(real(model, processor, conv, images, audios, **kw))
+        answers.append(real(model, processor, chat, conv, images, audios, **kw))
         return answers[-1]
 
     monkeypatch.setattr(finetune.generation, "generate", spy)

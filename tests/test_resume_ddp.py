@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from finetune.train import latest_checkpoint
+from finetune.training.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -91,7 +92,7 @@ def adapter_diff(a: Path, b: Path) -> float:
 
 def test_resume_after_sigkill_is_exact(assets):
     from finetune.recipe import recipe_from_dict
-    from finetune.train import train
+    from finetune.training.loop import train
 
     steps = dict(max_steps=8, save_every=2)
     recipe, raw = write_recipe(assets, "killed", **steps)
@@ -103,7 +104,7 @@ def test_resume_after_sigkill_is_exact(assets):
     assert latest_checkpoint(out).name == "step-4"
 
     # 2. Resumed, then killed in the middle of writing step 6: the adapter is on disk, the
-    # optimizer state not yet (FINETUNE_TEST_SLOW_SAVE pauses there, see finetune.train).
+    # optimizer state not yet (FINETUNE_TEST_SLOW_SAVE pauses there, see finetune.training.checkpoint).
     proc = start(recipe, "--resume", FINETUNE_TEST_SLOW_SAVE="6:300")
     kill_when(proc, ck / "step-6.tmp" / "adapter" / "adapter_model.safetensors")
     assert (ck / "step-6.tmp").exists() and not (ck / "step-6").exists()
@@ -135,7 +136,8 @@ def test_two_process_ddp_matches_one_process(assets):
     from data_tools.pipeline import prepare
     from finetune.model import load_processor
     from finetune.recipe import recipe_from_dict
-    from finetune.train import BatchPlan, train
+    from finetune.training.batches import BatchPlan
+    from finetune.training.loop import train
 
     steps = 3
     recipe, raw = write_recipe(assets, "ddp", max_steps=steps)
@@ -175,13 +177,15 @@ def test_two_process_ddp_matches_one_process(assets):
 def test_streaming_resume_is_exact(assets):
     """`data.streaming: true`: a resumed run restarts the stream at the saved position."""
     from finetune.recipe import recipe_from_dict
-    from finetune.train import train
+    from finetune.training.loop import train
 
     _, raw = write_recipe(assets, "stream", max_steps=4, save_every=2)
     raw["data"]["streaming"] = True
     recipe = recipe_from_dict(raw)
     full = train(recipe, log=lambda *_: None)
-    assert latest_checkpoint(Path(raw["train"]["output_dir"])).name == "step-2"
+    ck = Path(raw["train"]["output_dir"]) / "checkpoints"
+    assert latest_checkpoint(ck.parent).name == "step-4"  # the final state is a checkpoint too
+    shutil.rmtree(ck / "step-4")  # as if the run had been killed after step 3
     again = train(recipe, resume=True, log=lambda *_: None)
     assert again.losses == pytest.approx(full.losses[2:], abs=1e-6)
     assert metrics(Path(raw["train"]["output_dir"])) == pytest.approx(dict(enumerate(full.losses, 1)), abs=1e-6)

@@ -1,4 +1,4 @@
-"""finetune.train: every memory trick leaves the loss unchanged, accumulation is token-weighted,
+"""finetune.training: every memory trick leaves the loss unchanged, accumulation is token-weighted,
 packing equals no packing, KV-sharing trains without a cache, golden QLoRA losses, adapter
 round trip.
 
@@ -83,14 +83,14 @@ def lora_model(base, *, seed: int = 0, quantization: str = "none", targets=TARGE
 
 
 def fp32(batch: dict) -> dict:
-    from finetune.train import to_device
+    from finetune.training.wrappers import to_device
 
     return to_device(batch, "cpu", torch.float32)
 
 
 def loss_and_grads(model, batch: dict, **kw) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean token loss and the LoRA gradients of that mean."""
-    from finetune.train import loss_sum, n_labels
+    from finetune.objectives.sft import loss_sum, n_labels
 
     model.zero_grad(set_to_none=True)
     n = n_labels(batch)
@@ -159,19 +159,21 @@ class _GradCapture:
 def test_accumulation_is_token_weighted(model, samples):
     from accelerate import Accelerator
 
-    from finetune.train import _optimizer_step, loss_sum, n_labels
+    from finetune.objectives.sft import SFT, loss_sum, n_labels
+    from finetune.training.step import optimizer_step
 
     picked = [samples["mixed"][0], samples["text"][0], samples["image"][0], samples["audio"][0]]
     counts = [n_labels(collate([s], 0)) for s in picked]
     assert len(set(counts)) > 1, f"need samples with different label counts, got {counts}"
     acc = Accelerator(cpu=True)
-    t = SimpleNamespace(chunked_ce=True, ce_chunk_size=256, offload_activations=False, max_grad_norm=0.0)
+    t = SimpleNamespace(chunked_ce=True, ce_chunk_size=256, offload_activations=False)
+    sft = SFT(SimpleNamespace(train=t))
     sched = SimpleNamespace(step=lambda: None)
 
     opt = _GradCapture(model)
-    loss4, n4 = _optimizer_step(model, opt, sched, [fp32(collate(picked, 0))], acc, t)
+    loss4, n4, _ = optimizer_step(model, opt, sched, [fp32(collate(picked, 0))], acc, sft, 0.0)
     g4 = opt.grads
-    loss1, n1 = _optimizer_step(model, opt, sched, [fp32(collate([s], 0)) for s in picked], acc, t)
+    loss1, n1, _ = optimizer_step(model, opt, sched, [fp32(collate([s], 0)) for s in picked], acc, sft, 0.0)
     g1 = opt.grads
     assert n4 == n1 == sum(counts)
     assert abs(loss4 - loss1) <= 1e-5
@@ -201,7 +203,7 @@ def _text_labels_everywhere(s: dict) -> dict:
 
 @pytest.mark.parametrize("labels", ["assistant", "all_text"])
 def test_packed_loss_equals_unpacked(model, samples, labels):
-    from finetune.train import loss_sum, n_labels
+    from finetune.objectives.sft import loss_sum, n_labels
 
     rows = [[samples["image"][0], samples["audio"][0], samples["mixed"][0]],
             [samples["text"][0], samples["image"][1]]]
@@ -283,7 +285,7 @@ def test_kv_shared_layers_train_without_cache(assets, samples):
     (and its checkpointed variant) must match the cached forward."""
     from finetune.losses import full_ce_sum
     from finetune.model import enable_gradient_checkpointing
-    from finetune.train import loss_labels, n_labels
+    from finetune.objectives.sft import loss_labels, n_labels
 
     model = lora_model(assets.kv_base)
     cfg = model.get_base_model().config.get_text_config()
@@ -325,7 +327,7 @@ def test_gradient_checkpointing_leaves_loss_unchanged(assets, mixed_batch):
 
 
 def test_offload_activations_leaves_loss_unchanged(assets, mixed_batch, monkeypatch):
-    import finetune.train as tr
+    import finetune.training.offload as tr
     from finetune.model import enable_gradient_checkpointing
 
     model = lora_model(assets.base)
@@ -366,7 +368,7 @@ def test_golden_qlora_losses(assets):
     import os
 
     from finetune.demo import make_demo_data
-    from finetune.train import train
+    from finetune.training.loop import train
 
     # Its own data, so a change to the shared fixture's sizes can't move the golden numbers.
     data = make_demo_data(assets.root / "golden-data", seed=0, **DEMO_SIZES)
@@ -415,7 +417,7 @@ def test_adapter_save_reload_gives_identical_logits(assets, mixed_batch, tmp_pat
 def test_train_loop_chunked_or_not_packed_with_eval(assets):
     """The whole loop with packing and eval, once with chunked CE and once with full logits:
     the same losses (the flag changes memory, never the numbers)."""
-    from finetune.train import train
+    from finetune.training.loop import train
 
     runs = {}
     for chunked in (True, False):
@@ -429,13 +431,13 @@ def test_train_loop_chunked_or_not_packed_with_eval(assets):
 
 
 def test_cuda_out_of_memory_is_one_line_with_the_settings_to_change(assets, monkeypatch):
-    import finetune.train as tr
+    import finetune.training.loop as tr
     from finetune.errors import UserError
 
     def oom(*_a, **_k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(tr, "_optimizer_step", oom)
+    monkeypatch.setattr(tr, "optimizer_step", oom)
     recipe = make_recipe(assets, assets.root / "oom", max_steps=1)
     with pytest.raises(UserError) as e:
         tr.train(recipe, log=lambda *_: None)
@@ -449,7 +451,7 @@ def test_previews_and_tensorboard(assets, tmp_path):
     tensorboard tracker receives the per-step loss."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from finetune.train import train
+    from finetune.training.loop import train
 
     out = tmp_path / "run"
     recipe = make_recipe(assets, out, max_steps=2, preview_every=2, preview_items=2,

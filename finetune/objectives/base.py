@@ -1,0 +1,57 @@
+"""The objective interface and its registry: how a micro-batch becomes a summed loss.
+
+The training loop (`finetune.training`) is shared by every objective: micro-batches,
+token-weighted accumulation, checkpoints and exact resume, DDP, metrics, progress bar, eval
+loss and previews. An objective says only what differs:
+
+- `weight(batch)`: what the step's loss is averaged over, known before any forward pass (label
+  tokens for SFT, pairs for preference losses). The loop sums it over the accumulation window
+  and every process, so 4 micro-batches of 1 and 1 of 4 give the same gradients;
+- `loss(model, batch) -> (summed loss, {metric: summed value})`: sums over the micro-batch; the
+  loop divides loss and metrics by the window's total weight;
+- `metrics`: the names `loss` returns besides the loss, logged to metrics.jsonl and the bar;
+- `formats`: the dataset formats it trains on (None: any).
+
+Objectives are `torch.nn.Module`s, so weights one owns (a drafter, say) train, synchronise
+under DDP and checkpoint with the model's. `@register("name")` makes one available to
+`train.objective: name`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+class Objective(torch.nn.Module):
+    metrics: tuple[str, ...] = ()
+    formats: tuple[str, ...] | None = None
+
+    def __init__(self, recipe):
+        super().__init__()
+        self.recipe = recipe
+
+    def weight(self, batch: dict) -> int:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+def register(name: str):
+    """Class decorator: `train.objective: name` builds this objective."""
+    def add(cls: type[Objective]) -> type[Objective]:
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+    return add
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build(recipe) -> Objective:
+    """The recipe's objective (the recipe validator has checked the name)."""
+    return _REGISTRY[recipe.train.objective](recipe)

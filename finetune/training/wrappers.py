@@ -1,0 +1,55 @@
+"""The model as the loop holds it: DDP around `LossForward` around PEFT around transformers.
+
+`LossForward` puts the model and the objective in one module, so DDP (or FSDP) wraps a forward
+that computes the whole loss. The objective's chunked path calls the inner transformers model
+for hidden states; called from outside a DDP wrapper, that forward would skip DDP's own: no
+gradient all-reduce, no search for unused LoRA parameters, and the ranks would drift apart.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LossForward(torch.nn.Module):
+    def __init__(self, model, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective  # a Module: weights it owns train and sync with the model's
+
+    def forward(self, batch: dict):
+        return self.objective.loss(self.model, batch)
+
+
+def unwrap_peft(model):
+    """The PEFT model under DDP (`.module`) and `LossForward` (`.model`) wrappers."""
+    while True:
+        if isinstance(model, LossForward):
+            model = model.model
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            return model
+
+
+def unwrap(model):
+    """The transformers model under DDP/LossForward/PEFT (LoRA layers are injected in place)."""
+    model = unwrap_peft(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
+    """Tensors to `device`; floating ones (pixels, audio frames) also to the compute dtype:
+    under bitsandbytes the vision embedder can't cast them itself (its weight is uint8)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = {kk: vv.to(device) for kk, vv in v.items()}
+        elif torch.is_tensor(v):
+            v = v.to(device)
+            out[k] = v.to(dtype) if v.is_floating_point() else v
+        else:
+            out[k] = v
+    return out
