@@ -169,8 +169,8 @@ def write_report(path: Path, result: dict, items: list[EvalItem], title: str) ->
 
 
 def cmd_eval(args) -> int:
-    from finetune.adapters import open_adapter
-    from finetune.model import load_adapter, load_base, load_processor
+    from finetune.adapters import load_adapter, open_adapter
+    from finetune.model import load_base, load_processor
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -224,8 +224,8 @@ def _inference_model(adapter: str | None, base: str | None):
     without, `base` in full precision (a merged folder or a plain base)."""
     import yaml
 
-    from finetune.adapters import open_adapter
-    from finetune.model import load_adapter, load_base, load_processor
+    from finetune.adapters import load_adapter, open_adapter
+    from finetune.model import load_base, load_processor
 
     if not adapter and not base:
         raise UserError("generate", "no model given",

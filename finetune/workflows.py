@@ -22,9 +22,10 @@ def _eval_table(result: dict) -> str:
 
 def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
     """Data + tiny base → QLoRA adapter → held-out eval (base vs adapter) → merge + parity."""
+    from finetune.adapters import load_adapter
     from finetune.demo import make_demo_data
     from finetune.evaluate import accuracy_by_modality, eval_items, generate_items
-    from finetune.model import load_adapter, load_base, load_processor
+    from finetune.model import load_base, load_processor
     from finetune.recipe import load_recipe
     from finetune.tiny import write_tiny_model
     from finetune.train import train

@@ -189,9 +189,10 @@ def test_eval_json_per_item_and_adapter_wins(evaluated):
 @pytest.mark.integration
 def test_eval_batched_equals_one_by_one(trained):
     """Left-padded batches give the same greedy answers as one prompt at a time."""
+    from finetune.adapters import load_adapter
     from finetune.cli_eval import eval_items, generate_items
     from finetune.generation import generate
-    from finetune.model import load_adapter, load_base, load_processor
+    from finetune.model import load_base, load_processor
     from finetune.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(trained.raw)
