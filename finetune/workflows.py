@@ -61,7 +61,7 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
 
     from finetune.merge import merge_adapter
 
-    report = merge_adapter(str(result.adapter_dir), str(out / "merged"), dtype="fp32")
+    report = merge_adapter(str(result.adapter_dir), str(out / "merged"), dtype="fp32", log=log)
     log(f"demo: merged into {out / 'merged'}; max |logits(merged) - logits(base+adapter)| = "
         f"{report['max_abs_diff']:.2e}")
     log(f"demo: done in {time.time() - t0:.0f}s → {out}/eval.json, {out}/adapter, {out}/merged")

@@ -148,9 +148,10 @@ def test_low_memory_merge_equals_the_full_merge(base, adapters, probe, tmp_path,
     bit, as the in-memory merge, the same config, and a folder transformers loads whose logits
     match base+adapter like the full merge's."""
     import finetune.merge as merge
+    import finetune.merge_files as merge_files
 
     full = merge.merge_adapter(adapters[name], tmp_path / "full", dtype=dtype, low_memory=False)
-    monkeypatch.setattr(merge, "SHARD_BYTES", 256 * 1024)  # the tiny base then needs several shards
+    monkeypatch.setattr(merge_files, "SHARD_BYTES", 256 * 1024)  # the tiny base then needs several shards
     report = merge.merge_adapter(adapters[name], tmp_path / "low", dtype=dtype, low_memory=True)
     assert report["ok"] and report["mode"] == "low_memory" and report["shards"] > 2
     assert report["checkpoint_keys"]["same"] and not report["mismatched_tensors"]
@@ -176,9 +177,10 @@ def test_low_memory_merge_is_picked_by_itself_and_checks_what_it_wrote(base, ada
     import safetensors.torch
 
     import finetune.merge as merge
+    import finetune.merge_files as merge_files
     from finetune.adapters import ParityError
 
-    monkeypatch.setattr(merge, "_available_bytes", lambda: 1024)  # "the fp32 model does not fit"
+    monkeypatch.setattr(merge_files, "available_bytes", lambda: 1024)  # "the fp32 model does not fit"
     assert merge.merge_adapter(adapters["full"], tmp_path / "auto")["mode"] == "low_memory"
 
     save = safetensors.torch.save_file
@@ -297,10 +299,10 @@ def test_vllm_projection_lora_needs_flag_then_merges(base, adapters, tmp_path):
 def test_vllm_projection_merge_in_low_memory(base, adapters, probe, tmp_path, monkeypatch):
     """When the fp32 base would not fit, the projections merge tensor by tensor; the served
     base + exported adapter still reproduce base + source adapter."""
-    import finetune.merge as merge
+    import finetune.merge_files as merge_files
     from finetune.export.vllm import export_vllm
 
-    monkeypatch.setattr(merge, "_available_bytes", lambda: 1024)
+    monkeypatch.setattr(merge_files, "available_bytes", lambda: 1024)
     report = export_vllm(adapters["media"], tmp_path / "v", merge_projections=True)
     merged = report["merge_projections"]
     assert merged["mode"] == "low_memory" and merged["ok"] and not merged["mismatched_tensors"]
@@ -363,7 +365,7 @@ def _spec(tmp_path: Path, **spec) -> Path:
 
 
 def test_combine_cat_twice_is_the_adapter(base, adapters, probe, tmp_path):
-    from finetune.merge import combine
+    from finetune.combine import combine
 
     full = str(adapters["full"])
     report = combine(_spec(tmp_path, method="cat", output="both",
@@ -374,7 +376,7 @@ def test_combine_cat_twice_is_the_adapter(base, adapters, probe, tmp_path):
 
 
 def test_combine_rank_rules_and_spec_errors(adapters, tmp_path):
-    from finetune.merge import combine
+    from finetune.combine import combine
 
     with pytest.raises(UserError, match="equal rank") as e:  # full has r=8, attention r=4
         combine(_spec(tmp_path, method="linear", output="x",
