@@ -57,4 +57,4 @@ def cmd_export(args) -> int:
         opts["outtype"] = args.outtype or "f16"
         if fmt == "ollama":
             opts["base_gguf"] = args.base_gguf
-    return _run(export, fmt, args.adapter, args.out, **opts)
+    return _run(export, fmt, args.adapter, args.out, log=print, **opts)

@@ -388,6 +388,46 @@ def test_combine_rank_rules_and_spec_errors(adapters, tmp_path):
     assert {"colour", "density", "adapters[0].weight"} <= wheres
 
 
+# --- logging ---------------------------------------------------------------------------------
+
+def test_library_is_silent_and_logs_through_its_callback(adapters, tmp_path, capsys):
+    """Only the CLI prints: a library call without `log` writes nothing; given a callback, the
+    callback receives the report lines, and they are the lines the CLI prints."""
+    from finetune.cli import main
+    from finetune.combine import combine
+    from finetune.export import export
+    from finetune.export.gguf import export_gguf
+    from finetune.merge import merge_adapter
+
+    full = str(adapters["full"])
+    merge_adapter(full, tmp_path / "m", dtype="fp32")
+    merge_adapter(full, tmp_path / "low", low_memory=True)
+    export_gguf(full, tmp_path / "g")
+    export("ollama", full, tmp_path / "o")
+    combine(_spec(tmp_path, method="cat", output="c", adapters=[{"path": full}, {"path": full}]))
+    assert capsys.readouterr().out == ""  # (stderr carries transformers' own progress bars)
+
+    lines: list[str] = []
+    report = merge_adapter(full, tmp_path / "m2", dtype="fp32", log=lines.append)
+    assert lines == [
+        f"merge: max |logits(saved) - logits(base+adapter)| = {report['max_abs_diff']:.3g} "
+        f"(merge {report['merge_diff']:.3g}, reload {report['reload_diff']:.3g}, "
+        f"tolerance {report['tolerance']:.3g}); the adapter moves logits by up to {report['lora_effect']:.3g}",
+        f"merge: {report['tensors']} of {report['tensors']} tensors read back equal base + update rounded once "
+        "to the dtype",
+        f"report: {tmp_path / 'm2' / 'merge_report.json'}",
+    ]
+    lines.clear()
+    report = export_gguf(full, tmp_path / "g2", outtype="f16", log=lines.append)
+    assert lines == [f"gguf: {report['tensors'] // 2} LoRA modules (f16), alpha 16, update max rel diff "
+                     f"{report['max_rel_update_diff']:.2g} -> {tmp_path / 'g2' / 'adapter.gguf'}"]
+    assert capsys.readouterr().out == ""  # a callback, not stdout
+
+    assert main(["export", "--format", "gguf", "--outtype", "f16", full, str(tmp_path / "g3")]) == 0
+    assert capsys.readouterr().out.splitlines() == [line.replace(str(tmp_path / "g2"), str(tmp_path / "g3"))
+                                                    for line in lines]
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 def _copy(src: Path, dst: Path) -> Path:
