@@ -87,10 +87,11 @@ def sample():
 
 threading.Thread(target=sample, daemon=True).start()
 import finetune.merge as merge
+import finetune.merge_files as merge_files
 # What either merge imports, so "imports" is the floor both start from.
 import peft, PIL.Image, safetensors.torch, transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor, Gemma4UnifiedForConditionalGeneration
-merge.SHARD_BYTES = {shard}
+merge_files.SHARD_BYTES = {shard}
 t = time.time()
 if {mode!r} != "imports":
     merge.merge_adapter({adapter!r}, {out!r}, dtype="bf16", low_memory={mode!r} == "low")

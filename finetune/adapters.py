@@ -1,4 +1,5 @@
-"""Reading PEFT LoRA adapters, and the update every merge and export is checked against.
+"""Reading (and loading onto a base) PEFT LoRA adapters, and the update every merge and export
+is checked against.
 
 An adapter is a PEFT folder: `adapter_config.json` + `adapter_model.safetensors`, tensors
 named by runtime module (`base_model.model.<module>.lora_A.weight`, A is [r, in], B is
@@ -179,6 +180,18 @@ def open_adapter(path: str | Path, *, base: str | None = None, allow_pickle: boo
     base = base_of(path, config, base)
     family, cfg = check_base(path, state, base)
     return config, state, base, family, cfg
+
+
+def load_adapter(model, adapter: str, *, is_trainable: bool = False, allow_pickle: bool = False):
+    """base + adapter; every problem with the folder (missing, pickle, corrupt, NaN) is a UserError."""
+    from peft import PeftModel
+
+    read_adapter(adapter, allow_pickle=allow_pickle)
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(adapter, f"does not fit this base ({str(e).splitlines()[0][:200]})",
+                        "Use the base the adapter was trained on (see adapter_config.json)") from None
 
 
 def roles(family: Family, modules) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""The merge, combine and export verbs: argparse namespaces → library calls.
+"""The merge, combine and export verbs: argparse namespaces → library calls, logging to stdout.
 
 Bad input raises UserError (the CLI prints it, exit 2). An artifact that fails its own
 numeric check is a finetune bug: its message goes to stderr and the verb returns 1.
@@ -25,13 +25,13 @@ def cmd_merge(args) -> int:
     from finetune.merge import merge_adapter
 
     return _run(merge_adapter, args.adapter, args.out, base=args.base, dtype=args.dtype or "bf16",
-                allow_pickle=args.allow_pickle, low_memory=getattr(args, "low_memory", None))
+                allow_pickle=args.allow_pickle, low_memory=getattr(args, "low_memory", None), log=print)
 
 
 def cmd_combine(args) -> int:
-    from finetune.merge import combine
+    from finetune.combine import combine
 
-    return _run(combine, args.spec)
+    return _run(combine, args.spec, log=print)
 
 
 def cmd_export(args) -> int:
@@ -57,4 +57,4 @@ def cmd_export(args) -> int:
         opts["outtype"] = args.outtype or "f16"
         if fmt == "ollama":
             opts["base_gguf"] = args.base_gguf
-    return _run(export, fmt, args.adapter, args.out, **opts)
+    return _run(export, fmt, args.adapter, args.out, log=print, **opts)

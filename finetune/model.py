@@ -136,16 +136,3 @@ def attach_lora(model, lora_section, family: Family):
             p.data = p.data.float()
     return peft_model
 
-
-def load_adapter(model, adapter: str, *, is_trainable: bool = False, allow_pickle: bool = False):
-    """base + adapter; every problem with the folder (missing, pickle, corrupt, NaN) is a UserError."""
-    from peft import PeftModel
-
-    from finetune.adapters import read_adapter
-
-    read_adapter(adapter, allow_pickle=allow_pickle)
-    try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(adapter, f"does not fit this base ({str(e).splitlines()[0][:200]})",
-                        "Use the base the adapter was trained on (see adapter_config.json)") from None

@@ -367,7 +367,7 @@ def test_bad_adapter_for_eval(env, tmp_path, capsys):
 
 
 def test_pickle_adapter_is_refused_by_the_loader(env):
-    from finetune.model import load_adapter
+    from finetune.adapters import load_adapter
 
     with pytest.raises(UserError) as e:
         load_adapter(torch.nn.Linear(1, 1), str(env.adapters["pickle"]))

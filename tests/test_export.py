@@ -148,9 +148,10 @@ def test_low_memory_merge_equals_the_full_merge(base, adapters, probe, tmp_path,
     bit, as the in-memory merge, the same config, and a folder transformers loads whose logits
     match base+adapter like the full merge's."""
     import finetune.merge as merge
+    import finetune.merge_files as merge_files
 
     full = merge.merge_adapter(adapters[name], tmp_path / "full", dtype=dtype, low_memory=False)
-    monkeypatch.setattr(merge, "SHARD_BYTES", 256 * 1024)  # the tiny base then needs several shards
+    monkeypatch.setattr(merge_files, "SHARD_BYTES", 256 * 1024)  # the tiny base then needs several shards
     report = merge.merge_adapter(adapters[name], tmp_path / "low", dtype=dtype, low_memory=True)
     assert report["ok"] and report["mode"] == "low_memory" and report["shards"] > 2
     assert report["checkpoint_keys"]["same"] and not report["mismatched_tensors"]
@@ -176,9 +177,10 @@ def test_low_memory_merge_is_picked_by_itself_and_checks_what_it_wrote(base, ada
     import safetensors.torch
 
     import finetune.merge as merge
+    import finetune.merge_files as merge_files
     from finetune.adapters import ParityError
 
-    monkeypatch.setattr(merge, "_available_bytes", lambda: 1024)  # "the fp32 model does not fit"
+    monkeypatch.setattr(merge_files, "available_bytes", lambda: 1024)  # "the fp32 model does not fit"
     assert merge.merge_adapter(adapters["full"], tmp_path / "auto")["mode"] == "low_memory"
 
     save = safetensors.torch.save_file
@@ -297,10 +299,10 @@ def test_vllm_projection_lora_needs_flag_then_merges(base, adapters, tmp_path):
 def test_vllm_projection_merge_in_low_memory(base, adapters, probe, tmp_path, monkeypatch):
     """When the fp32 base would not fit, the projections merge tensor by tensor; the served
     base + exported adapter still reproduce base + source adapter."""
-    import finetune.merge as merge
+    import finetune.merge_files as merge_files
     from finetune.export.vllm import export_vllm
 
-    monkeypatch.setattr(merge, "_available_bytes", lambda: 1024)
+    monkeypatch.setattr(merge_files, "available_bytes", lambda: 1024)
     report = export_vllm(adapters["media"], tmp_path / "v", merge_projections=True)
     merged = report["merge_projections"]
     assert merged["mode"] == "low_memory" and merged["ok"] and not merged["mismatched_tensors"]
@@ -363,7 +365,7 @@ def _spec(tmp_path: Path, **spec) -> Path:
 
 
 def test_combine_cat_twice_is_the_adapter(base, adapters, probe, tmp_path):
-    from finetune.merge import combine
+    from finetune.combine import combine
 
     full = str(adapters["full"])
     report = combine(_spec(tmp_path, method="cat", output="both",
@@ -374,7 +376,7 @@ def test_combine_cat_twice_is_the_adapter(base, adapters, probe, tmp_path):
 
 
 def test_combine_rank_rules_and_spec_errors(adapters, tmp_path):
-    from finetune.merge import combine
+    from finetune.combine import combine
 
     with pytest.raises(UserError, match="equal rank") as e:  # full has r=8, attention r=4
         combine(_spec(tmp_path, method="linear", output="x",
@@ -384,6 +386,46 @@ def test_combine_rank_rules_and_spec_errors(adapters, tmp_path):
         combine(_spec(tmp_path, method="ties", output="x", colour="red", adapters=[{"path": "a", "weight": "x"}]))
     wheres = {err.where.split(": ", 1)[1] for err in e.value.errors}
     assert {"colour", "density", "adapters[0].weight"} <= wheres
+
+
+# --- logging ---------------------------------------------------------------------------------
+
+def test_library_is_silent_and_logs_through_its_callback(adapters, tmp_path, capsys):
+    """Only the CLI prints: a library call without `log` writes nothing; given a callback, the
+    callback receives the report lines, and they are the lines the CLI prints."""
+    from finetune.cli import main
+    from finetune.combine import combine
+    from finetune.export import export
+    from finetune.export.gguf import export_gguf
+    from finetune.merge import merge_adapter
+
+    full = str(adapters["full"])
+    merge_adapter(full, tmp_path / "m", dtype="fp32")
+    merge_adapter(full, tmp_path / "low", low_memory=True)
+    export_gguf(full, tmp_path / "g")
+    export("ollama", full, tmp_path / "o")
+    combine(_spec(tmp_path, method="cat", output="c", adapters=[{"path": full}, {"path": full}]))
+    assert capsys.readouterr().out == ""  # (stderr carries transformers' own progress bars)
+
+    lines: list[str] = []
+    report = merge_adapter(full, tmp_path / "m2", dtype="fp32", log=lines.append)
+    assert lines == [
+        f"merge: max |logits(saved) - logits(base+adapter)| = {report['max_abs_diff']:.3g} "
+        f"(merge {report['merge_diff']:.3g}, reload {report['reload_diff']:.3g}, "
+        f"tolerance {report['tolerance']:.3g}); the adapter moves logits by up to {report['lora_effect']:.3g}",
+        f"merge: {report['tensors']} of {report['tensors']} tensors read back equal base + update rounded once "
+        "to the dtype",
+        f"report: {tmp_path / 'm2' / 'merge_report.json'}",
+    ]
+    lines.clear()
+    report = export_gguf(full, tmp_path / "g2", outtype="f16", log=lines.append)
+    assert lines == [f"gguf: {report['tensors'] // 2} LoRA modules (f16), alpha 16, update max rel diff "
+                     f"{report['max_rel_update_diff']:.2g} -> {tmp_path / 'g2' / 'adapter.gguf'}"]
+    assert capsys.readouterr().out == ""  # a callback, not stdout
+
+    assert main(["export", "--format", "gguf", "--outtype", "f16", full, str(tmp_path / "g3")]) == 0
+    assert capsys.readouterr().out.splitlines() == [line.replace(str(tmp_path / "g2"), str(tmp_path / "g3"))
+                                                    for line in lines]
 
 
 # --- errors ----------------------------------------------------------------------------------

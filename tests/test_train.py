@@ -392,7 +392,8 @@ def test_golden_qlora_losses(assets):
 
 
 def test_adapter_save_reload_gives_identical_logits(assets, mixed_batch, tmp_path):
-    from finetune.model import load_adapter, load_base
+    from finetune.adapters import load_adapter
+    from finetune.model import load_base
 
     model = lora_model(assets.base, quantization="nf4").eval()
     inputs = {k: v for k, v in mixed_batch.items() if k != "labels"}

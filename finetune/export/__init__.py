@@ -1,23 +1,26 @@
 """`finetune export --format F ADAPTER OUT`: one writer per server, each proving what it wrote.
 
-Every format writes OUT/export_report.json listing what was checked and the numbers.
+Every format writes OUT/export_report.json listing what was checked and the numbers, and
+returns that report; its summary lines go to the `log` callback it is given (None: silent).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 FORMATS = ("vllm", "sglang", "gguf", "ollama", "merged")
 
 
 def export_merged(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", base: str | None = None,
-                  allow_pickle: bool = False, low_memory: bool | None = None) -> dict:
+                  allow_pickle: bool = False, low_memory: bool | None = None,
+                  log: Callable[[str], None] | None = None) -> dict:
     """The merged HF folder of `finetune merge`, with its report also as export_report.json."""
     from finetune.adapters import write_report
     from finetune.merge import merge_adapter
 
     report = {"format": "merged", **merge_adapter(adapter, out, base=base, dtype=dtype, allow_pickle=allow_pickle,
-                                                  low_memory=low_memory)}
+                                                  low_memory=low_memory, log=log)}
     report["checks"] = [
         "merged on full-precision weights (never 4-bit), saved with the checkpoint's key names",
         *(["every written tensor == (base + update in fp32) rounded once to the dtype; others == base"]
@@ -29,7 +32,8 @@ def export_merged(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", 
     return report
 
 
-def export(fmt: str, adapter: str | Path, out: str | Path, **opts) -> dict:
+def export(fmt: str, adapter: str | Path, out: str | Path, *, log: Callable[[str], None] | None = None,
+           **opts) -> dict:
     """Dispatch to the writer of `fmt`; `opts` are that writer's keyword arguments."""
     from finetune.errors import UserError
     from finetune.export.gguf import export_gguf
@@ -45,4 +49,4 @@ def export(fmt: str, adapter: str | Path, out: str | Path, **opts) -> dict:
     }
     if fmt not in writers:
         raise UserError("--format", f"{fmt!r} is not an export format", f"Use one of {', '.join(FORMATS)}")
-    return writers[fmt](adapter, out, **opts)
+    return writers[fmt](adapter, out, log=log, **opts)

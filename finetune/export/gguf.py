@@ -15,6 +15,7 @@ a separate mmproj GGUF that LoRA can't reach, so an adapter with them is refused
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,11 @@ def _encode(x: np.ndarray, outtype: str):
 
 
 def export_gguf(adapter: str | Path, out: str | Path, *, outtype: str = "f32", base: str | None = None,
-                allow_pickle: bool = False) -> dict:
+                allow_pickle: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Write OUT/adapter.gguf for llama.cpp (`--lora`), then prove it against the adapter."""
     import gguf
 
+    log = log or (lambda _: None)
     if outtype not in OUTTYPES:
         raise UserError("--outtype", f"{outtype!r} is not a GGUF LoRA type", f"Use one of {', '.join(OUTTYPES)}")
     adapter = Path(adapter)
@@ -136,5 +138,5 @@ def export_gguf(adapter: str | Path, out: str | Path, *, outtype: str = "f32", b
     write_report(out, "export_report.json", report)
     if not ok:
         raise ParityError(f"{path}: read-back check failed (see {out / 'export_report.json'})")
-    print(f"gguf: {len(pairs)} LoRA modules ({outtype}), alpha {alpha:g}, update max rel diff {worst:.2g} -> {path}")
+    log(f"gguf: {len(pairs)} LoRA modules ({outtype}), alpha {alpha:g}, update max rel diff {worst:.2g} -> {path}")
     return report

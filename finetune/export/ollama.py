@@ -9,6 +9,7 @@ as the GGUF that `export_gguf` writes and proves.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from finetune.adapters import base_of, read_adapter, write_report
@@ -79,15 +80,17 @@ def _template_matches_base(base: str) -> bool:
 
 
 def export_ollama(adapter: str | Path, out: str | Path, *, base_gguf: str | None = None, outtype: str = "f32",
-                  base: str | None = None, allow_pickle: bool = False) -> dict:
+                  base: str | None = None, allow_pickle: bool = False,
+                  log: Callable[[str], None] | None = None) -> dict:
     """OUT/adapter.gguf (see export_gguf), OUT/Modelfile and OUT/README.md."""
     from finetune.families import family_config
 
+    log = log or (lambda _: None)
     adapter = Path(adapter)
     config, _ = read_adapter(adapter, allow_pickle=allow_pickle)
     _, cfg = family_config(base_of(adapter, config, base))
     base_meta = _check_base_gguf(base_gguf, cfg) if base_gguf else None
-    report = export_gguf(adapter, out, outtype=outtype, base=base, allow_pickle=allow_pickle)
+    report = export_gguf(adapter, out, outtype=outtype, base=base, allow_pickle=allow_pickle, log=log)
     out = Path(report["out"])
     source = str(Path(base_gguf).resolve()) if base_gguf else PLACEHOLDER
     stops = "".join(f'PARAMETER stop "{s}"\n' for s in STOPS)
@@ -119,6 +122,6 @@ def export_ollama(adapter: str | Path, out: str | Path, *, base_gguf: str | None
     ]
     write_report(out, "export_report.json", report)
     if not matches:
-        print("warning: the base's chat template renders differently from the Gemma 4 TEMPLATE in the Modelfile")
-    print(f"ollama: {out / 'Modelfile'}; then: cd {out} && ollama create {name} -f Modelfile")
+        log("warning: the base's chat template renders differently from the Gemma 4 TEMPLATE in the Modelfile")
+    log(f"ollama: {out / 'Modelfile'}; then: cd {out} && ollama create {name} -f Modelfile")
     return report

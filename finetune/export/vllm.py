@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,10 +69,12 @@ def k_eq_v_layers(cfg) -> set[int]:
 
 
 def export_vllm(adapter: str | Path, out: str | Path, *, server: str = "vllm", merge_projections: bool = False,
-                base: str | None = None, allow_pickle: bool = False) -> dict:
+                base: str | None = None, allow_pickle: bool = False,
+                log: Callable[[str], None] | None = None) -> dict:
     """Write a PEFT folder `server` serves as trained; see the module docstring."""
     from safetensors.torch import save_file
 
+    log = log or (lambda _: None)
     if server not in SERVERS:
         raise UserError("--format", f"{server!r} is not a PEFT-folder server", f"Use one of {', '.join(SERVERS)}")
     adapter = Path(adapter)
@@ -158,7 +161,7 @@ def export_vllm(adapter: str | Path, out: str | Path, *, server: str = "vllm", m
         from finetune.merge import merge_modules
 
         report["merge_projections"] = merge_modules(adapter, parts["media"], out, prepare_out(out / "base"),
-                                                    base=base, allow_pickle=allow_pickle)
+                                                    base=base, allow_pickle=allow_pickle, log=log)
         merged = report["merge_projections"]
         report["checks"].append(
             f"{serve_base} + this adapter reproduce base + source adapter on a text/image/audio probe "
@@ -166,6 +169,6 @@ def export_vllm(adapter: str | Path, out: str | Path, *, server: str = "vllm", m
             f"{serve_base}: every tensor read back equals the base's plus the projection updates "
             f"(low-memory merge; {merged['tensors']} tensors)")
     write_report(out, "export_report.json", report)
-    print(f"{server}: {len(served)} LoRA modules, rank {rank}, update max rel diff {worst:.2g} -> {out}")
-    print(f"serve with: {command}")
+    log(f"{server}: {len(served)} LoRA modules, rank {rank}, update max rel diff {worst:.2g} -> {out}")
+    log(f"serve with: {command}")
     return report
