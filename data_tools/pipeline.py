@@ -124,27 +124,13 @@ class _Worker:
             raise record
         return parse_record(record, fmt, origin, base_dir)
 
-    def media(self, conv: Conversation) -> tuple[list, list]:
-        from data_tools.media import load_audio, load_image
-
-        d = self.data
-        images, audios = [], []
-        for p in conv.media():
-            if p.type == "image":
-                images.append(load_image(p, conv.base_dir, max_pixels=d.max_image_pixels,
-                                         max_bytes=d.max_media_bytes,
-                                         allow_network=d.allow_network_media, origin=conv.origin))
-            else:
-                audios.append(load_audio(p, conv.base_dir, max_seconds=d.max_audio_seconds,
-                                         policy=d.audio_overflow, max_bytes=d.max_media_bytes,
-                                         allow_network=d.allow_network_media, origin=conv.origin))
-        return images, audios
-
     def load(self, item) -> tuple[Conversation, list, list]:
+        from data_tools.media import load_media
+
         origin, record, base_dir, fmt, dataset = item
         conv = self.conversation(origin, record, base_dir, fmt)
         conv.dataset = dataset
-        return (conv, *self.media(conv))
+        return (conv, *load_media(conv, self.data))
 
     def __call__(self, items: list) -> list[dict]:
         """One result per item, in order: a sample dict, or {'rejected': reason, ...}."""

@@ -89,19 +89,9 @@ class EvalItem:
 
 
 def _load_media(conv: Conversation, data) -> tuple[list, list]:
-    from data_tools.media import load_audio, load_image
+    from data_tools.media import load_media
 
-    images, audios = [], []
-    for p in conv.media():
-        if p.type == "image":
-            images.append(load_image(p, conv.base_dir, max_pixels=data.max_image_pixels,
-                                     max_bytes=data.max_media_bytes, allow_network=data.allow_network_media,
-                                     origin=conv.origin))
-        else:
-            audios.append(load_audio(p, conv.base_dir, max_seconds=data.max_audio_seconds,
-                                     policy=data.audio_overflow, max_bytes=data.max_media_bytes,
-                                     allow_network=data.allow_network_media, origin=conv.origin))
-    return images, audios
+    return load_media(conv, data)
 
 
 def _held_out_origins(recipe, processor) -> set[str]:
