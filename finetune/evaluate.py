@@ -98,8 +98,12 @@ def _held_out_origins(recipe, processor) -> set[str]:
     """The records the trainer held out (data.eval_fraction): the data pipeline decides, and its
     cache makes asking it again cheap."""
     from data_tools.pipeline import prepare
+    from finetune.model import base_family
 
-    ev = prepare(recipe, processor, recipe.model.base, log=None).eval
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ev = prepare(recipe, processor, recipe.model.base, rejects_path=out / "rejects.jsonl",
+                 chat=base_family(recipe.model.base, recipe.model.trust_remote_code).chat, log=None).eval
     return set(ev.table["origin"]) if hasattr(ev, "table") else {s["origin"] for s in ev}
 
 

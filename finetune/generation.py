@@ -14,12 +14,14 @@ import torch
 
 from data_tools.conversation import Conversation
 from data_tools.render import Renderer, RenderSettings
+from finetune.families import FAMILIES
 
 
 @functools.lru_cache(maxsize=4)
 def _renderer(processor) -> Renderer:
     # One per processor: building it renders probe templates to pick its fast paths.
-    return Renderer(processor, RenderSettings())
+    chat = next(f.chat for f in FAMILIES.values() if f.processor_class == type(processor).__name__)
+    return Renderer(processor, RenderSettings(), chat)
 
 
 def prompt_inputs(processor, conv: Conversation, images: list, audios: list, image_tokens: int) -> dict:

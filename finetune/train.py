@@ -450,7 +450,8 @@ def train(recipe: Recipe, *, resume: bool = False, log=print) -> TrainResult:
     family = base_family(recipe.model.base, recipe.model.trust_remote_code)
     processor = load_processor(recipe.model.base, recipe.data.image_tokens, recipe.model.trust_remote_code)
     with acc.main_process_first():
-        data = prepare(recipe, processor, recipe.model.base, log=log if acc.is_main_process else None)
+        data = prepare(recipe, processor, recipe.model.base, rejects_path=out / "rejects.jsonl",
+                       chat=family.chat, log=log if acc.is_main_process else None)
     if acc.is_main_process:
         (out / "data_stats.json").write_text(json.dumps(data.stats, indent=1))
         dump_recipe(recipe, out / "recipe.lock.yaml")

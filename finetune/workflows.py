@@ -70,14 +70,17 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
 def data_stats(recipe_path: str, overrides=()) -> dict:
     """Render every record of the recipe; {records, used, rejected, …, datasets: {...}}."""
     from data_tools.pipeline import prepare
-    from finetune.model import load_processor
+    from finetune.model import base_family, load_processor
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     processor = load_processor(recipe.model.base, recipe.data.image_tokens, recipe.model.trust_remote_code)
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     # Stats need the full pass, also for a streaming recipe (which then just isn't cached).
-    prep = prepare(recipe, processor, recipe.model.base, log=None, streaming=False,
-                   use_cache=not recipe.data.streaming)
+    prep = prepare(recipe, processor, recipe.model.base, rejects_path=out / "rejects.jsonl",
+                   chat=base_family(recipe.model.base, recipe.model.trust_remote_code).chat, log=None,
+                   streaming=False, use_cache=not recipe.data.streaming)
     total = dict(prep.stats["total"])
     total["datasets"] = prep.stats["datasets"]
     total["eval"] = prep.stats["eval"]

@@ -209,6 +209,7 @@ def test_eval_items_follow_the_trainers_held_out_split(assets, tmp_path):
     """No eval_datasets: exactly the records the data pipeline held out (data.eval_fraction)."""
     from data_tools.pipeline import prepare
     from finetune.cli_eval import eval_items
+    from finetune.families import GEMMA4_UNIFIED
     from finetune.model import load_processor
     from finetune.recipe import recipe_from_dict
 
@@ -218,7 +219,8 @@ def test_eval_items_follow_the_trainers_held_out_split(assets, tmp_path):
         "train": {"output_dir": str(tmp_path / "run")}})
     processor = load_processor(str(assets.base), 70)
     items, _ = eval_items(recipe, processor)
-    held = prepare(recipe, processor, str(assets.base), log=None).eval
+    held = prepare(recipe, processor, str(assets.base), rejects_path=tmp_path / "rejects.jsonl",
+                   chat=GEMMA4_UNIFIED.chat, log=None).eval
     assert len(items) == 6
     assert {it.conv.origin for it in items} == {held[i]["origin"] for i in range(len(held))}
 
