@@ -29,19 +29,16 @@ COLOURS = {"text": "#4c78a8", "image": "#f58518", "audio": "#54a24b", "mixed": "
 THUMB = 160
 
 
-def write_preview(recipe_path: str, out: str, n: int = 20, overrides=()) -> Path:
-    """Render the recipe's data (cached like a run) and write the page to `out`."""
-    from finetune.model import base_family, load_processor
-    from finetune.recipe import load_recipe
+def write_preview(recipe, processor, out: str, *, recipe_path: str, processor_dir: str,
+                  chat: ChatFormat, rejects_path: Path, n: int = 20) -> Path:
+    """Render the recipe's data (cached like a run) and write the page to `out`.
 
-    recipe = load_recipe(recipe_path, overrides)
-    processor = load_processor(recipe.model.base, recipe.data.image_tokens, recipe.model.trust_remote_code)
-    chat = base_family(recipe.model.base, recipe.model.trust_remote_code).chat
-    out_dir = Path(recipe.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    `recipe` is loaded, `processor` loaded from `processor_dir` (hashed into the cache key),
+    `chat` is the model family's chat format; `recipe_path` names the recipe on the page.
+    """
     # The stats need the full pass; a streaming recipe gets it without writing a cache.
-    prep = prepare(recipe, processor, recipe.model.base, rejects_path=out_dir / "rejects.jsonl", chat=chat,
-                   log=None, streaming=False, use_cache=not recipe.data.streaming)
+    prep = prepare(recipe, processor, processor_dir, rejects_path=rejects_path, chat=chat, log=None,
+                   streaming=False, use_cache=not recipe.data.streaming)
     items = preview_items(recipe, processor, chat, n)
     page = render_page(str(recipe_path), prep.stats, items, processor.tokenizer)
     path = Path(out)
