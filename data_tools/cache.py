@@ -3,7 +3,8 @@
 `cache_key` hashes the data section (less what cannot change a sample), the datasets' files
 (size, mtime), the processor's files, the chat format and this package's code. `save` writes
 train/eval tables, stats.json and rejects.jsonl, atomically; `load` gives them back as
-`SampleList`s that decode rows on access.
+`SampleList`s that decode rows on access. Media are stored as raw bytes with each row's array
+widths, so decoding needs no model constant.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ import numpy as np
 
 from data_tools.render import ChatFormat
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 _COLUMNS = ("input_ids", "labels", "mm_token_type_ids", "modality", "origin", "dataset", "overflow")
+# Media key → (dtype, column holding each row's array width). Position ids are (x, y) pairs.
+_MEDIA = {"pixel_values": (np.uint8, "pixel_width"), "image_position_ids": (np.int32, None),
+          "input_features": (np.float32, "feature_width")}
+_PAIRS = 2
 
 
 def cache_key(recipe, processor_dir: str, chat: ChatFormat | None = None) -> str:
@@ -68,34 +73,41 @@ def _features():
         "mm_token_type_ids": datasets.Sequence(datasets.Value("int8")),
         "modality": datasets.Value("string"), "origin": datasets.Value("string"),
         "dataset": datasets.Value("string"), "overflow": datasets.Value("string"),
-        # Media as raw bytes: uint8 patches (6912 per row), int32 positions, float32 frames.
+        # Media as raw bytes: uint8 patches, int32 positions, float32 frames; each row's patch
+        # and frame widths (values per patch / samples per frame) next to them, 0 without media.
         "pixel_values": datasets.Sequence(datasets.Value("binary")),
         "image_position_ids": datasets.Sequence(datasets.Value("binary")),
         "input_features": datasets.Sequence(datasets.Value("binary")),
+        "pixel_width": datasets.Value("int32"), "feature_width": datasets.Value("int32"),
     })
+
+
+def _width(arrays: list) -> int:
+    widths = {np.shape(a)[-1] for a in arrays}
+    if len(widths) > 1:  # one column width per row: the processor gives every array the same
+        raise ValueError(f"the media arrays of one sample differ in width: {sorted(widths)}")
+    return widths.pop() if widths else 0
 
 
 def to_table(samples: list[dict]):
     """Sample dicts → a `datasets.Dataset` with the cache's columns."""
     import datasets
 
-    def blobs(s, key, dtype):
-        return [np.ascontiguousarray(a, dtype=dtype).tobytes() for a in s.get(key, [])]
-
     cols = {c: [s[c] for s in samples] for c in _COLUMNS}
-    cols["pixel_values"] = [blobs(s, "pixel_values", np.uint8) for s in samples]
-    cols["image_position_ids"] = [blobs(s, "image_position_ids", np.int32) for s in samples]
-    cols["input_features"] = [blobs(s, "input_features", np.float32) for s in samples]
+    for key, (dtype, width) in _MEDIA.items():
+        cols[key] = [[np.ascontiguousarray(a, dtype=dtype).tobytes() for a in s.get(key, [])]
+                     for s in samples]
+        if width:
+            cols[width] = [_width(s.get(key, [])) for s in samples]
     return datasets.Dataset.from_dict(cols, features=_features())
 
 
 def decode(row: dict) -> dict:
     """A cached row → the sample dict collate takes (media back as arrays)."""
     s = {k: row[k] for k in _COLUMNS}
-    s["pixel_values"] = [np.frombuffer(b, np.uint8).reshape(-1, 6912) for b in row["pixel_values"]]
-    s["image_position_ids"] = [np.frombuffer(b, np.int32).reshape(-1, 2)
-                               for b in row["image_position_ids"]]
-    s["input_features"] = [np.frombuffer(b, np.float32).reshape(-1, 640) for b in row["input_features"]]
+    for key, (dtype, width) in _MEDIA.items():
+        n = row[width] if width else _PAIRS
+        s[key] = [np.frombuffer(b, dtype).reshape(-1, n) for b in row[key]]
     return s
 
 
