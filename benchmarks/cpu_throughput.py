@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_tools.pipeline import prepare
     from finetune.demo import make_demo_data
-    from finetune.model import load_processor
+    from finetune.model import base_family, load_processor
     from finetune.tiny import write_tiny_model
 
     # The thread count our trainer picks on CPU, for both trainers: fair, and 2 threads on 2
@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                        n_mixed=max(1, n // 4), n_eval_each=1)
         recipe = _recipe(tmp, "ours")
         processor = load_processor(recipe.model.base, recipe.data.image_tokens)
-        data = prepare(recipe, processor, recipe.model.base, log=None)
+        Path(recipe.train.output_dir).mkdir(parents=True, exist_ok=True)
+        data = prepare(recipe, processor, recipe.model.base, log=None,
+                       rejects_path=Path(recipe.train.output_dir) / "rejects.jsonl",
+                       chat=base_family(recipe.model.base).chat)
         pad_id = processor.tokenizer.pad_token_id
         # Packed rows hold max_seq_len tokens: as many rows per step as make about the same
         # tokens per step as the unpacked batches.

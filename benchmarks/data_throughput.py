@@ -47,7 +47,7 @@ def _cpu() -> float:
 def run(n_image: int, n_audio: int, n_mixed: int, repeats: int) -> dict:
     from data_tools.pipeline import prepare
     from finetune.demo import make_demo_data
-    from finetune.model import load_processor
+    from finetune.model import base_family, load_processor
     from finetune.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as d:
@@ -55,6 +55,8 @@ def run(n_image: int, n_audio: int, n_mixed: int, repeats: int) -> dict:
         write_tiny_model(tmp / "base")
         make_demo_data(tmp / "data", n_image=n_image, n_audio=n_audio, n_mixed=n_mixed)
         processor = load_processor(str(tmp / "base"), 70)
+        (tmp / "out").mkdir()
+        data_kw = {"rejects_path": tmp / "out" / "rejects.jsonl", "chat": base_family(str(tmp / "base")).chat}
         result = {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "num_proc": {},
                   "note": "wall figures depend on what else the machine runs (load_avg_1m); "
                           "samples_per_cpu_s is what one idle core would do"}
@@ -63,7 +65,7 @@ def run(n_image: int, n_audio: int, n_mixed: int, repeats: int) -> dict:
             best, best_cpu = None, None
             for _ in range(repeats):  # best of: the machine is shared, the minimum is the signal
                 c0, t0 = _cpu(), time.perf_counter()
-                prep = prepare(recipe, processor, str(tmp / "base"), log=None, use_cache=False)
+                prep = prepare(recipe, processor, str(tmp / "base"), log=None, use_cache=False, **data_kw)
                 dt, cpu = time.perf_counter() - t0, _cpu() - c0
                 best = dt if best is None else min(best, dt)
                 best_cpu = cpu if best_cpu is None else min(best_cpu, cpu)
@@ -74,9 +76,9 @@ def run(n_image: int, n_audio: int, n_mixed: int, repeats: int) -> dict:
                 # an idle machine, whatever else the shared machine was running.
                 "cpu_seconds": round(best_cpu, 3), "samples_per_cpu_s": round(records / best_cpu, 1)}
         recipe = _recipe(tmp, 2)
-        prepare(recipe, processor, str(tmp / "base"), log=None)  # builds the cache
+        prepare(recipe, processor, str(tmp / "base"), log=None, **data_kw)  # builds the cache
         t0 = time.perf_counter()
-        prep = prepare(recipe, processor, str(tmp / "base"), log=None)
+        prep = prepare(recipe, processor, str(tmp / "base"), log=None, **data_kw)
         assert prep.from_cache
         result["cached_reload_s"] = round(time.perf_counter() - t0, 3)
         result["modalities"] = prep.stats["total"]["by_modality"]

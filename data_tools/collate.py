@@ -1,7 +1,8 @@
 """Samples → model inputs: padding, length-grouped batches, and multimodal packing.
 
 Media tensors are concatenated in row-major order (row 0's images first, then row 1's…),
-which is the order the model scatters them into placeholder positions.
+which is the order the model scatters them into placeholder positions. Their widths (values
+per image patch, samples per audio frame) are the arrays' own: nothing here is model-specific.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ import torch
 
 from data_tools.render import IGNORE, RESCALE
 
-PATCH = 6912  # 48 × 48 × 3 raw values per model patch
-FRAME = 640  # audio samples per token at 16 kHz
-
 
 def _media(samples: list[dict]) -> dict:
     out = {}
     pvs = [pv for s in samples for pv in s.get("pixel_values", [])]
     if pvs:
         n = max(len(p) for p in pvs)
-        pixel = torch.zeros(len(pvs), n, PATCH, dtype=torch.float32)
+        patch = np.shape(pvs[0])[-1]  # raw values per model patch (Gemma 4: 48 × 48 × 3)
+        pixel = torch.zeros(len(pvs), n, patch, dtype=torch.float32)
         pos = torch.full((len(pvs), n, 2), -1, dtype=torch.long)
         poss = [p for s in samples for p in s["image_position_ids"]]
         for i, (p, q) in enumerate(zip(pvs, poss)):
@@ -35,7 +34,8 @@ def _media(samples: list[dict]) -> dict:
     feats = [f for s in samples for f in s.get("input_features", [])]
     if feats:
         n = max(len(f) for f in feats)
-        x = torch.zeros(len(feats), n, FRAME, dtype=torch.float32)
+        frame = np.shape(feats[0])[-1]  # waveform samples per audio token (Gemma 4: 640 at 16 kHz)
+        x = torch.zeros(len(feats), n, frame, dtype=torch.float32)
         mask = torch.zeros(len(feats), n, dtype=torch.bool)
         for i, f in enumerate(feats):
             x[i, : len(f)] = torch.tensor(np.asarray(f, dtype=np.float32))

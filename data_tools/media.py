@@ -1,5 +1,8 @@
 """Decode the media of a `Part`: images to RGB PIL images, audio to 16 kHz mono float32.
 
+`load_media` does it for a whole conversation under the recipe's caps; `load_image` and
+`load_audio` for one part.
+
 Every failure is a `BadRecord` with a stable reason (missing_media, corrupt_media,
 media_too_large, network_media), so a bad file rejects one sample instead of stopping a run.
 Caps (bytes, pixels, seconds) are checked before the expensive decode wherever the format
@@ -22,7 +25,7 @@ import soundfile as sf
 import soxr
 from PIL import Image, ImageOps
 
-from data_tools.conversation import BadRecord, Part
+from data_tools.conversation import BadRecord, Conversation, Part
 
 SAMPLE_RATE = 16_000
 FETCH_TIMEOUT_S = 30
@@ -74,6 +77,23 @@ def load_audio(part: Part, base_dir: str, *, max_seconds: float, policy: str, ma
     if not np.isfinite(mono).all():
         raise BadRecord("corrupt_media", f"audio {name} holds NaN or infinite samples", origin)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def load_media(conv: Conversation, data) -> tuple[list[Image.Image], list[np.ndarray]]:
+    """Every image and audio clip of `conv`, in order, under the caps of `data` (the recipe's
+    data section, or anything with the same fields: max_image_pixels, max_media_bytes,
+    allow_network_media, max_audio_seconds, audio_overflow)."""
+    images, audios = [], []
+    for p in conv.media():
+        if p.type == "image":
+            images.append(load_image(p, conv.base_dir, max_pixels=data.max_image_pixels,
+                                     max_bytes=data.max_media_bytes,
+                                     allow_network=data.allow_network_media, origin=conv.origin))
+        else:
+            audios.append(load_audio(p, conv.base_dir, max_seconds=data.max_audio_seconds,
+                                     policy=data.audio_overflow, max_bytes=data.max_media_bytes,
+                                     allow_network=data.allow_network_media, origin=conv.origin))
+    return images, audios
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -154,17 +174,3 @@ def _fetch(url: str, *, max_bytes: int, allow_network: bool, origin: str) -> byt
     if len(data) > max_bytes:
         raise BadRecord("media_too_large", f"{url} is over max_media_bytes={max_bytes}", origin)
     return data
-
-
-def load_media(conv, data) -> tuple[list, list]:  # TEMP until the data_tools restructure lands
-    images, audios = [], []
-    for p in conv.media():
-        if p.type == "image":
-            images.append(load_image(p, conv.base_dir, max_pixels=data.max_image_pixels,
-                                     max_bytes=data.max_media_bytes, allow_network=data.allow_network_media,
-                                     origin=conv.origin))
-        else:
-            audios.append(load_audio(p, conv.base_dir, max_seconds=data.max_audio_seconds,
-                                     policy=data.audio_overflow, max_bytes=data.max_media_bytes,
-                                     allow_network=data.allow_network_media, origin=conv.origin))
-    return images, audios

@@ -17,36 +17,40 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.accounting import dataset_name
 from data_tools.conversation import BadRecord
-from data_tools.pipeline import _one_thread, _records, _Worker, dataset_name, prepare
-from data_tools.render import IGNORE
+from data_tools.media import SAMPLE_RATE
+from data_tools.pipeline import prepare
+from data_tools.render import IGNORE, ChatFormat
+from data_tools.render_pool import RecordWorker, one_thread, records
 
 KINDS = {1: "image", 2: "video", 3: "audio"}
 COLOURS = {"text": "#4c78a8", "image": "#f58518", "audio": "#54a24b", "mixed": "#b279a2", "video": "#e45756"}
 THUMB = 160
 
 
-def write_preview(recipe_path: str, out: str, n: int = 20, overrides=()) -> Path:
-    """Render the recipe's data (cached like a run) and write the page to `out`."""
-    from finetune.model import load_processor
-    from finetune.recipe import load_recipe
+def write_preview(recipe, processor, out: str, *, recipe_path: str, processor_dir: str,
+                  chat: ChatFormat, rejects_path: Path, n: int = 20) -> Path:
+    """Render the recipe's data (cached like a run) and write the page to `out`.
 
-    recipe = load_recipe(recipe_path, overrides)
-    processor = load_processor(recipe.model.base, recipe.data.image_tokens, recipe.model.trust_remote_code)
+    `recipe` is loaded, `processor` loaded from `processor_dir` (hashed into the cache key),
+    `chat` is the model family's chat format; `recipe_path` names the recipe on the page.
+    """
     # The stats need the full pass; a streaming recipe gets it without writing a cache.
-    prep = prepare(recipe, processor, recipe.model.base, log=None, streaming=False,
-                   use_cache=not recipe.data.streaming)
-    page = render_page(str(recipe_path), prep.stats, preview_items(recipe, processor, n), processor.tokenizer)
+    prep = prepare(recipe, processor, processor_dir, rejects_path=rejects_path, chat=chat, log=None,
+                   streaming=False, use_cache=not recipe.data.streaming)
+    items = preview_items(recipe, processor, chat, n)
+    page = render_page(str(recipe_path), prep.stats, items, processor.tokenizer)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
 
 
-def preview_items(recipe, processor, n: int) -> list[dict]:
+def preview_items(recipe, processor, chat: ChatFormat, n: int) -> list[dict]:
     """The first `n` records, one dataset after another in turn, rendered or rejected."""
-    worker = _Worker(processor, recipe)
-    streams = [_records([spec], names=[dataset_name(i, spec)]) for i, spec in enumerate(recipe.datasets)]
+    worker = RecordWorker(processor, recipe.data, chat)
+    streams = [records([spec], names=[dataset_name(i, spec)]) for i, spec in enumerate(recipe.datasets)]
     items = []
     while streams and len(items) < n:
         for it in list(streams):
@@ -58,13 +62,13 @@ def preview_items(recipe, processor, n: int) -> list[dict]:
     return items
 
 
-def _one(worker: _Worker, item) -> dict:
+def _one(worker: RecordWorker, item) -> dict:
     origin, _, _, _, dataset = item
     out = {"origin": origin, "dataset": dataset, "images": [], "audios": []}
     try:
         conv, out["images"], out["audios"] = worker.load(item)
         out["modality"] = conv.modality()
-        with _one_thread():
+        with one_thread():
             out["sample"] = worker.renderer.render(conv, out["images"], out["audios"])
     except BadRecord as e:
         out["rejected"] = (e.reason, e.detail)
@@ -82,7 +86,7 @@ def _png_data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _wav_data_url(wave: np.ndarray, rate: int = 16_000) -> str:
+def _wav_data_url(wave: np.ndarray, rate: int = SAMPLE_RATE) -> str:
     import soundfile as sf
 
     buf = io.BytesIO()
@@ -163,7 +167,7 @@ def _item_html(k: int, item: dict, tokenizer) -> str:
     media = "".join(f'<img src="{_png_data_url(im)}" alt="image {j + 1}">'
                     for j, im in enumerate(item["images"]))
     media += "".join(f'<audio controls src="{_wav_data_url(a)}"></audio>'
-                     f'<span class="dur">{len(a) / 16000:.2f} s</span>' for a in item["audios"])
+                     f'<span class="dur">{len(a) / SAMPLE_RATE:.2f} s</span>' for a in item["audios"])
     if "rejected" in item:
         reason, detail = item["rejected"]
         status = f'<span class="bad">rejected: {html.escape(reason)}</span> {html.escape(detail)}'

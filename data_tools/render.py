@@ -28,7 +28,6 @@ from data_tools.conversation import BadRecord, Conversation
 IGNORE = -100
 IMAGE_BUDGETS = (70, 140, 280, 560, 1120)
 RESCALE = 1 / 255  # what the image processor multiplies uint8 pixels by; collate does the same
-AUDIO_FRAME = 640  # samples per audio token at 16 kHz (the feature extractor's framing)
 
 
 @dataclass(frozen=True)
@@ -73,10 +72,14 @@ _PROBE = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
 
 
 class Renderer:
-    def __init__(self, processor, settings: RenderSettings, chat=None):
+    """Renders conversations for one processor, under one `RenderSettings`, in one `ChatFormat`
+    (the model family's: `finetune.families`)."""
+
+    def __init__(self, processor, settings: RenderSettings, chat: ChatFormat):
         self.processor = processor
         self.tok = processor.tokenizer
         self.s = settings
+        self.chat = chat
         t = self.tok
         self.image_id = t.convert_tokens_to_ids(processor.image_token)
         self.audio_id = t.convert_tokens_to_ids(processor.audio_token)
@@ -84,11 +87,17 @@ class Renderer:
         self.eoi_id = t.convert_tokens_to_ids(processor.eoi_token)
         self.boa_id = t.convert_tokens_to_ids(processor.boa_token)
         self.eoa_id = t.convert_tokens_to_ids(processor.eoa_token)
-        self.eot = "<turn|>"
+        self.eot = chat.turn_end
         self.eot_id = t.convert_tokens_to_ids(self.eot)
         # Never labels, never generated: placeholders and the media boundaries.
         self.media_ids = {self.image_id, self.audio_id, self.boi_id, self.eoi_id, self.boa_id,
-                          self.eoa_id, t.convert_tokens_to_ids("<|video|>")}
+                          self.eoa_id}
+        video = getattr(processor, "video_token", None)
+        if video:
+            self.media_ids.add(t.convert_tokens_to_ids(video))
+        # Waveform samples per audio token: the feature extractor's framing (trimming cuts whole frames).
+        self.audio_frame = getattr(getattr(processor, "feature_extractor", None), "audio_samples_per_token",
+                                   None)
         ip = processor.image_processor
         # The uint8 pixel cache holds only for a processor that maps k → k/255 (Gemma 4's).
         self._uint8_pixels = not getattr(ip, "do_normalize", False) and \
@@ -99,23 +108,25 @@ class Renderer:
         # The processor's template call re-validates its kwargs each time (~5× slower than
         # rendering the same template through the tokenizer).
         self.fallbacks = 0  # batched calls redone one by one (a test keeps this at 0 on good data)
-        self._fast_template = False
-        slow = [self._template(_PROBE, gen) for gen in (False, True)]
-        self._fast_template = True
+        self.fast_template = False  # True when the tokenizer-side template matched the processor's
+        slow = [self.template(_PROBE, gen) for gen in (False, True)]
+        self.fast_template = True
         try:
-            self._fast_template = [self._template(_PROBE, gen) for gen in (False, True)] == slow
+            self.fast_template = [self.template(_PROBE, gen) for gen in (False, True)] == slow
         except Exception:  # any template the tokenizer path can't render: stay on the processor
-            self._fast_template = False
+            self.fast_template = False
 
     # ------------------------------------------------------------------ text + labels
 
-    def _ids(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """`text` → token ids, no special tokens added (the tokenizer's own ids, faster)."""
         if self._encode:
             return self._encode(text)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def _template(self, msgs: list[dict], gen: bool) -> str:
-        if self._fast_template:
+    def template(self, msgs: list[dict], gen: bool) -> str:
+        """The chat template applied to `msgs` (`gen`: with the generation prompt)."""
+        if self.fast_template:
             return self.tok.apply_chat_template(msgs, chat_template=self.processor.chat_template,
                                                 tokenize=False, add_generation_prompt=gen)
         return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -125,13 +136,13 @@ class Renderer:
         msgs = hf_messages(conv)
         if msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
-        return self._template(msgs, gen=True)
+        return self.template(msgs, gen=True)
 
     def text_and_labels(self, conv: Conversation) -> tuple[str, list[int], list[int]]:
         """The training text, its unexpanded token ids, and labels (IGNORE where no loss)."""
         if conv.kind == "text":
             text = self.tok.bos_token + conv.messages[0].text() + self.tok.eos_token
-            ids = self._ids(text)
+            ids = self.encode(text)
             return text, ids, [IGNORE] + ids[1:]
 
         msgs = hf_messages(conv)
@@ -144,10 +155,10 @@ class Renderer:
             raise BadRecord("no_answer", "the assistant answer is empty", conv.origin)
         if not any(m["role"] == "user" for m in msgs[:last]):
             raise BadRecord("no_user_turn", "nothing from the user before the answer", conv.origin)
-        prompt = self._template(msgs[:last], gen=True)
+        prompt = self.template(msgs[:last], gen=True)
         text = prompt + answer + self.eot + "\n"
-        ids = self._ids(text)
-        prompt_ids = self._ids(prompt)
+        ids = self.encode(text)
+        prompt_ids = self.encode(prompt)
         if ids[: len(prompt_ids)] != prompt_ids:
             raise BadRecord("render_failed", "the generation prompt is not a token prefix of the "
                             "rendered sample (the answer merges with the prompt's last token)",
@@ -163,7 +174,7 @@ class Renderer:
             spans += self._history_spans(msgs, last, ids, conv.origin)
         for start, end in spans:
             # Label the answer through its end-of-turn token, not the newline after it:
-            # generation stops at <turn|>, so that is the last thing the model must emit.
+            # generation stops at the turn end, so that is the last thing the model must emit.
             stop = max((k for k in range(start, end) if ids[k] == self.eot_id), default=end - 1)
             for k in range(start, stop + 1):
                 labels[k] = ids[k]
@@ -177,9 +188,9 @@ class Renderer:
             if msgs[i]["role"] != "assistant" or not any(m["role"] == "user" for m in msgs[:i]) \
                     or not "".join(p.get("text", "") for p in msgs[i]["content"]).strip():
                 continue
-            before = self._template(msgs[:i], gen=False)
-            header = self._ids(before + "<|turn>model\n")
-            through = self._ids(self._template(msgs[: i + 1], gen=False))
+            before = self.template(msgs[:i], gen=False)
+            header = self.encode(before + self.chat.model_turn)
+            through = self.encode(self.template(msgs[: i + 1], gen=False))
             if ids[: len(header)] != header or ids[: len(through)] != through:
                 raise BadRecord("render_failed", f"turn {i} does not render as a prefix", origin)
             spans.append((len(header), len(through)))
@@ -328,12 +339,12 @@ class Renderer:
             # processor decides the real count, so measure again and repeat if needed.
             for _ in range(4):
                 excess = len(sample["input_ids"]) - limit
-                frames = [max(1, -(-len(a) // AUDIO_FRAME)) for a in audios]
+                frames = [max(1, -(-len(a) // self.audio_frame)) for a in audios]
                 total = sum(frames)
                 if excess <= 0 or total - excess < len(audios):
                     break
                 keep = [max(1, f - -(-excess * f // total)) for f in frames]
-                audios = [a[: k * AUDIO_FRAME] for a, k in zip(audios, keep)]
+                audios = [a[: k * self.audio_frame] for a, k in zip(audios, keep)]
                 sample = self._one(conv, pre, images, audios, budget)
             if len(sample["input_ids"]) <= limit:
                 return sample, "trim_audio"

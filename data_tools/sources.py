@@ -18,17 +18,16 @@ import csv
 import glob
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 
 from data_tools.conversation import BadRecord
+from data_tools.locations import is_hub_id
 from finetune.errors import UserError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # Columns that hold lists/objects; a CSV can only carry them as JSON text.
 _STRUCTURED = ("messages", "conversations", "images", "audios")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SNIFF_BYTES = 8192
 _BATCH = 256
 
@@ -103,7 +102,7 @@ def _resolve(spec, base_dir: str | None) -> tuple[str, list[str] | str]:
         return "files", files
     # `owner/name` that is not on disk is a hub id, unless it plainly meant a local file or folder.
     first = os.path.join(base_dir or "", spec.path.split("/")[0])
-    if _HUB_ID.match(spec.path) and not spec.path.endswith(DATA_SUFFIXES) and not os.path.isdir(first):
+    if is_hub_id(spec.path, base_dir) and not spec.path.endswith(DATA_SUFFIXES) and not os.path.isdir(first):
         return "hub", spec.path
     raise UserError(path, "no such file or folder",
                     "check the path (relative paths are relative to the recipe's folder)")

@@ -226,6 +226,3 @@ def max_rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def write_report(out: Path, name: str, report: dict) -> None:
     (out / name).write_text(json.dumps(report, indent=2, default=str) + "\n")
-
-
-from finetune.model import load_adapter  # noqa: E402,F401  TEMP until the export-side restructure lands

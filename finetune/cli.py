@@ -98,8 +98,16 @@ def cmd_data_stats(args) -> int:
 
 def cmd_data_preview(args) -> int:
     from data_tools.preview import write_preview
+    from finetune.model import base_family, load_processor
+    from finetune.recipe import load_recipe
 
-    path = write_preview(args.recipe, args.out, n=args.n, overrides=args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)
+    processor = load_processor(recipe.model.base, recipe.data.image_tokens, recipe.model.trust_remote_code)
+    out_dir = Path(recipe.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = write_preview(recipe, processor, args.out, recipe_path=args.recipe,
+                         processor_dir=recipe.model.base, rejects_path=out_dir / "rejects.jsonl",
+                         chat=base_family(recipe.model.base, recipe.model.trust_remote_code).chat, n=args.n)
     print(f"preview written to {path}")
     return 0
 

@@ -81,18 +81,21 @@ class EvalItem:
 def _held_out_origins(recipe, processor, chat) -> set[str]:
     """The records the trainer held out (data.eval_fraction): the data pipeline decides, and its
     cache makes asking it again cheap. Rejects are not written again (the run wrote them)."""
+    import tempfile
+
     from data_tools.pipeline import prepare
 
-    ev = prepare(recipe, processor, recipe.model.base, chat=chat, rejects_path=None, log=None,
-                 streaming=False, use_cache=not recipe.data.streaming).eval
+    with tempfile.TemporaryDirectory() as tmp:
+        ev = prepare(recipe, processor, recipe.model.base, chat=chat, rejects_path=Path(tmp) / "rejects.jsonl",
+                     log=None, streaming=False, use_cache=not recipe.data.streaming).eval
     return set(ev.table["origin"]) if hasattr(ev, "table") else {s["origin"] for s in ev}
 
 
 def eval_items(recipe, processor, chat, limit: int | None = None, log=None) -> tuple[list[EvalItem], int]:
     """(items, skipped): held-out chat records ending in an answer, with decoded media."""
+    from data_tools.accounting import dataset_name
     from data_tools.formats import parse_record
     from data_tools.media import load_media
-    from data_tools.pipeline import dataset_name
     from data_tools.sources import iter_records
 
     specs, held = recipe.eval_datasets, None

@@ -424,7 +424,7 @@ def test_real_processes_exit_2_without_traceback_and_run_nothing(tmp_path):
 
 
 def test_stats_check_catches_a_lost_record():
-    from data_tools.pipeline import Stats
+    from data_tools.accounting import Stats
 
     Stats(records=3, used=2, rejected=1).check()
     with pytest.raises(AssertionError, match="accounting broken"):
@@ -432,7 +432,7 @@ def test_stats_check_catches_a_lost_record():
 
 
 def test_a_run_that_loses_a_record_fails_loudly(env, tmp_path, capsys, monkeypatch):
-    from data_tools.pipeline import Stats
+    from data_tools.accounting import Stats
 
     monkeypatch.setattr(Stats, "add_reject", lambda self, reason: None)  # a reject that is not counted
     run, _ = _data_run(env, tmp_path, capsys, "not json", "skip", {})

@@ -167,9 +167,11 @@ def test_render_gives_a_sample_or_a_bad_record(processor, turns, fmt, max_seq_le
     from data_tools.conversation import REASONS, BadRecord
     from data_tools.formats import parse_record
     from data_tools.render import IGNORE, Renderer, RenderSettings
+    from finetune.families import GEMMA4_UNIFIED
 
     record = {"messages": turns} if fmt == "messages" else {"text": turns[0]["content"]}
-    renderer = Renderer(processor, RenderSettings(max_seq_len=max_seq_len, train_on=train_on, overflow=overflow))
+    renderer = Renderer(processor, RenderSettings(max_seq_len=max_seq_len, train_on=train_on, overflow=overflow),
+                        GEMMA4_UNIFIED.chat)
     try:
         sample = renderer.render(parse_record(record, fmt, "f.jsonl:1", "."), [], [])
     except BadRecord as bad:

@@ -7,14 +7,15 @@ import functools
 import http.server
 import io
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
 
-from data_tools.conversation import BadRecord, Part
-from data_tools.media import SAMPLE_RATE, load_audio, load_image
+from data_tools.conversation import BadRecord, Conversation, Message, Part
+from data_tools.media import SAMPLE_RATE, load_audio, load_image, load_media
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -268,3 +269,36 @@ def test_bad_audio(tmp_path):
     url = Part("audio", ref="http://example.org/a.wav", ref_kind="url")
     bad = bad_reason(load_audio, url, ".", max_seconds=1, policy="trim", max_bytes=10, allow_network=False)
     assert bad.reason == "network_media" and "allow_network_media" in bad.detail
+
+
+# -- a whole conversation under the recipe's caps ------------------------------------------------
+
+def _caps(**kw):
+    """The fields of the recipe's data section that load_media reads."""
+    return SimpleNamespace(**({"max_image_pixels": 10_000_000, "max_media_bytes": 10_000_000,
+                               "allow_network_media": False, "max_audio_seconds": 30.0,
+                               "audio_overflow": "trim"} | kw))
+
+
+def test_load_media_keeps_order_per_kind_and_applies_the_caps(tmp_path):
+    left_right_image().save(tmp_path / "a.png")
+    Image.new("RGB", (20, 10), BLUE).save(tmp_path / "b.png")
+    sf.write(tmp_path / "one.wav", np.full(SAMPLE_RATE, 0.25, np.float32), SAMPLE_RATE)
+    sf.write(tmp_path / "two.wav", np.full(2 * SAMPLE_RATE, 0.5, np.float32), SAMPLE_RATE)
+    parts = [Part("audio", ref="two.wav", ref_kind="path"), Part("image", ref="a.png", ref_kind="path"),
+             Part("text", text="and"), Part("audio", ref="one.wav", ref_kind="path")]
+    conv = Conversation([Message("user", parts), Message("assistant", [Part("image", ref="b.png", ref_kind="path")])],
+                        origin="d.jsonl:3", base_dir=str(tmp_path))
+    images, audios = load_media(conv, _caps())
+    assert [im.size for im in images] == [(8, 4), (20, 10)]
+    assert [len(a) for a in audios] == [2 * SAMPLE_RATE, SAMPLE_RATE]
+    assert audios[0][0] == pytest.approx(0.5) and audios[1][0] == pytest.approx(0.25)
+    # Every cap comes from the data section: seconds (trim, then reject), pixels, bytes.
+    _, trimmed = load_media(conv, _caps(max_audio_seconds=1.5))
+    assert [len(a) for a in trimmed] == [int(1.5 * SAMPLE_RATE), SAMPLE_RATE]
+    e = bad_reason(load_media, conv, _caps(max_audio_seconds=1.5, audio_overflow="reject"))
+    assert e.reason == "media_too_large" and e.origin == "d.jsonl:3"
+    assert bad_reason(load_media, conv, _caps(max_image_pixels=100)).reason == "media_too_large"
+    assert bad_reason(load_media, conv, _caps(max_media_bytes=50)).reason == "media_too_large"
+    url = Conversation([Message("user", [Part("image", ref="http://127.0.0.1:9/x.png", ref_kind="url")])])
+    assert bad_reason(load_media, url, _caps()).reason == "network_media"

@@ -3,8 +3,10 @@ cache, num_proc, streaming, and `finetune data stats --json`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +14,22 @@ import torch
 import yaml
 from PIL import Image
 
-from data_tools.pipeline import CHUNK, StreamingSamples, cache_key, n_label_tokens, prepare
+from data_tools.accounting import n_label_tokens
+from data_tools.cache import cache_key
+from data_tools.pipeline import prepare
+from data_tools.render_pool import CHUNK
+from data_tools.streaming import StreamingSamples
 from finetune.cli import main
 from finetune.errors import UserError
+from finetune.families import GEMMA4_UNIFIED
+
+
+def prepare_run(recipe, processor, base, **kw):
+    """`prepare` the way a run calls it: rejects.jsonl in train.output_dir, the family's chat format."""
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return prepare(recipe, processor, str(base), rejects_path=out / "rejects.jsonl", chat=GEMMA4_UNIFIED.chat,
+                   **kw)
 
 
 def write_jsonl(path, rows):
@@ -62,7 +77,7 @@ MESSY_DATA = {"max_seq_len": 128, "overflow": "drop", "image_tokens": 70, "on_ba
 def test_skip_accounts_for_every_record_and_writes_rejects(processor, make_recipe, messy, tiny_base):
     datasets, reasons, _ = messy
     recipe = make_recipe(datasets, data=MESSY_DATA)
-    prep = prepare(recipe, processor, str(tiny_base), log=None, use_cache=False)
+    prep = prepare_run(recipe, processor, tiny_base, log=None, use_cache=False)
     total = prep.stats["total"]
     assert (total["records"], total["used"], total["rejected"]) == (11, 3, 8)
     assert total["records"] == total["used"] + total["rejected"]
@@ -83,7 +98,7 @@ def test_error_mode_names_file_and_line(processor, make_recipe, messy, tiny_base
     datasets, _, where = messy
     recipe = make_recipe(datasets, data={**MESSY_DATA, "on_bad_record": "error"})
     with pytest.raises(UserError) as e:
-        prepare(recipe, processor, str(tiny_base), log=None, use_cache=False)
+        prepare_run(recipe, processor, tiny_base, log=None, use_cache=False)
     assert e.value.where == where and "unparseable" in e.value.what
     # Through the CLI: exit 2, one line naming file:line and the reason.
     path = tmp_path / "r.yaml"
@@ -105,7 +120,7 @@ def _two_sets(tmp_path, n_a=8, n_b=4, long_b=False):
 def test_mix_by_samples_follows_weights(processor, make_recipe, tmp_path, tiny_base):
     a, b = _two_sets(tmp_path)
     recipe = make_recipe([{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}])
-    prep = prepare(recipe, processor, str(tiny_base), log=None, use_cache=False)
+    prep = prepare_run(recipe, processor, tiny_base, log=None, use_cache=False)
     counts = {d: sum(s["dataset"] == d for s in prep.train) for d in ("0:a.jsonl", "1:b.jsonl")}
     assert counts == {"0:a.jsonl": 9, "1:b.jsonl": 3}  # 12 samples, 3:1
 
@@ -113,7 +128,7 @@ def test_mix_by_samples_follows_weights(processor, make_recipe, tmp_path, tiny_b
 def test_mix_by_tokens_balances_label_tokens(processor, make_recipe, tmp_path, tiny_base):
     a, b = _two_sets(tmp_path, n_a=8, n_b=8, long_b=True)
     recipe = make_recipe([{"path": str(a)}, {"path": str(b)}], data={"mix_by": "tokens"})
-    prep = prepare(recipe, processor, str(tiny_base), log=None, use_cache=False)
+    prep = prepare_run(recipe, processor, tiny_base, log=None, use_cache=False)
     labels = {d: sum(n_label_tokens(s) for s in prep.train if s["dataset"] == d)
               for d in ("0:a.jsonl", "1:b.jsonl")}
     per_b = n_label_tokens(next(s for s in prep.train if s["dataset"] == "1:b.jsonl"))
@@ -126,7 +141,7 @@ def test_mix_by_tokens_balances_label_tokens(processor, make_recipe, tmp_path, t
 def test_eval_fraction_splits_disjointly(processor, make_recipe, tmp_path, tiny_base):
     a, _ = _two_sets(tmp_path, n_a=12)
     recipe = make_recipe([{"path": str(a)}], data={"eval_fraction": 0.25})
-    prep = prepare(recipe, processor, str(tiny_base), log=None, use_cache=False)
+    prep = prepare_run(recipe, processor, tiny_base, log=None, use_cache=False)
     train, held = {s["origin"] for s in prep.train}, {s["origin"] for s in prep.eval}
     assert len(held) == 3 and len(train) == 9 and not train & held
 
@@ -148,10 +163,10 @@ def demo_recipe(make_recipe, demo_data, **data):
 def test_cache_is_reused_fast_and_num_proc_gives_the_same_samples(processor, make_recipe, demo_data,
                                                                    tiny_base):
     logs = []
-    first = prepare(demo_recipe(make_recipe, demo_data), processor, str(tiny_base), log=logs.append)
+    first = prepare_run(demo_recipe(make_recipe, demo_data), processor, tiny_base, log=logs.append)
     assert not first.from_cache and not any("reusing" in x for x in logs)
     t0 = time.perf_counter()
-    again = prepare(demo_recipe(make_recipe, demo_data), processor, str(tiny_base), log=logs.append)
+    again = prepare_run(demo_recipe(make_recipe, demo_data), processor, tiny_base, log=logs.append)
     assert again.from_cache and time.perf_counter() - t0 < 1.0
     assert "reusing cached tokenized data" in logs[-1]
     assert again.stats == first.stats and len(again.train) == len(first.train)
@@ -160,8 +175,12 @@ def test_cache_is_reused_fast_and_num_proc_gives_the_same_samples(processor, mak
     assert cache_key(r1, str(tiny_base)) == cache_key(r2, str(tiny_base))
     assert cache_key(r1, str(tiny_base)) != cache_key(demo_recipe(make_recipe, demo_data, image_tokens=140),
                                                       str(tiny_base))
-    one = prepare(r1, processor, str(tiny_base), log=None, use_cache=False)
-    two = prepare(r2, processor, str(tiny_base), log=None, use_cache=False)
+    # The chat format shapes every sample, and it comes from the model family, not this package.
+    other_chat = dataclasses.replace(GEMMA4_UNIFIED.chat, turn_end="<end_of_turn>")
+    assert cache_key(r1, str(tiny_base), GEMMA4_UNIFIED.chat) == cache_key(r2, str(tiny_base), GEMMA4_UNIFIED.chat)
+    assert cache_key(r1, str(tiny_base), GEMMA4_UNIFIED.chat) != cache_key(r1, str(tiny_base), other_chat)
+    one = prepare_run(r1, processor, tiny_base, log=None, use_cache=False)
+    two = prepare_run(r2, processor, tiny_base, log=None, use_cache=False)
     assert one.stats == two.stats
     assert len(one.train) == len(two.train) == len(again.train)
     for x, y, z in zip(one.train, two.train, (again.train[i] for i in range(len(again.train)))):
@@ -195,7 +214,7 @@ def test_streaming_is_lazy_and_accounts_by_the_end(processor, make_recipe, messy
     datasets, reasons, _ = messy
     recipe_datasets = datasets + [{"path": str(demo_data / "train_text.jsonl")}]
     recipe = make_recipe(recipe_datasets, data={**MESSY_DATA, "streaming": True})
-    prep = prepare(recipe, processor, str(tiny_base), log=None)
+    prep = prepare_run(recipe, processor, tiny_base, log=None)
     assert prep.streaming and isinstance(prep.train, StreamingSamples) and prep.cache_dir is None
     assert prep.train.stats.records == 0  # nothing read up front
     it = iter(prep.train)
@@ -205,7 +224,7 @@ def test_streaming_is_lazy_and_accounts_by_the_end(processor, make_recipe, messy
     assert partial["complete"] is False and partial["total"]["records"] == prep.train.stats.records
     epoch = [first, *it]
     assert prep.train.complete and prep.stats["complete"] and prep.train.stats_dict() is prep.stats
-    cached = prepare(make_recipe(recipe_datasets, data=MESSY_DATA), processor, str(tiny_base), log=None)
+    cached = prepare_run(make_recipe(recipe_datasets, data=MESSY_DATA), processor, tiny_base, log=None)
     for key in ("records", "used", "rejected", "rejected_by_reason", "tokens", "overflow_actions"):
         assert prep.stats["total"][key] == cached.stats["total"][key], key
     assert prep.stats["total"]["rejected_by_reason"] == reasons
@@ -215,33 +234,50 @@ def test_streaming_is_lazy_and_accounts_by_the_end(processor, make_recipe, messy
         assert len(f.readlines()) == cached.stats["total"]["rejected"] == 8
 
 
+def test_streaming_counts_only_where_counts_records(processor, make_recipe, messy, tiny_base):
+    """The ranks that do not count (counts_records False) read the same samples and write nothing."""
+    datasets, _, _ = messy
+    recipe = make_recipe(datasets, data={**MESSY_DATA, "streaming": True})
+    prep = prepare_run(recipe, processor, tiny_base, log=None)
+    prep.train.counts_records = False
+    quiet = list(prep.train)
+    assert prep.train.stats.records == 0 and not prep.train.complete
+    assert (Path(recipe.train.output_dir) / "rejects.jsonl").read_text() == ""
+    prep.train.counts_records = True
+    counted = list(prep.train)
+    assert prep.train.complete and prep.stats["total"]["records"] == 11
+    assert [s["origin"] for s in quiet] == [s["origin"] for s in counted]
+
+
 def test_streaming_interleaves_by_weight_and_batches_resume(processor, make_recipe, tmp_path, tiny_base):
     a, b = _two_sets(tmp_path, n_a=8, n_b=4)
     recipe = make_recipe([{"path": str(a)}, {"path": str(b)}], data={"streaming": True})
-    prep = prepare(recipe, processor, str(tiny_base), log=None)
+    prep = prepare_run(recipe, processor, tiny_base, log=None)
     next(iter(prep.train))  # an abandoned first pass: the next one counts afresh
     epoch = list(prep.train)
     assert prep.stats["total"]["records"] == 12
     counts = {d: sum(s["dataset"] == d for s in epoch) for d in ("0:a.jsonl", "1:b.jsonl")}
     assert counts == {"0:a.jsonl": 8, "1:b.jsonl": 8}  # equal weights: b goes round twice
     assert len({s["origin"] for s in epoch}) == 12
+    from finetune.training.batches import stream_micro_batches
+
     pad = processor.tokenizer.pad_token_id
-    fresh = prep.train.micro_batches(2, pad)
+    fresh = stream_micro_batches(prep.train, 2, pad)
     batches = [next(fresh) for _ in range(10)]  # crosses into the second epoch
     assert all(b["input_ids"].shape[0] == 2 for b in batches)
-    resumed = prep.train.micro_batches(2, pad, start=7)
+    resumed = stream_micro_batches(prep.train, 2, pad, start=7)
     for want in batches[7:]:
         got = next(resumed)
         assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
-    r0 = next(prep.train.micro_batches(1, pad, rank=0, world=2))
-    r1 = next(prep.train.micro_batches(1, pad, rank=1, world=2))
+    r0 = next(stream_micro_batches(prep.train, 1, pad, rank=0, world=2))
+    r1 = next(stream_micro_batches(prep.train, 1, pad, rank=1, world=2))
     assert not torch.equal(r0["input_ids"], r1["input_ids"])  # each rank its own slice
 
 
 def test_streaming_eval_fraction_holds_out_records(processor, make_recipe, tmp_path, tiny_base):
     a, _ = _two_sets(tmp_path, n_a=40)
     recipe = make_recipe([{"path": str(a)}], data={"streaming": True, "eval_fraction": 0.25})
-    prep = prepare(recipe, processor, str(tiny_base), log=None)
+    prep = prepare_run(recipe, processor, tiny_base, log=None)
     train = {s["origin"] for s in prep.train}
     held = {s["origin"] for s in prep.eval}
     assert not train & held and len(train | held) == 40 and 3 <= len(held) <= 20

@@ -12,10 +12,14 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from data_tools.accounting import Stats
 from data_tools.collate import collate
 from data_tools.conversation import BadRecord
-from data_tools.pipeline import Stats, _Worker
 from data_tools.render import IGNORE, Renderer, RenderSettings
+from data_tools.render_pool import RecordWorker
+from finetune.families import GEMMA4_UNIFIED
+
+CHAT = GEMMA4_UNIFIED.chat
 
 GEN_PROMPT_END = "<|turn>model\n<|channel>thought\n<channel|>"
 
@@ -33,7 +37,7 @@ def render(processor, make_recipe, record, fmt="messages", base_dir=".", **data)
     """(sample, conv, images, audios, renderer) for one record, the way the pipeline does it."""
     recipe = make_recipe([{"path": "unused.jsonl", "format": fmt}],
                          data={"image_tokens": 70, "max_seq_len": 512, **data})
-    worker = _Worker(processor, recipe)
+    worker = RecordWorker(processor, recipe.data, CHAT)
     conv, images, audios = worker.load(("t.jsonl:1", record, str(base_dir), fmt, "0:t.jsonl"))
     return worker.renderer.render(conv, images, audios), conv, images, audios, worker.renderer
 
@@ -258,7 +262,7 @@ def test_uint8_pixels_and_audio_frames_reproduce_the_processor_bit_exactly(proce
 def test_render_many_equals_render_and_isolates_bad_items(processor, make_recipe, media):
     """Batched processor calls (one per media kind) give the same samples as one by one."""
     recipe = make_recipe([{"path": "unused.jsonl"}], data={"image_tokens": 70})
-    worker = _Worker(processor, recipe)
+    worker = RecordWorker(processor, recipe.data, CHAT)
     img = {"messages": [{"role": "user", "content": [{"type": "image", "path": "red.png"}]},
                         {"role": "assistant", "content": "red"}]}
     big = {"messages": [{"role": "user", "content": [{"type": "image", "path": "wide.png"},
@@ -294,16 +298,26 @@ def test_render_many_equals_render_and_isolates_bad_items(processor, make_recipe
 
 def test_fast_paths_agree_with_the_processor(processor, make_recipe):
     """Tokenizer-side template and Rust encode are used only when they match the processor's."""
-    r = Renderer(processor, RenderSettings())
-    assert r._fast_template
+    r = Renderer(processor, RenderSettings(), CHAT)
+    assert r.fast_template
     msgs = [{"role": "user", "content": [{"type": "audio"},
                                          {"type": "text", "text": "Tell me ✓ the pitch."}]}]
     slow = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert r._template(msgs, True) == slow
-    text = r._template(msgs, True) + "high<turn|>\n"
-    assert r._ids(text) == processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert r.template(msgs, True) == slow
+    text = r.template(msgs, True) + "high<turn|>\n"
+    assert r.encode(text) == processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     # Text-only samples skip the processor: same ids, all text.
     s, conv, *_ = render(processor, make_recipe, MULTI)
     ref = processor(text=r.text_and_labels(conv)[0], add_special_tokens=False)
     assert s["input_ids"] == list(ref["input_ids"][0])
     assert s["mm_token_type_ids"] == list(ref["mm_token_type_ids"][0])
+
+
+def test_model_facts_come_from_the_processor_and_the_chat_format(processor):
+    """Nothing model-specific is written into the renderer: turn tokens from the family's chat
+    format, the video placeholder and the audio framing from the processor."""
+    r = Renderer(processor, RenderSettings(), CHAT)
+    tok = processor.tokenizer
+    assert r.eot == CHAT.turn_end and r.eot_id == tok.convert_tokens_to_ids(CHAT.turn_end) != tok.unk_token_id
+    assert tok.convert_tokens_to_ids(processor.video_token) in r.media_ids
+    assert r.audio_frame == processor.feature_extractor.audio_samples_per_token

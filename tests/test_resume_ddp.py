@@ -134,6 +134,7 @@ def test_resume_after_sigkill_is_exact(assets):
 def test_two_process_ddp_matches_one_process(assets):
     """torchrun, 2 ranks × batch 2 vs one process × batch 4: the same global batches."""
     from data_tools.pipeline import prepare
+    from finetune.families import GEMMA4_UNIFIED
     from finetune.model import load_processor
     from finetune.recipe import recipe_from_dict
     from finetune.training.batches import BatchPlan
@@ -163,7 +164,8 @@ def test_two_process_ddp_matches_one_process(assets):
     # up to ±lr. Steps 2 and 3's losses already depend on the updates.)
 
     # Some rank's micro-batch had no image (and some none audio): unused LoRA weights worked.
-    data = prepare(one, load_processor(str(assets.base), 70), str(assets.base), log=None)
+    data = prepare(one, load_processor(str(assets.base), 70), str(assets.base),
+                   rejects_path=Path(one.train.output_dir) / "rejects.jsonl", chat=GEMMA4_UNIFIED.chat, log=None)
     cfg = SimpleNamespace(sliding_window=64, layer_types=["sliding_attention", "full_attention"])
     ddp_t = recipe_from_dict(raw).train
     shares = [BatchPlan(data.train, ddp_t, 0, cfg, 2, rank, 256).micro_batch(i)

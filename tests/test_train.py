@@ -53,10 +53,13 @@ def make_recipe(assets, out: Path, *, base=None, model=None, data_dir=None, **tr
 def samples(assets):
     """Rendered training samples by modality: {"image": [...], "audio": [...], ...}."""
     from data_tools.pipeline import prepare
+    from finetune.families import GEMMA4_UNIFIED
     from finetune.model import load_processor
 
     recipe = make_recipe(assets, assets.root / "prep")
-    data = prepare(recipe, load_processor(str(assets.base), 70), str(assets.base), log=None)
+    (assets.root / "prep").mkdir(parents=True, exist_ok=True)
+    data = prepare(recipe, load_processor(str(assets.base), 70), str(assets.base),
+                   rejects_path=assets.root / "prep" / "rejects.jsonl", chat=GEMMA4_UNIFIED.chat, log=None)
     out: dict[str, list] = {}
     for i in range(len(data.train)):
         s = data.train[i]
