@@ -27,6 +27,7 @@ test-llamacpp: setup
 
 lint: setup
 	$(BIN)/ruff check finetune data_tools tests benchmarks train.py
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python benchmarks/data_throughput.py

@@ -10,7 +10,7 @@ differs is the trainer:
 - baseline: `transformers.Trainer` on the PEFT model, padding each batch to its longest
   sample, random order (its default sampler), the model's own loss (full-vocabulary
   logits for every position, mean per micro-batch);
-- ours: `finetune.train.train` with the recipe's defaults (length-grouped batches, chunked
+- ours: `finetune.training.loop.train` with the recipe's defaults (length-grouped batches, chunked
   cross-entropy over label positions only), and once more with `train.packing=true`.
 
 Both pairs run again on the tiny model with its vocabulary grown to 8704 rows, so that
@@ -64,14 +64,13 @@ def _epoch_steps(recipe, data, pad_id: int) -> tuple[int, int, int, int]:
     sample's tokens past its last label (`data_tools.collate.useful_length`)."""
     from types import SimpleNamespace
 
-    from finetune.train import BatchPlan
-
     from data_tools.collate import useful_length
+    from finetune.training.batches import BatchPlan
 
     t = recipe.train
     cfg = SimpleNamespace(sliding_window=64, layer_types=["sliding_attention", "full_attention"])
     plan = BatchPlan(data.train, t, pad_id, cfg, 1, 0, recipe.data.max_seq_len)
-    batches = plan._plan_for(0)
+    batches = plan.epoch_plan(0)
     steps = len(batches) // t.grad_accum
     used = batches[:steps * t.grad_accum]
     L, U = plan.lengths, [useful_length(data.train[i]) for i in range(len(data.train))]
@@ -85,7 +84,7 @@ def _epoch_steps(recipe, data, pad_id: int) -> tuple[int, int, int, int]:
 
 
 def run_ours(tmp: Path, data, pad_id: int, name: str, overrides: list[str]) -> dict:
-    from finetune.train import train
+    from finetune.training.loop import train
 
     recipe = _recipe(tmp, name, overrides)
     steps, samples, tokens, padded = _epoch_steps(recipe, data, pad_id)
@@ -174,16 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     import peft
     import torch
     import transformers
-    from finetune.train import _cpu_threads
 
     from data_tools.pipeline import prepare
     from finetune.demo import make_demo_data
     from finetune.model import base_family, load_processor
     from finetune.tiny import write_tiny_model
+    from finetune.training.loop import cpu_threads_for
 
     # The thread count our trainer picks on CPU, for both trainers: fair, and 2 threads on 2
-    # busy cores would slow each of them 5-30x (see finetune.train._cpu_threads).
-    _cpu_threads(1, None)
+    # busy cores would slow each of them 5-30x (see finetune.training.loop.cpu_threads_for).
+    torch.set_num_threads(cpu_threads_for(1))
     threads = torch.get_num_threads()
     n = max(1, round(64 * args.scale))
     with tempfile.TemporaryDirectory() as d:

@@ -6,10 +6,10 @@
 No download: the 12B is built from the bundled config with random weights, one layer at a
 time straight into NF4 on the GPU (never the 24 GB bf16 model in host or GPU memory), then
 the recipe's LoRA is attached with PEFT and a few real optimizer steps run through
-`finetune.train`'s own step (`loss_sum` + `_optimizer_step`), on samples holding one image
+`finetune.training`'s own step (`optimizer_step` with the sft objective), on samples holding one image
 (280 soft tokens) and 10 s of audio (250 tokens) at each total length. Each run records
 `torch.cuda.max_memory_allocated` / `max_memory_reserved` and the device's used memory next
-to `finetune.memory.plan()` for the same recipe, into `benchmarks/results/gpu_memory.json`.
+to `finetune.plan()` for the same recipe, into `benchmarks/results/gpu_memory.json`.
 
 Without CUDA it prints "needs CUDA" and exits 0 without writing. `--device cpu` is a dry
 run of every step on the CPU (use a tiny `--config`, e.g. from `finetune tiny-model DIR`);
@@ -31,8 +31,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from finetune import memory  # noqa: E402
 from finetune.families import family_for  # noqa: E402
+from finetune.memory.estimate import AUDIO_TOKENS_PER_S  # noqa: E402
+from finetune.memory.plan import plan  # noqa: E402
+from finetune.memory.skeleton import load_config, model_class, not_quantized  # noqa: E402
 from finetune.recipe import load_recipe  # noqa: E402
 
 GIB = 2**30
@@ -49,10 +51,10 @@ def build_quantized(config, device: str, dtype: torch.dtype, double_quant: bool 
     import bitsandbytes as bnb
 
     family = family_for(config.model_type)
-    cls = memory._model_class(config, family)
+    cls = model_class(config, family)
     with torch.device("meta"):
         model = cls(config)
-    skip, should_convert = memory._not_converted(model)
+    skip, should_convert = not_quantized(model)
     for name, mod in list(model.named_modules()):
         if type(mod) is nn.Linear and should_convert(name, skip):
             model.set_submodule(name, bnb.nn.Linear4bit(
@@ -121,7 +123,7 @@ def sample(config, seq_len: int, device: str, dtype: torch.dtype, seed: int = 0)
                                               "audio_token_id", "boa_token_id", "eoa_token_index",
                                               "video_token_id")]
     hi = min(min(specials), text.vocab_size)
-    audio_tokens = int(AUDIO_SECONDS * memory.AUDIO_TOKENS_PER_S)
+    audio_tokens = int(AUDIO_SECONDS * AUDIO_TOKENS_PER_S)
     media = IMAGE_TOKENS + 2 + audio_tokens + 2
     if seq_len < media + 16:
         raise SystemExit(f"seq_len {seq_len} is too short for one image and one clip ({media} tokens)")
@@ -152,25 +154,26 @@ def sample(config, seq_len: int, device: str, dtype: torch.dtype, seed: int = 0)
         "input_features": torch.randn(1, audio_tokens, config.audio_config.audio_embed_dim, generator=g) * 0.1,
         "input_features_mask": torch.ones(1, audio_tokens, dtype=torch.bool),
     }
-    try:
-        from finetune.train import to_device
-    except ImportError:  # pragma: no cover - the trainer is the reference; this mirrors it
-        def to_device(b, dev, dt):
-            return {k: (v.to(dev).to(dt) if v.is_floating_point() else v.to(dev)) for k, v in b.items()}
+    from finetune.training.wrappers import to_device
+
     return to_device(batch, device, dtype)
 
 
 def run_steps(model, recipe, micro: list[dict], steps: int, device: str) -> tuple[list[float], float]:
     """`steps` optimizer steps through the trainer's own step function."""
     from accelerate import Accelerator
-    from finetune.train import _optimizer_step, make_optimizer, make_scheduler
+
+    from finetune.objectives import build
+    from finetune.training.optim import make_optimizer, make_scheduler
+    from finetune.training.step import optimizer_step
 
     acc = Accelerator(cpu=device == "cpu")
+    objective = build(recipe)
     optimizer = make_optimizer(model.parameters(), recipe.train, device)
     scheduler = make_scheduler(optimizer, recipe.train)
     losses, t0 = [], time.time()
     for _ in range(steps):
-        loss, _ = _optimizer_step(model, optimizer, scheduler, micro, acc, recipe.train)
+        loss, _, _ = optimizer_step(model, optimizer, scheduler, micro, acc, objective, recipe.train.max_grad_norm)
         losses.append(loss)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
               "train.batch_size=1", f"train.grad_accum={args.grad_accum}"]
     common += [f"model.base={base}"] if base else []
     recipe = load_recipe(args.recipe, common)
-    config, source = memory.load_config(recipe.model)
+    config, source = load_config(recipe.model)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     family = family_for(config.model_type)
 
@@ -230,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__,
               "recipe": str(recipe_path.relative_to(ROOT) if recipe_path.is_relative_to(ROOT) else recipe_path),
               "overrides": common, "config": source, "build_seconds": round(build_s, 1),
-              "step": "finetune.train._optimizer_step (loss_sum: chunked CE per the recipe)", "runs": []}
+              "step": "finetune.training.step.optimizer_step (sft objective: chunked CE per the recipe)", "runs": []}
     if args.device == "cuda":
         torch.cuda.synchronize()
-        static_pred = memory.plan(recipe, device="cuda")["breakdown_bytes"]
+        static_pred = plan(recipe, device="cuda")["breakdown_bytes"]
         weights = sum(static_pred[k] for k in ("linear_weights", "unquantized_weights", "lora_weights"))
         record["weights_after_build"] = {
             "measured_gib": round(torch.cuda.memory_allocated() / GIB, 3),
@@ -243,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     for seq, offload in runs:
         r = load_recipe(args.recipe, common + [f"data.max_seq_len={seq}",
                                                f"train.offload_activations={str(offload).lower()}"])
-        pred = memory.plan(r, device=args.device, budget_gib=16.0)
+        pred = plan(r, device=args.device, budget_gib=16.0)
         micro = [sample(config, seq, args.device, dtype, seed=i) for i in range(args.grad_accum)]
         run = {"seq_len": seq, "offload_activations": offload, "grad_accum": args.grad_accum, "steps": args.steps,
-               "image_tokens": IMAGE_TOKENS, "audio_tokens": int(AUDIO_SECONDS * memory.AUDIO_TOKENS_PER_S),
+               "image_tokens": IMAGE_TOKENS, "audio_tokens": int(AUDIO_SECONDS * AUDIO_TOKENS_PER_S),
                "predicted": {k: pred[k] for k in ("peak_gib", "allocated_gib", "reserved_gib", "fits")}
                | {"breakdown": pred["breakdown"]}}
         if args.device == "cuda":

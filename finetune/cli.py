@@ -45,11 +45,11 @@ def _check_runnable(recipe) -> None:
     """Sources exist and are readable, the base exists: all problems at once."""
     from data_tools.sources import check_source
     from finetune.errors import RecipeErrors
-    from finetune.model import _check_base
+    from finetune.model import check_base_path
 
     errors = []
     try:
-        _check_base(recipe.model.base, recipe.model.allow_pickle)
+        check_base_path(recipe.model.base, recipe.model.allow_pickle)
     except UserError as e:
         errors.append(e)
     for key, specs in (("datasets", recipe.datasets), ("eval_datasets", recipe.eval_datasets)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from finetune.errors import UserError
-from finetune.memory import plan
+from finetune.memory.plan import plan
 from finetune.recipe import load_recipe
 
 BAR_WIDTH = 24

@@ -29,7 +29,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_base(base: str, allow_pickle: bool) -> None:
+def check_base_path(base: str, allow_pickle: bool) -> None:
     p = Path(base)
     if not p.exists():
         if not looks_like_hub_id(base):
@@ -73,7 +73,7 @@ def load_base(base: str, *, quantization: str = "none", dtype: str = "auto", dev
     """The base model, frozen, ready for LoRA. Never merges anything."""
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    _check_base(base, allow_pickle)
+    check_base_path(base, allow_pickle)
     device = device or default_device()
     cdtype = compute_dtype(dtype, device)
     kwargs = {"trust_remote_code": trust_remote_code, "attn_implementation": "sdpa",

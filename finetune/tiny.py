@@ -5,7 +5,7 @@ it is written with `save_pretrained` and read back with `from_pretrained`/`AutoP
 like any checkpoint. The tokenizer (`assets/tokenizer.json`) is a small BPE with byte
 fallback and the Gemma 4 special tokens; `build_tokenizer_json()` regenerates it.
 
-Shape choices that matter (see shared/FACTS.md):
+Shape choices that matter (each was needed by a real code path: llama.cpp's converter, chunked CE):
 - full-attention layers with `attention_k_eq_v` (no v_proj) and 1 global kv head, and a
   `global_head_dim` that differs from `head_dim` (llama.cpp's converter needs the difference);
 - `final_logit_softcapping: 30` so chunked CE is tested with the soft-cap;
@@ -32,7 +32,7 @@ SPECIAL = {
 }
 VOCAB_SIZE = 1024  # BPE target; the real size is len(tokenizer), fewer when merges run out
 
-# The shape of the official Gemma 4 template (FACTS.md): bos, optional system turn, each turn
+# The shape of the official Gemma 4 template: bos, optional system turn, each turn
 # `<|turn>{role}\n…<turn|>\n` with the assistant rendered as `model`, text trimmed, media
 # inline, and the empty thinking scaffold after the generation prompt unless thinking is on.
 # No {% generation %} markers, like the official one: label masks come from rendering.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetune.errors import UserError
-from finetune.memory import plan
+from finetune.memory.plan import plan
 from finetune.recipe import load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -330,7 +330,7 @@ def test_gradient_checkpointing_leaves_loss_unchanged(assets, mixed_batch):
 
 
 def test_offload_activations_leaves_loss_unchanged(assets, mixed_batch, monkeypatch):
-    import finetune.training.offload as tr
+    import finetune.offload as tr
     from finetune.model import enable_gradient_checkpointing
 
     model = lora_model(assets.base)

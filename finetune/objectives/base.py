@@ -39,6 +39,11 @@ class Objective(torch.nn.Module):
         raise NotImplementedError
 
 
+def transformers_model(model):
+    """The transformers model under a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def register(name: str):
     """Class decorator: `train.objective: name` builds this objective."""
     def add(cls: type[Objective]) -> type[Objective]:

@@ -12,9 +12,8 @@ import torch
 
 from data_tools.render import IGNORE
 from finetune.losses import chunked_ce_sum, full_ce_sum
-from finetune.objectives.base import Objective, register
-from finetune.training.offload import offload_activations
-from finetune.training.wrappers import unwrap
+from finetune.objectives.base import Objective, register, transformers_model
+from finetune.offload import offload_activations
 
 
 def loss_labels(batch: dict) -> torch.Tensor:
@@ -37,7 +36,7 @@ def loss_sum(model, batch: dict, *, chunked: bool, chunk_size: int = 256,
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = loss_labels(batch)
     if chunked:
-        cg = unwrap(model)
+        cg = transformers_model(model)
         # Only the decoder's saved tensors are offloaded; the CE chunks recompute their logits.
         with offload_activations(offload):
             hidden = cg.model(**inputs, use_cache=False).last_hidden_state

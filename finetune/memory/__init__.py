@@ -1,0 +1,1 @@
+"""Predicting GPU memory before anything is downloaded: skeleton → estimate → plan."""
