@@ -53,6 +53,10 @@ def register(name: str):
     return add
 
 
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
 def names() -> list[str]:
     return sorted(_REGISTRY)
 
