@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-llamacpp lint bench clean
+.PHONY: setup demo test test-llamacpp lint bench gpu-wheels clean
 
 # The torch pair below lies on the build machines' disk (pip takes it from there in ~1 min).
 # On a GPU machine, install the CUDA torch you want into .venv first; pip keeps it.
@@ -33,6 +33,14 @@ bench: setup
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/cpu_throughput.py
 	$(BIN)/python benchmarks/merge_memory.py
+
+# Wheels the GPU machine lacks (its torch is kept): carried in the ignored .whl/ by the device
+# tool, installed by benchmarks/gpu_run.sh. Python 3.12, x86-64, as on the lent H200 machine.
+GPU_WHEELS := transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf runs .pytest_cache

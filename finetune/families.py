@@ -27,6 +27,8 @@ class Family:
     gguf_names: tuple[tuple[str, str], ...]
     # The chat format's own tokens (turn end, model turn header, thinking channel)
     chat: ChatFormat
+    # Full names of the decoder layers' MLP blocks (what `train.mlp_tile_tokens` tiles)
+    mlp_blocks: str = ""
 
     def part_of(self, name: str) -> str:
         for pattern, part in self.part_patterns:
@@ -68,6 +70,7 @@ GEMMA4_UNIFIED = Family(
     ),
     chat=ChatFormat(turn_end="<turn|>", model_turn="<|turn>model\n", channel_open="<|channel>",
                     channel_close="<channel|>"),
+    mlp_blocks=r".*language_model\.layers\.\d+\.mlp",
 )
 
 FAMILIES = {GEMMA4_UNIFIED.model_type: GEMMA4_UNIFIED}

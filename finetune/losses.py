@@ -17,6 +17,15 @@ from torch.utils.checkpoint import checkpoint
 
 from data_tools.render import IGNORE
 
+CE_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk (and their grads) stay near this size
+CE_BYTES_PER_LOGIT = 16  # in a chunk's backward: soft-capped fp32 logits, fp32 log-softmax, two fp32 grads
+
+
+def ce_chunk_rows(vocab: int, budget_bytes: int = CE_CHUNK_BYTES) -> int:
+    """Label positions per chunk so one chunk's logits stay within `budget_bytes`: 64 at the
+    12B's 262,144-token vocabulary, the whole sequence at a tiny one."""
+    return max(1, budget_bytes // (vocab * CE_BYTES_PER_LOGIT))
+
 
 def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     if cap is None:
@@ -39,8 +48,10 @@ def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
-                   cap: float | None, chunk_size: int = 256) -> torch.Tensor:
+                   cap: float | None, chunk_size: int | None = None) -> torch.Tensor:
+    """Summed CE over label positions, `chunk_size` positions at a time (None: `ce_chunk_rows`)."""
     h, t = shifted_targets(hidden, labels)
+    chunk_size = chunk_size or ce_chunk_rows(lm_weight.shape[0])
     # An empty sum still hangs off the graph: a window without labels backpropagates zeros.
     total = h[:0].sum().float()
     for start in range(0, len(t), chunk_size):

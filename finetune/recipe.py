@@ -95,9 +95,14 @@ class TrainSection:
     preview_every: int = _f(0, "generate on held-out items every N steps (0 = off)", lo=0)
     preview_items: int = _f(3, "how many held-out items to preview", lo=1)
     chunked_ce: bool = _f(True, "cross-entropy in chunks over label positions only")
-    ce_chunk_size: int = _f(256, "label positions per chunk", lo=1)
+    ce_chunk_size: int | None = _f(None, "label positions per CE chunk (default: as many as keep one "
+                                   "chunk's logits near 256 MiB: 64 at a 262k vocabulary)", lo=1)
     gradient_checkpointing: bool = _f(True, "recompute decoder layers in backward")
-    offload_activations: bool = _f(False, "keep checkpointed inputs in pinned CPU memory (CUDA)")
+    offload_activations: bool = _f(True, "keep checkpointed layer inputs in pinned host memory "
+                                   "(CUDA only; the loss is unchanged)")
+    mlp_tile_tokens: int = _f(0, "run each layer's MLP in sequence tiles of this many tokens under "
+                              "their own recompute (0 = off): less memory on long sequences, one "
+                              "extra MLP forward", lo=0)
     group_by_length: bool = _f(True, "batch samples of similar length")
     packing: bool = _f(False, "pack several samples per row")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = _f("adamw")

@@ -330,7 +330,7 @@ def test_gradient_checkpointing_leaves_loss_unchanged(assets, mixed_batch):
 
 
 def test_offload_activations_leaves_loss_unchanged(assets, mixed_batch, monkeypatch):
-    import finetune.offload as tr
+    import finetune.memory_tricks as tr
     from finetune.model import enable_gradient_checkpointing
 
     model = lora_model(assets.base)
@@ -352,6 +352,34 @@ def test_offload_activations_leaves_loss_unchanged(assets, mixed_batch, monkeypa
     hidden = model.get_base_model().config.get_text_config().hidden_size
     layer_input = mixed_batch["input_ids"].numel() * hidden * 4
     assert len(used) == 1 and used[0].saved_bytes >= 4 * layer_input
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tiled_mlp_leaves_loss_unchanged(assets, mixed_batch, checkpointing):
+    """MLP in sequence tiles under their own recompute: same loss and LoRA gradients, same
+    parameter names (adapters save and load as without tiling)."""
+    from finetune.families import GEMMA4_UNIFIED
+    from finetune.memory_tricks import TiledMLP, tile_mlp
+    from finetune.model import enable_gradient_checkpointing
+
+    model = lora_model(assets.base)
+    if checkpointing:
+        enable_gradient_checkpointing(model)  # the tiles' recompute nests inside the layer's
+    names = [n for n, _ in model.named_parameters()]
+    loss, grads = loss_and_grads(model, mixed_batch, chunked=True)
+    tile = 16
+    assert mixed_batch["input_ids"].shape[1] > 3 * tile  # several tiles, a ragged last one
+    assert tile_mlp(model, tile, GEMMA4_UNIFIED.mlp_blocks) == 4
+    assert [n for n, _ in model.named_parameters()] == names
+    assert sum(isinstance(m, TiledMLP) for m in model.modules()) == 4
+    calls = []
+    inner = model.get_base_model().model.language_model.layers[0].mlp.inner
+    handle = inner.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
+    loss_t, grads_t = loss_and_grads(model, mixed_batch, chunked=True)
+    handle.remove()
+    assert abs(loss - loss_t) <= 1e-6
+    assert max_grad_diff(grads, grads_t) <= 1e-6
+    assert max(calls) == tile  # the MLP never saw the whole sequence at once
 
 
 # ---------------------------------------------------------------- golden QLoRA losses

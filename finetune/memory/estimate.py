@@ -3,7 +3,7 @@
 Pure arithmetic (no torch), so the planner can re-plan a dozen variants in milliseconds.
 
 What is modelled, and why each term looks the way it does (code paths of transformers 5.24
-gemma4_unified, PEFT 0.21, bitsandbytes 0.50 and `finetune.train`/`finetune.losses`):
+gemma4_unified, PEFT 0.21, bitsandbytes 0.50 and `finetune.training`/`finetune.losses`):
 
 - **Frozen weights.** bitsandbytes quantizes every `nn.Linear` except the tied `lm_head`
   (what `finetune.model.load_base` asks for; the vision and audio projections are quantized).
@@ -19,8 +19,10 @@ gemma4_unified, PEFT 0.21, bitsandbytes 0.50 and `finetune.train`/`finetune.loss
 - **Batch inputs**: the trainer moves all `grad_accum` micro-batches to the GPU up front;
   with packing each carries its own boolean masks (layer types × batch × seq²).
 - **Activations** under gradient checkpointing: every decoder layer keeps its input
-  (tokens × hidden × 2 bytes; two of them when offloaded to pinned host memory), plus one
-  layer's recompute saved for backward and the backward's short-lived gradients.
+  (tokens × hidden × 2 bytes; four of them when offloaded to pinned host memory), plus one
+  layer's recompute saved for backward and the backward's short-lived gradients; with
+  `train.mlp_tile_tokens` the MLP's share of those for one tile only. The CE chunks run
+  before the decoder's backward, so the peak holds one or the other, never both.
   `MatMul4Bit` saves *no* input (the weight is frozen); PEFT casts each LoRA input to fp32
   (no autocast) and `lora_A` saves that copy; RMSNorm saves its fp32 upcast; q/k/v after
   norm and RoPE are saved by sdpa with k/v already repeated to all heads (transformers
@@ -30,15 +32,15 @@ gemma4_unified, PEFT 0.21, bitsandbytes 0.50 and `finetune.train`/`finetune.loss
 - **Loss**: chunked CE (recomputed per chunk) holds one chunk's soft-capped fp32 logits,
   fp32 log-softmax and two fp32 grads in flight (16 bytes per logit); unchunked holds the
   same for every token.
-- **Outside tensors**: the CUDA context (~0.5 GiB, invisible to torch's counters but taken
+- **Outside tensors**: the CUDA context (~0.75 GiB, invisible to torch's counters but taken
   from the card), cuBLAS workspace, and a caching-allocator slack for fragmentation.
 
 The sequence is taken at its worst: every row filled to `data.max_seq_len` (media tokens
 are inside that length), one image at `data.image_tokens` and one clip of
 `data.max_audio_seconds` per sample unless every dataset is plain text.
 
-Not calibrated on a GPU yet: `benchmarks/gpu_memory.py` measures the 12B and writes the
-ratios next to these predictions. Treat ±15 % as the honest error bar until then.
+Calibrated against the 12B measured on an H200 (`benchmarks/gpu_memory.py`, results in
+`benchmarks/results/`): see the README's table for plan vs measurement.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import math
 import re
 
 from finetune.families import family_for
+from finetune.losses import ce_chunk_rows
 from finetune.memory.skeleton import Layer, Skeleton
 
 GIB = 2**30
@@ -60,9 +63,13 @@ NORM_BYTES = 4            # RMSNorm upcasts to fp32 and saves that copy for back
 ADAM8_BLOCK = 256         # bnb 8-bit optimizers: one fp32 absmax per 256 state values
 ADAM8_MIN_SIZE = 4096     # bnb keeps 32-bit states for tensors smaller than this
 AUDIO_TOKENS_PER_S = 25   # 640 samples per token at 16 kHz = 40 ms
-CUDA_CONTEXT_GIB = 0.5    # driver context + torch/bnb kernels (lazy loading); not in torch's counters
+# Calibrated on an H200 (torch 2.11, CUDA 13; benchmarks/results/gpu_memory.json): the card's
+# used memory minus torch's reserved pool was 0.753-0.764 GiB in three runs, and reserved over
+# allocated 1.074-1.094.
+CUDA_CONTEXT_GIB = 0.75   # driver context + torch/bnb kernels (lazy loading); not in torch's counters
 CUBLAS_WORKSPACE_GIB = 1 / 32  # 32 MiB: cuBLAS(Lt) workspace on sm90 (4 MiB on older cards)
-ALLOCATOR_SLACK = 0.05    # reserved/allocated overhead of the caching allocator (round-up, splits)
+ALLOCATOR_SLACK = 0.08    # reserved/allocated overhead of the caching allocator (round-up, splits)
+OFFLOAD_RESIDENT_INPUTS = 4  # offloaded layer inputs still on the GPU (in flight, in use)
 
 
 
@@ -119,30 +126,34 @@ def _optimizer_bytes(shapes: list[tuple[int, int]], optimizer: str) -> int:
     return total
 
 
-def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: int, dropout: bool,
-                 tokens: int) -> int:
-    """Bytes one decoder layer keeps for its backward, for `tokens` tokens of width `hid`."""
+def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: int,
+                 dropout: bool) -> tuple[int, int]:
+    """Bytes per token one decoder layer keeps for its backward: (attention side, MLP side).
+
+    The MLP side is what `train.mlp_tile_tokens` holds for one tile instead of the sequence."""
     Dq, Dk, inter = L.q_out, L.k_out, L.inter
     repeated = L.kv_heads < L.heads
     kv_saved = ab * (Dq if repeated else Dk)  # sdpa saves k and v after repeat_kv
-    per_tok = (4 * NORM_BYTES * hid                 # 4 RMSNorms keep their fp32 upcast
-               + NORM_BYTES * Dq + ab * Dq          # q_norm upcast; q after RoPE (sdpa input)
-               + 2 * (NORM_BYTES * Dk + kv_saved)   # k_norm / v_norm upcasts; k, v for sdpa
-               + ab * Dq                            # attention output (sdpa out = o_proj input)
-               + 4 * L.heads                        # sdpa logsumexp, fp32
-               + 3 * ab * inter)                    # gate out (gelu input), gelu out, up out
+    attn = (2 * NORM_BYTES * hid                # input/post-attention RMSNorms keep their fp32 upcast
+            + NORM_BYTES * Dq + ab * Dq         # q_norm upcast; q after RoPE (sdpa input)
+            + 2 * (NORM_BYTES * Dk + kv_saved)  # k_norm / v_norm upcasts; k, v for sdpa
+            + ab * Dq                           # attention output (sdpa out = o_proj input)
+            + 4 * L.heads)                      # sdpa logsumexp, fp32
+    mlp = (2 * NORM_BYTES * hid                 # pre/post-feedforward RMSNorm upcasts
+           + 3 * ab * inter)                    # gate out (gelu input), gelu out, up out
     ins = {"q_proj": hid, "k_proj": hid, "v_proj": hid, "o_proj": Dq,
            "gate_proj": hid, "up_proj": hid, "down_proj": inter}
     shared_groups: set[str] = set()
     for name, width in ins.items():
-        full = f"{L.prefix}.{'mlp' if name.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{name}"
+        in_mlp = name.endswith(("gate_proj", "up_proj", "down_proj"))
+        full = f"{L.prefix}.{'mlp' if in_mlp else 'self_attn'}.{name}"
         if full not in targeted or (name == "v_proj" and not L.has_v):
             continue
-        per_tok += lb * r  # lora_A output, saved by lora_B
+        extra = lb * r  # lora_A output, saved by lora_B
         if dropout:
-            per_tok += width * (lb + 1)  # dropout output (saved by lora_A) + its bool mask
+            extra += width * (lb + 1)  # dropout output (saved by lora_A) + its bool mask
         elif lb != ab:
-            per_tok += lb * width        # each module casts its own fp32 copy of the input
+            extra += lb * width        # each module casts its own fp32 copy of the input
         else:
             # same dtype: lora_A saves the shared input itself, once per input tensor;
             # o_proj's input (attention output) and nothing else is already saved.
@@ -150,8 +161,12 @@ def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: in
                      "up_proj": "mlp_in", "down_proj": "mlp_mid", "o_proj": "attn_out"}[name]
             if group not in shared_groups and group != "attn_out":
                 shared_groups.add(group)
-                per_tok += ab * width
-    return per_tok * tokens
+                extra += ab * width
+        if in_mlp:
+            mlp += extra
+        else:
+            attn += extra
+    return attn, mlp
 
 
 def estimate(recipe, sk: Skeleton, device: str) -> dict:
@@ -198,46 +213,59 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
         items["batch_inputs"] += (t.grad_accum - 1) * masks
 
     # --- activations of forward + backward --------------------------------------------
+    # Three kinds: what lives through the whole forward and backward (`persistent`), the loss
+    # phase (CE chunks, after the decoder's forward) and the decoder's backward (one layer
+    # recomputed at a time). The loss and the decoder backward never overlap: the step's peak
+    # is persistent + the larger of the two. (Summing them overstated the 12B's peak by the
+    # whole CE term, ~1.1 GiB, on the H200: benchmarks/results/gpu_memory.json.)
     dropout = recipe.lora.dropout > 0
-    offload = t.offload_activations and device == "cuda"  # save_on_cpu: saved tensors go to host
-    act: dict[str, float] = {}
+    offload = t.offload_activations and device == "cuda"  # saved tensors go to pinned host memory
+    persistent: dict[str, float] = {}
+    backward: dict[str, float] = {}
     # Built once per forward (or passed in when packed); checkpointed layers keep them as inputs.
-    act["attention_masks"] = masks
+    persistent["attention_masks"] = masks
     layers = sk.layers
+    tile = t.mlp_tile_tokens if 0 < t.mlp_tile_tokens < S else 0
     if layers:
-        saved = [_layer_saved(L, H, targeted, r, ab, lb, dropout, T) + ab * B * S * S for L in layers]
+        sides = [_layer_saved(L, H, targeted, r, ab, lb, dropout) for L in layers]
         inter = max(L.inter for L in layers)
         down_lora = any(f"{L.prefix}.mlp.down_proj" in targeted for L in layers)
-        # backward of the MLP: grads of down input, gelu out, gate/up outs (bf16), the fp32
-        # grad of down's LoRA input, and the hidden-state grad pair between layers.
-        transient = T * (3 * ab * inter + (lb * inter if down_lora else 0) + 2 * ab * H)
+        # Tiled: one tile's MLP intermediates, plus the whole MLP input the tiles recompute from.
+        mlp_tokens = B * tile if tile else T
+        saved = [a * T + m * mlp_tokens + (ab * H * T if tile else 0) + ab * B * S * S for a, m in sides]
+        # backward of the MLP: grads of down input, gelu out, gate/up outs (bf16) and the fp32
+        # grad of down's LoRA input (one tile's when tiled); the hidden-state grad pair between layers.
+        transient = mlp_tokens * (3 * ab * inter + (lb * inter if down_lora else 0)) + T * 2 * ab * H
         if t.gradient_checkpointing:
-            # offloaded: the input being copied back plus the one in use
-            act["checkpointed_inputs"] = (2 if offload else len(layers)) * T * H * ab
-            act["layer_recompute"] = max(saved)  # recomputed in backward, outside save_on_cpu
+            # offloaded: the inputs in flight to and from host memory (4 measured at 16k on an H200)
+            persistent["checkpointed_inputs"] = (OFFLOAD_RESIDENT_INPUTS if offload else len(layers)) * T * H * ab
+            backward["layer_recompute"] = max(saved)  # recomputed in backward, outside the offload hooks
         else:
-            act["saved_activations"] = 2 * max(saved) if offload else sum(saved)
-        act["backward_transients"] = transient
+            persistent["saved_activations"] = 2 * max(saved) if offload else sum(saved)
+        backward["backward_transients"] = transient
     # final norm (fp32 upcast + output) and the embedding output that starts the stack
-    act["embeddings_and_final_norm"] = T * H * (NORM_BYTES + 2 * ab)
-    # Per logit, the backward of a chunk (finetune.losses recomputes each chunk) holds the
-    # soft-capped fp32 logits (tanh output), the fp32 log-softmax and two fp32 grads in flight;
-    # the unchunked path holds the same in bf16 logits + fp32 copies for every token.
-    rows = min(t.ce_chunk_size, T) if t.chunked_ce else T
-    per_logit = 16 if sk.softcap else 12
-    # + the label positions' hidden states gathered for the chunks and their grad (T × H each)
-    act["logits_and_loss"] = rows * sk.vocab * per_logit + 2 * T * H * ab
+    persistent["embeddings_and_final_norm"] = T * H * (NORM_BYTES + 2 * ab)
     vision_lora = lb if any(".embed_vision." in n for n in targeted) else 0
     audio_lora = lb if any(".embed_audio." in n for n in targeted) else 0
     # raw patch → LayerNorm → Dense (+ fp32 LoRA input) → 3 LayerNorms/RMSNorm upcasts → Dense
-    act["media_embedders"] = B * (
+    persistent["media_embedders"] = B * (
         img_tok * (sk.patch_dim * (ab + vision_lora) + sk.mm_dim * (6 * 4 + vision_lora))
         + aud_tok * sk.audio_dim * (NORM_BYTES + audio_lora))
+    # Per logit, the backward of a chunk (finetune.losses recomputes each chunk) holds the
+    # soft-capped fp32 logits (tanh output), the fp32 log-softmax and two fp32 grads in flight;
+    # the unchunked path holds the same in bf16 logits + fp32 copies for every token.
+    rows = min(t.ce_chunk_size or ce_chunk_rows(sk.vocab), T) if t.chunked_ce else T
+    per_logit = 16 if sk.softcap else 12
+    # + the label positions' hidden states gathered for the chunks and their grad (T × H each)
+    loss = {"logits_and_loss": rows * sk.vocab * per_logit + 2 * T * H * ab}
 
     # The optimizer step runs after backward freed the activations: the peak is the larger.
     step = 4 * lora_params if t.optimizer in ("adamw", "paged_adamw") else 0  # foreach sqrt temp
-    phase = "forward/backward" if sum(act.values()) >= step else "optimizer step"
-    items.update(act if phase == "forward/backward" else {"optimizer_step_temporaries": step})
+    phases = {"decoder backward": backward, "loss": loss}
+    name, worst = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    act = persistent | worst
+    phase = name if sum(act.values()) >= step else "optimizer step"
+    items.update(act if phase != "optimizer step" else {"optimizer_step_temporaries": step})
     allocated = sum(items.values())
     if device == "cuda":
         items["allocator_slack"] = ALLOCATOR_SLACK * allocated

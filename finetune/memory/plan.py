@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from finetune.errors import UserError
+from finetune.losses import ce_chunk_rows
 from finetune.memory.estimate import GIB, estimate
 from finetune.memory.skeleton import Skeleton, load_config, skeleton
 
@@ -42,9 +43,9 @@ def _result(recipe, sk: Skeleton, est: dict, budget_gib: float, device: str) -> 
             "not_quantized_modules": sk.skipped,
             "attention": "sdpa memory-efficient (no seq² scores); bool masks (batch×seq²) materialised",
             "lora": "fp32 adapter, no autocast: PEFT casts each LoRA input to fp32",
-            "chunked_ce": (f"one chunk of {recipe.train.ce_chunk_size} positions at a time"
-                           if recipe.train.chunked_ce else "full logits for every token"),
-            "error_bar": "analytic, not yet calibrated on a GPU; see benchmarks/gpu_memory.py",
+            "chunked_ce": (f"one chunk of {recipe.train.ce_chunk_size or ce_chunk_rows(sk.vocab)} positions "
+                           "at a time" if recipe.train.chunked_ce else "full logits for every token"),
+            "error_bar": "analytic, calibrated against the 12B measured on an H200 (benchmarks/results/)",
         },
     }
 
@@ -80,8 +81,10 @@ def _candidates(recipe, device: str) -> list[list[str]]:
     smaller = [x for x in (70, 140, 280, 560, 1120) if x < d.image_tokens]
     if smaller:
         out.append([f"data.image_tokens={smaller[-1]}"])
-    if t.chunked_ce and t.ce_chunk_size > 64:
+    if t.chunked_ce and t.ce_chunk_size and t.ce_chunk_size > 16:
         out.append([f"train.ce_chunk_size={t.ce_chunk_size // 2}"])
+    if t.mlp_tile_tokens == 0 and d.max_seq_len > 1024:
+        out.append(["train.mlp_tile_tokens=1024"])
     return out
 
 

@@ -12,8 +12,8 @@ import torch
 
 from data_tools.render import IGNORE
 from finetune.losses import chunked_ce_sum, full_ce_sum
+from finetune.memory_tricks import offload_activations
 from finetune.objectives.base import Objective, register, transformers_model
-from finetune.offload import offload_activations
 
 
 def loss_labels(batch: dict) -> torch.Tensor:
@@ -30,7 +30,7 @@ def n_labels(batch: dict) -> int:
     return int((loss_labels(batch)[:, 1:] != IGNORE).sum())
 
 
-def loss_sum(model, batch: dict, *, chunked: bool, chunk_size: int = 256,
+def loss_sum(model, batch: dict, *, chunked: bool, chunk_size: int | None = None,
              offload: bool = False) -> torch.Tensor:
     """Summed CE over label tokens of one micro-batch (see finetune.losses)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -54,7 +54,9 @@ class SFT(Objective):
     def __init__(self, recipe):
         super().__init__(recipe)
         t = recipe.train
-        self.chunked, self.chunk_size, self.offload = t.chunked_ce, t.ce_chunk_size, t.offload_activations
+        self.chunked, self.chunk_size = t.chunked_ce, t.ce_chunk_size
+        # Host memory is the GPU's overflow; on a CPU-only run offloading would only copy.
+        self.offload = t.offload_activations and torch.cuda.is_available()
 
     def weight(self, batch: dict) -> int:
         return n_labels(batch)

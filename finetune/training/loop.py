@@ -21,6 +21,7 @@ import torch
 
 from data_tools.collate import collate
 from finetune.errors import UserError
+from finetune.memory_tricks import tile_mlp
 from finetune.recipe import Recipe, dump_recipe
 from finetune.training.batches import BatchPlan, StreamPlan
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -81,6 +82,8 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
         enable_gradient_checkpointing(model)
     set_seed(t.seed)  # LoRA init is seeded the same whatever loading consumed
     model = attach_lora(model, recipe.lora, family)
+    if t.mlp_tile_tokens:
+        tile_mlp(model, t.mlp_tile_tokens, family.mlp_blocks)
     main_log("trainable parameters by part:\n" + format_table(trainable_table(model, family)))
     model.train()
     dtype = unwrap(model).model.language_model.embed_tokens.weight.dtype
