@@ -325,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="the same path on the CPU with a tiny model")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/gpu.json"))
-    ap.add_argument("--skip", nargs="*", default=[], choices=["hf", "throughput", "profile", "16k"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["memory", "hf", "throughput", "profile", "16k"])
+    ap.add_argument("--matrix", nargs="*", default=[], metavar="SEQ:TILE",
+                    help="only memory runs at these lengths and MLP tile sizes (0 = none), to check the plan")
     args = ap.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -395,15 +397,22 @@ def main(argv: list[str] | None = None) -> int:
         save()
         return entry
 
+    if args.matrix:
+        record["checks"] = [measure(int(seq), [f"train.mlp_tile_tokens={tile}"], "plan check")
+                            for seq, tile in (m.split(":") for m in args.matrix)]
+        print(f"wrote {out}")
+        return 0
     recipe_path = []  # the recipe's own settings (offload on, auto CE chunks, its MLP tiles)
-    record["runs"].append(measure(short, recipe_path, "ours: recipe settings"))
-    if "16k" not in args.skip:  # the recipe's 2k tiles are for 4k; at 16k, 1k tiles
+    if "memory" not in args.skip:
+        record["runs"].append(measure(short, recipe_path, "ours: recipe settings"))
+    if "16k" not in args.skip and "memory" not in args.skip:  # the recipe's 2k tiles are for 4k; at 16k, 1k tiles
         record["runs"].append(measure(long_, [f"train.mlp_tile_tokens={long_ // 16}"], "ours: offload + 1k MLP tiles"))
     for label, ov in [("no MLP tiles", ["train.mlp_tile_tokens=0"]),
                       ("no activation offload", ["train.offload_activations=false"]),
                       ("CE chunks of 256", ["train.ce_chunk_size=256"])]:
-        record["ablations"].append(measure(short, ov, label))
-    if "hf" not in args.skip:
+        if "memory" not in args.skip:
+            record["ablations"].append(measure(short, ov, label))
+    if "hf" not in args.skip and "memory" not in args.skip:
         hf = guarded(run_hf, model, [full_row(config, short, seed=s) for s in range(scale["hf_steps"] + 1)],
                      pad, device, dtype, tmp)
         record["hf_baseline"] = {"seq_len": short, **hf}

@@ -23,7 +23,7 @@ def _media(samples: list[dict]) -> dict:
         patch = np.shape(pvs[0])[-1]  # raw values per model patch (Gemma 4: 48 × 48 × 3)
         pixel = torch.zeros(len(pvs), n, patch, dtype=torch.float32)
         pos = torch.full((len(pvs), n, 2), -1, dtype=torch.long)
-        poss = [p for s in samples for p in s["image_position_ids"]]
+        poss = [p for s in samples for p in s.get("image_position_ids", [])]
         for i, (p, q) in enumerate(zip(pvs, poss)):
             # uint8 k → k * (1/255) reproduces the image processor's values bit for bit.
             # torch.tensor copies: cached rows are read-only views of Arrow buffers.

@@ -134,13 +134,13 @@ def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: in
     Dq, Dk, inter = L.q_out, L.k_out, L.inter
     repeated = L.kv_heads < L.heads
     kv_saved = ab * (Dq if repeated else Dk)  # sdpa saves k and v after repeat_kv
-    attn = (2 * NORM_BYTES * hid                # input/post-attention RMSNorms keep their fp32 upcast
+    attn = (4 * NORM_BYTES * hid                # the layer's 4 RMSNorms keep their fp32 upcast (the two
+                                                # around the MLP sit outside it: never tiled)
             + NORM_BYTES * Dq + ab * Dq         # q_norm upcast; q after RoPE (sdpa input)
             + 2 * (NORM_BYTES * Dk + kv_saved)  # k_norm / v_norm upcasts; k, v for sdpa
             + ab * Dq                           # attention output (sdpa out = o_proj input)
             + 4 * L.heads)                      # sdpa logsumexp, fp32
-    mlp = (2 * NORM_BYTES * hid                 # pre/post-feedforward RMSNorm upcasts
-           + 3 * ab * inter)                    # gate out (gelu input), gelu out, up out
+    mlp = 3 * ab * inter                        # gate out (gelu input), gelu out, up out
     ins = {"q_proj": hid, "k_proj": hid, "v_proj": hid, "o_proj": Dq,
            "gate_proj": hid, "up_proj": hid, "down_proj": inter}
     shared_groups: set[str] = set()
@@ -233,9 +233,15 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
         # Tiled: one tile's MLP intermediates, plus the whole MLP input the tiles recompute from.
         mlp_tokens = B * tile if tile else T
         saved = [a * T + m * mlp_tokens + (ab * H * T if tile else 0) + ab * B * S * S for a, m in sides]
-        # backward of the MLP: grads of down input, gelu out, gate/up outs (bf16) and the fp32
-        # grad of down's LoRA input (one tile's when tiled); the hidden-state grad pair between layers.
-        transient = mlp_tokens * (3 * ab * inter + (lb * inter if down_lora else 0)) + T * 2 * ab * H
+        # Short-lived in a layer's backward, whichever part runs it to the top: the MLP's (grads of
+        # down input, gelu out, gate/up outs and the fp32 grad of down's LoRA input; one tile's
+        # when tiled) or attention's (sdpa's fp32 grad-of-q workspace and the q/k/v grads, k/v
+        # repeated to every head: 8192 wide on the 12B's full layers). Plus the hidden-state grad
+        # pair between layers. (Measured: with 1k MLP tiles at 16k the attention part is the
+        # larger, 1.4 GiB on the H200.)
+        mlp_back = mlp_tokens * (3 * ab * inter + (lb * inter if down_lora else 0))
+        attn_back = T * max(NORM_BYTES * L.q_out + 3 * ab * L.q_out for L in layers)
+        transient = max(mlp_back, attn_back) + T * 2 * ab * H
         if t.gradient_checkpointing:
             # offloaded: the inputs in flight to and from host memory (4 measured at 16k on an H200)
             persistent["checkpointed_inputs"] = (OFFLOAD_RESIDENT_INPUTS if offload else len(layers)) * T * H * ab
