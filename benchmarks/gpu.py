@@ -398,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         return entry
 
     if args.matrix:
-        record["checks"] = [measure(int(seq), [f"train.mlp_tile_tokens={tile}"], "plan check")
-                            for seq, tile in (m.split(":") for m in args.matrix)]
+        record["checks"] = []
+        for seq, tile in (m.split(":") for m in args.matrix):
+            record["checks"].append(measure(int(seq), [f"train.mlp_tile_tokens={tile}"], "plan check"))
+            save()
         print(f"wrote {out}")
         return 0
     recipe_path = []  # the recipe's own settings (offload on, auto CE chunks, its MLP tiles)
