@@ -162,11 +162,19 @@ def _cross_checks(r: Recipe, errors: list[UserError]) -> None:
         if problem:
             errors.append(UserError(f"lora.targets[{i}]", problem,
                                     f"Use a preset ({', '.join(PRESETS)}) or a valid regex"))
+    from finetune.objectives import get as objective
     from finetune.objectives import names as objectives
 
-    if r.train.objective not in objectives():
+    cls = objective(r.train.objective)
+    if cls is None:
         errors.append(UserError("train.objective", f"{r.train.objective!r} is not a training objective",
                                 f"Use one of {', '.join(objectives())}"))
+    elif cls.formats is not None:
+        for key, specs in (("datasets", r.datasets), ("eval_datasets", r.eval_datasets)):
+            for i, ds in enumerate(specs):
+                if ds.format not in cls.formats:
+                    errors.append(UserError(f"{key}[{i}].format", f"{ds.format!r} data can't train objective "
+                                            f"{r.train.objective!r}", f"Use format {' or '.join(cls.formats)}"))
     if r.train.packing and r.data.streaming:
         errors.append(UserError("train.packing", "packing needs the cached dataset",
                                 "Set data.streaming: false or train.packing: false"))

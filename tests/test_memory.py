@@ -131,9 +131,10 @@ def test_plan_reacts_to_each_knob(tiny):
     assert small["assumptions"]["peak_phase"] == "decoder backward"
     assert "logits_and_loss" not in small["breakdown"] and small["peak_gib"] < full["peak_gib"]
     # MLP tiles hold one tile's intermediates; offload keeps 4 layer inputs on the GPU, not all
-    tiled = plan(_recipe(str(folder), data={"max_seq_len": 8192}, train={"mlp_tile_tokens": 1024}))
-    assert tiled["breakdown"]["layer_recompute"] < chunked["breakdown"]["layer_recompute"]
-    assert tiled["breakdown"]["backward_transients"] < chunked["breakdown"]["backward_transients"]
+    untiled = plan(load_recipe(RECIPES[0], ["data.max_seq_len=8192", "train.mlp_tile_tokens=0"]))
+    tiled = plan(load_recipe(RECIPES[0], ["data.max_seq_len=8192", "train.mlp_tile_tokens=1024"]))
+    assert tiled["breakdown"]["layer_recompute"] < untiled["breakdown"]["layer_recompute"]
+    assert tiled["breakdown"]["backward_transients"] < untiled["breakdown"]["backward_transients"]
     kept = plan(_recipe(str(folder), data={"max_seq_len": 8192}, train={"offload_activations": False}))
     assert kept["breakdown"]["checkpointed_inputs"] == pytest.approx(
         chunked["breakdown"]["checkpointed_inputs"] * len(_LAYERS_OF_TINY) / 4, rel=1e-6)

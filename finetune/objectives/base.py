@@ -10,7 +10,12 @@ loss and previews. An objective says only what differs:
 - `loss(model, batch) -> (summed loss, {metric: summed value})`: sums over the micro-batch; the
   loop divides loss and metrics by the window's total weight;
 - `metrics`: the names `loss` returns besides the loss, logged to metrics.jsonl and the bar;
-- `formats`: the dataset formats it trains on (None: any).
+- `formats`: the dataset formats it trains on (None: any);
+- hooks with defaults for the usual LoRA training, overridden where an objective differs:
+  `setup(model, family)` turns the loaded base into what trains (default: attach the recipe's
+  LoRA), `collate(samples, pad_id)` makes a micro-batch of rendered samples (default: padded,
+  tails trimmed), `save(model, out)` writes the result (default: the PEFT adapter), and
+  `previews` says whether greedy previews of held-out answers mean anything for it.
 
 Objectives are `torch.nn.Module`s, so weights one owns (a drafter, say) train, synchronise
 under DDP and checkpoint with the model's. `@register("name")` makes one available to
@@ -27,10 +32,27 @@ _REGISTRY: dict[str, type[Objective]] = {}
 class Objective(torch.nn.Module):
     metrics: tuple[str, ...] = ()
     formats: tuple[str, ...] | None = None
+    previews: bool = True
 
     def __init__(self, recipe):
         super().__init__()
         self.recipe = recipe
+
+    def setup(self, model, family):
+        """The loaded, frozen base → the model the loop trains (default: with the recipe's LoRA)."""
+        from finetune.model import attach_lora
+
+        return attach_lora(model, self.recipe.lora, family)
+
+    def collate(self, samples: list[dict], pad_id: int) -> dict:
+        """Rendered samples → one micro-batch (default: padded to the longest, tails trimmed)."""
+        from data_tools.collate import collate
+
+        return collate(samples, pad_id, trim_tail=True)
+
+    def save(self, model, out) -> None:
+        """Write what was trained to `out` (default: the PEFT adapter folder)."""
+        model.save_pretrained(out)
 
     def weight(self, batch: dict) -> int:
         raise NotImplementedError
@@ -55,6 +77,10 @@ def register(name: str):
 
 def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> type[Objective] | None:
+    return _REGISTRY.get(name)
 
 
 def names() -> list[str]:

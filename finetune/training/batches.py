@@ -18,8 +18,10 @@ from finetune.errors import UserError
 class BatchPlan:
     """Deterministic order of micro-batches: epoch e uses seed+e, so a position resumes exactly."""
 
-    def __init__(self, data, t, pad_id: int, text_cfg, world: int, rank: int, max_len: int):
+    def __init__(self, data, t, pad_id: int, text_cfg, world: int, rank: int, max_len: int,
+                 collate_fn=None):
         self.data, self.t, self.pad_id = data, t, pad_id
+        self.collate = collate_fn or (lambda samples, pad: collate(samples, pad, trim_tail=True))
         self.lengths = data.lengths if hasattr(data, "lengths") else [len(s["input_ids"]) for s in data]
         self.world, self.rank, self.max_len = world, rank, max_len
         self.sliding = text_cfg.sliding_window
@@ -62,7 +64,7 @@ class BatchPlan:
         if self.t.packing:
             return collate_packed([[self.data[j] for j in row] for row in mine], self.pad_id,
                                   self.sliding, self.layer_types, trim_tail=True)
-        return collate([self.data[j] for j in mine], self.pad_id, trim_tail=True)
+        return self.collate([self.data[j] for j in mine], self.pad_id)
 
 
 class StreamPlan:
@@ -70,22 +72,24 @@ class StreamPlan:
     `position` of this rank. Resuming restarts the stream at `position`, so the skipped samples
     are rendered again (cheap next to training on them)."""
 
-    def __init__(self, stream, t, pad_id: int, world: int, rank: int):
+    def __init__(self, stream, t, pad_id: int, world: int, rank: int, collate_fn=None):
         self.stream, self.t, self.pad_id, self.world, self.rank = stream, t, pad_id, world, rank
+        self.collate = collate_fn
         self._it, self._next = None, -1
 
     def micro_batch(self, position: int) -> dict:
         if self._it is None or position != self._next:
             self._it = stream_micro_batches(self.stream, self.t.batch_size, self.pad_id, rank=self.rank,
                                             world=self.world, start=position,
-                                            group_by_length=self.t.group_by_length, trim_tail=True)
+                                            group_by_length=self.t.group_by_length, trim_tail=True,
+                                            collate_fn=self.collate)
         self._next = position + 1
         return next(self._it)
 
 
 def stream_micro_batches(stream, batch_size: int, pad_id: int, *, rank: int = 0, world: int = 1,
                          start: int = 0, group_by_length: bool = True, window: int = 32,
-                         trim_tail: bool = False):
+                         trim_tail: bool = False, collate_fn=None):
     """Collated micro-batches of `stream` (a `StreamingSamples`) for this rank, epoch after
     epoch, forever.
 
@@ -94,6 +98,7 @@ def stream_micro_batches(stream, batch_size: int, pad_id: int, *, rank: int = 0,
     micro-batches. Only rank 0 counts records and writes rejects.
     """
     stream.counts_records = rank == 0
+    make = collate_fn or (lambda samples, pad: collate(samples, pad, trim_tail))
     glob = batch_size * world
     position = 0
     for epoch in itertools.count():
@@ -106,8 +111,7 @@ def stream_micro_batches(stream, batch_size: int, pad_id: int, *, rank: int = 0,
             for b in (b for b in order if len(b) == glob):  # a short last batch is dropped
                 made += 1
                 if position >= start:
-                    yield collate([buf[j] for j in b[rank * batch_size:(rank + 1) * batch_size]],
-                                  pad_id, trim_tail)
+                    yield make([buf[j] for j in b[rank * batch_size:(rank + 1) * batch_size]], pad_id)
                 position += 1
         if not made:
             raise UserError("train.batch_size", "the streamed dataset is smaller than one global "

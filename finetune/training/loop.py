@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from data_tools.collate import collate
 from finetune.errors import UserError
 from finetune.memory_tricks import tile_mlp
 from finetune.recipe import Recipe, dump_recipe
@@ -52,7 +51,6 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     from finetune import objectives
     from finetune.lora import format_table, trainable_table
     from finetune.model import (
-        attach_lora,
         base_family,
         enable_gradient_checkpointing,
         load_base,
@@ -80,25 +78,25 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
                       trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    objective = objectives.build(recipe)
     set_seed(t.seed)  # LoRA init is seeded the same whatever loading consumed
-    model = attach_lora(model, recipe.lora, family)
+    model = objective.setup(model, family)
     if t.mlp_tile_tokens:
         tile_mlp(model, t.mlp_tile_tokens, family.mlp_blocks)
     main_log("trainable parameters by part:\n" + format_table(trainable_table(model, family)))
     model.train()
     dtype = unwrap(model).model.language_model.embed_tokens.weight.dtype
     cdtype = torch.float32 if device == "cpu" else (torch.bfloat16 if m.dtype == "auto" else dtype)
-    objective = objectives.build(recipe)
     optimizer = make_optimizer(model.parameters(), t, device)
     scheduler = make_scheduler(optimizer, t)
     model, optimizer = acc.prepare(LossForward(model, objective), optimizer)
 
     pad_id = processor.tokenizer.pad_token_id
     if data.streaming:
-        plan = StreamPlan(data.train, t, pad_id, acc.num_processes, acc.process_index)
+        plan = StreamPlan(data.train, t, pad_id, acc.num_processes, acc.process_index, objective.collate)
     else:
         plan = BatchPlan(data.train, t, pad_id, unwrap(model).config.get_text_config(), acc.num_processes,
-                         acc.process_index, recipe.data.max_seq_len)
+                         acc.process_index, recipe.data.max_seq_len, objective.collate)
     step, position = 0, 0
     if resume:
         ck = latest_checkpoint(out)
@@ -131,7 +129,7 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
             if t.eval_every and step % t.eval_every == 0 and len(data.eval):
                 row.update(eval_loss(model, objective, data.eval, pad_id, cdtype, acc.device))
             metrics.write(row)
-            if t.preview_every and step % t.preview_every == 0 and acc.is_main_process:
+            if t.preview_every and step % t.preview_every == 0 and acc.is_main_process and objective.previews:
                 _preview(model, processor, family.chat, recipe, data.eval, out, step, main_log, acc)
             bar.set_postfix(_postfix(row))
             bar.update(1)
@@ -151,7 +149,7 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     adapter_dir = out / "adapter"
     if acc.is_main_process:
         metrics.flush()
-        unwrap_peft(model).save_pretrained(adapter_dir)
+        objective.save(unwrap_peft(model), adapter_dir)
         metrics.plot(out)
         _finish_data_stats(data, out)
     if acc.num_processes > 1:
@@ -218,7 +216,7 @@ def eval_loss(model, objective, data, pad_id, dtype, device) -> dict:
     with torch.no_grad():
         for j in range(len(data)):
             s = data[j]
-            b = to_device(collate([s], pad_id, trim_tail=True), device, dtype)
+            b = to_device(objective.collate([s], pad_id), device, dtype)
             ls, _ = forward_loss(peft_model, objective, b)
             acc = sums.setdefault(s["modality"], [0.0, 0])
             acc[0] += float(ls)
