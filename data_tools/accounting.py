@@ -101,9 +101,11 @@ class Ledger:
         self.on_bad_record = on_bad_record
         self.rejects_path = rejects_path
         self.per: dict[str, Stats] = {}
+        self.media: dict[str, list] = {}  # every media file read or looked for: {path: [size, mtime_ns] or []}
 
     def add(self, r: dict) -> bool:
         """Count `r` (a sample dict or a reject dict); True when it is a sample."""
+        self.media.update(r.pop("media_files", None) or {})
         st = self.per.setdefault(r["dataset"], Stats())
         st.records += 1
         if "rejected" not in r:

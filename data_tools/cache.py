@@ -1,7 +1,9 @@
 """The rendered-data cache: a folder of Arrow tables keyed by a hash of everything that shapes a sample.
 
 `cache_key` hashes the data section (less what cannot change a sample), the datasets' files
-(size, mtime), the processor's files, the chat format and this package's code. `save` writes
+(size, mtime), the processor's files, the chat format and this package's code; the media the
+records name are checked on reuse against the manifest written with the cache (`changed_media`:
+a replaced, added or deleted image or clip makes the data render again). `save` writes
 train/eval tables, stats.json and rejects.jsonl, atomically; `load` gives them back as
 `SampleList`s that decode rows on access. Media are stored as raw bytes with each row's array
 widths, so decoding needs no model constant.
@@ -10,6 +12,7 @@ widths, so decoding needs no model constant.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import shutil
@@ -32,7 +35,7 @@ def cache_key(recipe, processor_dir: str, chat: ChatFormat | None = None) -> str
     h = hashlib.sha256()
     h.update(CACHE_VERSION.encode())
     # Settings that cannot change a sample stay out, so e.g. num_proc 1 and 2 share a cache.
-    data = {k: v for k, v in asdict(recipe.data).items() if k not in ("num_proc", "streaming", "cache_dir")}
+    data = {k: v for k, v in asdict(recipe.data).items() if k not in ("num_proc", "streaming", "cache_dir", "cache")}
     h.update(json.dumps(data, sort_keys=True, default=str).encode())
     if chat is not None:
         h.update(json.dumps(asdict(chat), sort_keys=True).encode())
@@ -58,7 +61,8 @@ def _files_of(path: str) -> list[Path]:
         return [p]
     if p.is_dir():
         return [f for f in p.rglob("*") if f.is_file()]
-    return [Path(f) for f in sorted(map(str, Path().glob(path)))] if any(c in path for c in "*?[") else []
+    # glob.glob, not Path.glob: an absolute pattern is as good as a relative one
+    return [Path(f) for f in sorted(glob.glob(path, recursive=True))] if any(c in path for c in "*?[") else []
 
 
 # ---------------------------------------------------------------- rows ↔ Arrow
@@ -151,9 +155,11 @@ def is_complete(folder: Path) -> bool:
     return (folder / "done").exists()
 
 
-def save(folder: Path, train: list[dict], eval_: list[dict], stats: dict, rejects_path: Path) -> None:
-    """Write the tables, stats and a copy of rejects.jsonl to `folder`, replacing it atomically:
-    a killed run never leaves a half cache that looks done."""
+def save(folder: Path, train: list[dict], eval_: list[dict], stats: dict, rejects_path: Path,
+         media: dict[str, list] | None = None) -> None:
+    """Write the tables, stats, a copy of rejects.jsonl and the media manifest ({path: [size,
+    mtime_ns] or [] for a missing file}) to `folder`, replacing it atomically: a killed run
+    never leaves a half cache that looks done."""
     tmp = folder.with_name(f"{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -162,10 +168,22 @@ def save(folder: Path, train: list[dict], eval_: list[dict], stats: dict, reject
             if rows:
                 to_table(rows).save_to_disk(str(tmp / name))
     (tmp / "stats.json").write_text(json.dumps(stats))
+    (tmp / "media.json").write_text(json.dumps(media or {}))
     shutil.copy(rejects_path, tmp / "rejects.jsonl")
     (tmp / "done").write_text("ok")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+def changed_media(folder: Path) -> list[str]:
+    """Media files the cached samples were made from (or looked for: a missing file rejected a
+    record) whose size or mtime is not what it was: replaced, added or deleted since."""
+    from data_tools.media import file_state
+
+    manifest = folder / "media.json"
+    if not manifest.exists():
+        return [str(manifest)]
+    return [p for p, state in json.loads(manifest.read_text()).items() if file_state(p) != state]
 
 
 def load(folder: Path, rejects_path: Path) -> tuple[SampleList | list, SampleList | list, dict]:

@@ -130,6 +130,23 @@ def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 # -- bytes from a path, a URL or base64 ----------------------------------------------------
 
+def local_path(part: Part, base_dir: str) -> str | None:
+    """The file a media part names on disk (None for a URL or inline base64)."""
+    if part.ref_kind in ("url", "base64") or not part.ref:
+        return None
+    return os.path.join(base_dir, os.path.expanduser(part.ref))
+
+
+def file_state(path: str) -> list:
+    """[size, mtime_ns] of a file, or [] when it does not exist: what the cache key of a media
+    file is (replacing or adding a file changes it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _read_bytes(part: Part, base_dir: str, *, max_bytes: int, allow_network: bool,
                 origin: str) -> tuple[bytes, str]:
     """(the encoded file, a name for messages), with the byte cap applied."""
@@ -147,7 +164,7 @@ def _read_bytes(part: Part, base_dir: str, *, max_bytes: int, allow_network: boo
         name = ref
         data = _fetch(ref, max_bytes=max_bytes, allow_network=allow_network, origin=origin)
     else:
-        name = os.path.join(base_dir, os.path.expanduser(ref))
+        name = local_path(part, base_dir)
         if not os.path.exists(name):
             raise BadRecord("missing_media", f"{part.type} file {name} does not exist", origin)
         if not os.path.isfile(name):

@@ -54,26 +54,31 @@ def prepare(recipe, processor, processor_dir: str, *, rejects_path: Path, chat: 
     streaming = recipe.data.streaming if streaming is None else streaming
     if streaming:
         return _prepare_streaming(recipe, processor, chat, rejects_path, log)
-    root = Path(recipe.data.cache_dir or ".cache/finetune-data")
-    key = cache.cache_key(recipe, processor_dir, chat)
-    cdir = root / key
+    use_cache = use_cache and recipe.data.cache
+    cdir = cache_folder(recipe, processor_dir, chat)
     if use_cache and cache.is_complete(cdir):
-        t0 = time.time()
-        train, ev, stats = cache.load(cdir, rejects_path)
-        log(f"data: reusing cached tokenized data {cdir} ({len(train)} train, {len(ev)} "
-            f"eval, {time.time() - t0:.2f}s)")
-        return Prepared(train, ev, stats, str(cdir), from_cache=True)
+        changed = cache.changed_media(cdir)
+        if not changed:
+            t0 = time.time()
+            train, ev, stats = cache.load(cdir, rejects_path)
+            log(f"data: reusing cached tokenized data {cdir} ({len(train)} train, {len(ev)} "
+                f"eval, {time.time() - t0:.2f}s; data.cache=false or `finetune data clear-cache` "
+                "renders again)")
+            return Prepared(train, ev, stats, str(cdir), from_cache=True)
+        log(f"data: {len(changed)} media file(s) changed since {cdir} was written (e.g. {changed[0]}): "
+            "rendering again")
 
     rejects_path.write_text("")
     t0 = time.time()
     d = recipe.data
-    samples, per, total = collect(recipe.datasets, processor, d, chat, rejects_path=rejects_path,
-                                  progress=not quiet, desc="train data")
+    samples, per, total, media = collect(recipe.datasets, processor, d, chat, rejects_path=rejects_path,
+                                         progress=not quiet, desc="train data")
     if recipe.eval_datasets:
         train_s = samples
-        eval_s, _, eval_total = collect(recipe.eval_datasets, processor, d, chat,
-                                        rejects_path=rejects_path, progress=not quiet,
-                                        desc="eval data")
+        eval_s, _, eval_total, eval_media = collect(recipe.eval_datasets, processor, d, chat,
+                                                    rejects_path=rejects_path, progress=not quiet,
+                                                    desc="eval data")
+        media |= eval_media
     else:
         train_s, eval_s = split_eval(samples, d.eval_fraction, d.seed)
         eval_total = None
@@ -85,11 +90,16 @@ def prepare(recipe, processor, processor_dir: str, *, rejects_path: Path, chat: 
         f"{len(train_s)} train samples after mixing, {len(eval_s)} eval")
     if not use_cache:
         return Prepared(train_s, eval_s, stats, None, False)
-    cache.save(cdir, train_s, eval_s, stats, rejects_path)
+    cache.save(cdir, train_s, eval_s, stats, rejects_path, media)
     log(f"data: cached in {cdir}")
     # Served from the cache even now, so this run and the next see the same row-decoding views.
     train, ev, stats = cache.load(cdir, rejects_path)
     return Prepared(train, ev, stats, str(cdir), from_cache=False)
+
+
+def cache_folder(recipe, processor_dir: str, chat: ChatFormat) -> Path:
+    """Where `prepare` keeps (or finds) this recipe's tokenized data."""
+    return Path(recipe.data.cache_dir) / cache.cache_key(recipe, processor_dir, chat)
 
 
 def _prepare_streaming(recipe, processor, chat: ChatFormat, rejects_path: Path, log) -> Prepared:
@@ -106,10 +116,10 @@ def _prepare_streaming(recipe, processor, chat: ChatFormat, rejects_path: Path, 
         kw = {"rejects_path": rejects_path if train.counts_records else None, "progress": False,
               "num_proc": 1}
         if recipe.eval_datasets:
-            samples, _, total = collect(recipe.eval_datasets, processor, d, chat, **kw)
+            samples, _, total, _ = collect(recipe.eval_datasets, processor, d, chat, **kw)
         elif holdout:
             # The records the train stream skips: one read of the sources, only these rendered.
-            samples, _, total = collect(recipe.datasets, processor, d, chat,
+            samples, _, total, _ = collect(recipe.datasets, processor, d, chat,
                                         keep=lambda o: held_out(o, holdout, d.seed), **kw)
         else:
             return []

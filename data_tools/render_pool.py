@@ -53,11 +53,15 @@ class RecordWorker:
         return (conv, *load_media(conv, self.data))
 
     def __call__(self, items: list[Item]) -> list[dict]:
-        """One result per item, in order: a sample dict, or {'rejected': reason, ...}."""
+        """One result per item, in order: a sample dict, or {'rejected': reason, ...}. Each also
+        carries `media_files` ({path: [size, mtime_ns] or [] if missing}) for the cache key."""
         out: list = [None] * len(items)
         todo = []
+        files: list[dict] = [{} for _ in items]
         for k, item in enumerate(items):
             try:
+                conv = self.conversation(*item[:4])
+                files[k] = media_files(conv)
                 todo.append((k, self.load(item)))
             except BadRecord as e:
                 out[k] = _reject(e, item)
@@ -68,7 +72,17 @@ class RecordWorker:
             else:
                 r.update(modality=conv.modality(), origin=items[k][0], dataset=items[k][4])
                 out[k] = r
+        for r, f in zip(out, files):
+            r["media_files"] = f
         return out
+
+
+def media_files(conv: Conversation) -> dict[str, list]:
+    """{path: [size, mtime_ns] or []} of every media file `conv` names on disk."""
+    from data_tools.media import file_state, local_path
+
+    paths = (local_path(p, conv.base_dir) for p in conv.media())
+    return {path: file_state(path) for path in paths if path}
 
 
 def _reject(e: BadRecord, item: Item) -> dict:
@@ -155,8 +169,9 @@ def render_all(specs, processor, data, chat: ChatFormat, *, num_proc: int = 1,
 
 
 def collect(specs, processor, data, chat: ChatFormat, *, rejects_path: Path | None, progress=True,
-            desc="data", keep=None, num_proc: int | None = None) -> tuple[list[dict], dict[str, Stats], Stats]:
-    """Render every record of `specs`; return (samples, stats per dataset, total stats)."""
+            desc="data", keep=None, num_proc: int | None = None) -> tuple[list[dict], dict[str, Stats], Stats, dict]:
+    """Render every record of `specs`; return (samples, stats per dataset, total stats, the media
+    files read: {path: [size, mtime_ns] or []})."""
     from tqdm import tqdm
 
     ledger = Ledger(data.on_bad_record, rejects_path)
@@ -164,4 +179,4 @@ def collect(specs, processor, data, chat: ChatFormat, *, rejects_path: Path | No
     results = render_all(specs, processor, data, chat, num_proc=num_proc, keep=keep)
     samples = [r for r in tqdm(results, desc=desc, unit=" rec", disable=not progress, leave=False)
                if ledger.add(r)]
-    return samples, ledger.per, ledger.total()
+    return samples, ledger.per, ledger.total(), ledger.media

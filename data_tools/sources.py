@@ -48,10 +48,12 @@ def iter_records(spec, *, base_dir: str | None = None) -> Iterator[Record]:
         records = (r for path in target for r in _read_file(path, structured))
     else:
         records = _read_hf(spec, kind, target, base_dir)
+    media_root = getattr(spec, "media_root", None)
     for n, (origin, record, folder) in enumerate(records, 1):
         if isinstance(record, dict):
             record = _rename(record, spec.columns)
-        yield origin, record, folder
+        # LLaVA-style data keeps its images elsewhere: relative media paths resolve there.
+        yield origin, record, os.path.abspath(media_root) if media_root else folder
         if spec.max_samples is not None and n >= spec.max_samples:
             return
 

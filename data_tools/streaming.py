@@ -83,6 +83,7 @@ class StreamingSamples:
                         continue
                 elif "rejected" in r:
                     continue
+                r.pop("media_files", None)
                 window.append(r)
             if len(window) >= self.shuffle_window:
                 rng.shuffle(window)

@@ -20,11 +20,13 @@ from finetune.errors import UserError
 
 
 def cmd_train(args) -> int:
+    from finetune.checks import preflight, refuse_overwrite
     from finetune.recipe import load_recipe
     from finetune.training.loop import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    _check_runnable(recipe)
+    preflight(recipe)
+    refuse_overwrite(recipe, resume=args.resume, overwrite=args.overwrite)
     result = train(recipe, resume=args.resume, log=print)
     print(f"adapter: {result.adapter_dir}  ({result.steps} steps, {result.seconds:.0f}s, "
           f"{result.tokens_per_s:.0f} real tokens/s)")
@@ -32,39 +34,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from finetune.checks import preflight
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if not args.no_data:
-        _check_runnable(recipe)
+    preflight(recipe, data=not args.no_data, model=not args.no_data)
     print(f"ok: {args.recipe}")
     return 0
-
-
-def _check_runnable(recipe) -> None:
-    """Sources exist and are readable, the base exists: all problems at once."""
-    from data_tools.sources import check_source
-    from finetune.errors import RecipeErrors
-    from finetune.model import check_base_path
-
-    errors = []
-    try:
-        check_base_path(recipe.model.base, recipe.model.allow_pickle)
-    except UserError as e:
-        errors.append(e)
-    for key, specs in (("datasets", recipe.datasets), ("eval_datasets", recipe.eval_datasets)):
-        for i, spec in enumerate(specs):
-            try:
-                check_source(spec)
-            except UserError as e:
-                errors.append(UserError(f"{key}[{i}].path", f"{e.where}: {e.what}", e.fix))
-    out = Path(recipe.train.output_dir).absolute()
-    there = next(p for p in (out, *out.parents) if p.exists())  # the part that exists already
-    if not there.is_dir():
-        errors.append(UserError("train.output_dir", f"{there} is a file, not a folder",
-                                "Point it at a new or existing folder"))
-    if errors:
-        raise RecipeErrors(errors)
 
 
 def cmd_tiny_model(args) -> int:
@@ -93,6 +69,12 @@ def cmd_data_stats(args) -> int:
         from finetune.workflows import format_stats
 
         print(format_stats(stats))
+    empty = [name for name, d in stats["datasets"].items() if d["used"] == 0]
+    if empty:
+        reasons = {name: stats["datasets"][name]["rejected_by_reason"] for name in empty}
+        raise UserError("datasets", f"{', '.join(empty)} yielded no usable sample ({reasons})",
+                        "Check its format: (`finetune validate` names the format its records look like) "
+                        "and rejects.jsonl")
     return 0
 
 
@@ -147,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = recipe_verb("train", cmd_train, "train an adapter")
     sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace the run already in train.output_dir (adapter/, checkpoints/)")
     sp = recipe_verb("validate", cmd_validate, "check a recipe (and its data sources)")
     sp.add_argument("--no-data", action="store_true", help="skip checking data sources and the base")
 

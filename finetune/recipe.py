@@ -18,7 +18,10 @@ from finetune.schema import (
     build_section,
     dump_yaml,
     parse_override,
+    path_kind,
     read_yaml,
+    resolve_path,
+    resolve_paths,
     show,
 )
 from finetune.schema import field_doc as _f
@@ -26,7 +29,8 @@ from finetune.schema import field_doc as _f
 
 @dataclass
 class ModelSection:
-    base: str = _f(doc="hub id or local folder of the base model (a gemma4_unified checkpoint)")
+    base: str = _f(doc="hub id or local folder of the base model (a gemma4_unified checkpoint)",
+                   path="local_or_hub")
     quantization: Literal["nf4", "int8", "none"] = _f("nf4", "how the frozen base is stored")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "compute dtype; auto = bf16 on CUDA, fp32 on CPU")
@@ -39,7 +43,9 @@ class ModelSection:
 
 @dataclass
 class DatasetSpec:
-    path: str = _f(doc="file, folder, glob, HF datasets folder or hub id")
+    path: str = _f(doc="file, folder, glob, HF datasets folder or hub id", path="local_or_hub")
+    media_root: str | None = _f(None, "folder that relative media paths in the records resolve "
+                                "against (default: the data file's folder)", path="local")
     format: Literal["messages", "sharegpt", "text", "instruction"] = _f("messages", "record layout")
     weight: float = _f(1.0, "share of the mix", lo=0.0)
     split: str | None = _f(None, "split of a HF dataset")
@@ -66,7 +72,11 @@ class DataSection:
     eval_fraction: float = _f(0.0, "held-out share when no eval_datasets are given", lo=0.0, hi=0.9)
     num_proc: int = _f(1, "processes for preprocessing", lo=1, hi=256)
     streaming: bool = _f(False, "tokenize on the fly instead of caching")
-    cache_dir: str | None = _f(None, "tokenized cache (default: <output_dir>/../.cache/data)")
+    cache_dir: str | None = _f(None, "tokenized-data cache (default: .cache/finetune-data next to "
+                               "train.output_dir); `finetune data clear-cache RECIPE` empties it",
+                               path="local")
+    cache: bool = _f(True, "reuse tokenized data when nothing it was made from changed (data files, "
+                     "media files, data settings, processor); false renders every time")
     seed: int = _f(0, "seed for splits and mixing")
 
 
@@ -83,7 +93,7 @@ class LoraSection:
 @dataclass
 class TrainSection:
     objective: str = _f("sft", "what to train: sft (next-token cross-entropy on the answers)")
-    output_dir: str = _f("runs/train", "where adapter, checkpoints and logs go")
+    output_dir: str = _f("runs/train", "where adapter, checkpoints and logs go", path="local")
     max_steps: int = _f(100, "optimizer steps", lo=1)
     lr: float = _f(2e-4, "peak learning rate", lo=0.0, hi=1.0)
     batch_size: int = _f(1, "samples per micro-batch per process", lo=1)
@@ -190,19 +200,32 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
     if errors:
         raise RecipeErrors(errors)
     recipe.source = source
+    if recipe.data.cache_dir is None:
+        recipe.data.cache_dir = str(Path(recipe.train.output_dir).parent / ".cache" / "finetune-data")
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The recipe at `path`. One rule for paths: those written in the file resolve against the
+    file's folder, those typed as overrides on the command line against the current folder."""
     raw = read_yaml(path)
     if raw is not None and not isinstance(raw, dict):
         raise UserError(str(path), f"the recipe must be a mapping, got {type(raw).__name__}",
                         "Start with `model:` at the top level")
     raw = raw or {}
+    resolve_paths(Recipe, raw, Path(path).resolve().parent)
+    apply_overrides(raw, overrides)
+    return recipe_from_dict(raw if raw else None, str(path))
+
+
+def apply_overrides(raw: dict, overrides) -> None:
+    """`key.path=value` overrides into `raw`; a path value resolves against the current folder."""
     for text in overrides:
         keys, value = parse_override(text)
+        kind = path_kind(Recipe, keys)
+        if kind and isinstance(value, str) and value:
+            value = resolve_path(value, kind, Path.cwd())
         apply_override(raw, keys, value)
-    return recipe_from_dict(raw if raw else None, str(path))
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
@@ -212,7 +235,5 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """A copy of `recipe` with `key.path=value` overrides applied and validated again."""
     raw = recipe.to_dict()
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(raw, keys, value)
+    apply_overrides(raw, overrides)
     return recipe_from_dict(raw, recipe.source)

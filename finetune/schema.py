@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import re
 import reprlib
 import types
@@ -27,9 +28,11 @@ from finetune.errors import UserError
 
 
 def field_doc(default: Any = dataclasses.MISSING, doc: str = "", lo: float | None = None,
-       hi: float | None = None, choices: tuple | None = None, factory: Any = None):
-    """A field with a doc string and an optional numeric range."""
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices}
+              hi: float | None = None, choices: tuple | None = None, factory: Any = None,
+              path: str | None = None):
+    """A field with a doc string and an optional numeric range. `path`: the value is a path
+    ("local") or a path or hub id ("local_or_hub"), resolved by `resolve_paths`."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "path": path}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -182,6 +185,63 @@ def build_section(cls: type, raw: Any, where: str, errors: list[UserError]) -> A
         return cls(**kwargs)
     except TypeError:  # a required field was missing or bad: already reported
         return None
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _element_type(tp: Any) -> Any:
+    """The dataclass a field holds directly, in a list, or in `X | None`."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return _element_type(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _element_type(inner[0]) if len(inner) == 1 else tp
+    return tp
+
+
+def path_kind(cls: type, keys: list[str]) -> str | None:
+    """The `path` kind of the field that `keys` (an override's key path) names, or None."""
+    tp: Any = cls
+    meta = None
+    for key in keys:
+        tp = _element_type(tp)
+        if key.isdigit() or not dataclasses.is_dataclass(tp):
+            continue
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        if key not in fields:
+            return None
+        meta, tp = fields[key].metadata, _hints(tp)[key]
+    return meta.get("path") if meta else None
+
+
+def resolve_path(value: str, kind: str, base_dir: Path) -> str:
+    """`value` against `base_dir` when relative; a hub id (for "local_or_hub" fields) stays one."""
+    from data_tools.locations import is_hub_id
+
+    if kind == "local_or_hub" and is_hub_id(value, str(base_dir)):
+        return value
+    expanded = Path(os.path.expanduser(value))  # not Path.expanduser: "~nobody" raises there
+    return str(expanded if expanded.is_absolute() else (base_dir / expanded).absolute())
+
+
+def resolve_paths(cls: type, raw: Any, base_dir: Path) -> None:
+    """Resolve, in place, every path field of a raw mapping shaped like `cls` against `base_dir`.
+    Values of the wrong type are left for `build_section` to report."""
+    if not isinstance(raw, dict) or not dataclasses.is_dataclass(cls):
+        return
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        value, kind = raw[f.name], f.metadata.get("path")
+        if kind and isinstance(value, str) and value:
+            raw[f.name] = resolve_path(value, kind, base_dir)
+            continue
+        inner = _element_type(hints[f.name])
+        for item in value if isinstance(value, list) else [value]:
+            resolve_paths(inner, item, base_dir)
 
 
 # ---------------------------------------------------------------- YAML

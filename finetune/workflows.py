@@ -16,7 +16,7 @@ def _eval_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None) -> dict:
+def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | Path | None = None) -> dict:
     """Data + tiny base → QLoRA adapter → held-out eval (base vs adapter) → merge + parity.
 
     The demo owns its output folder: what an earlier run produced there is replaced (the
@@ -31,6 +31,8 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None) -> dict:
     log = log or (lambda *_: None)
     t0 = time.time()
     recipe = load_recipe(DEMO_RECIPE, overrides)
+    if root is not None:  # the whole runs/demo tree somewhere else (tests)
+        recipe = relocated(recipe, Path(recipe.train.output_dir), Path(root).absolute())
     out = Path(recipe.train.output_dir)
     base = Path(recipe.model.base)
     data_dir = Path(recipe.datasets[0].path).parent
@@ -57,6 +59,22 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None) -> dict:
         f"{report['max_abs_diff']:.2e}")
     log(f"demo: done in {time.time() - t0:.0f}s → {out}/eval.json, {out}/adapter, {out}/merged")
     return scores
+
+
+def relocated(recipe, old: Path, new: Path):
+    """`recipe` with every path under `old` moved under `new`."""
+    from finetune.recipe import recipe_from_dict
+
+    def move(v):
+        if isinstance(v, str) and (v == str(old) or v.startswith(str(old) + "/")):
+            return str(new) + v[len(str(old)):]
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v
+
+    return recipe_from_dict(move(recipe.to_dict()), recipe.source)
 
 
 def _clear_demo_outputs(out: Path, keep: list[Path]) -> None:

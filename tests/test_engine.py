@@ -155,19 +155,19 @@ def test_streaming_previews_keep_every_reject(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_demo_runs_twice(tmp_path, monkeypatch):
+def test_the_demo_runs_twice(tmp_path):
     """The demo owns its folder: a second run replaces the first's outputs (merged/ included)
     instead of failing after training."""
     from finetune.workflows import run_demo
 
-    monkeypatch.chdir(tmp_path)  # the demo recipe writes under ./runs/demo
     small = ["train.max_steps=2", "eval.max_items=3", "train.batch_size=4"]
-    first = run_demo(small)
-    (Path("runs/demo") / "stale.txt").write_text("left by an earlier run")
-    second = run_demo(small)
+    demo = tmp_path / "runs" / "demo"
+    first = run_demo(small, root=demo)
+    (demo / "stale.txt").write_text("left by an earlier run")
+    second = run_demo(small, root=demo)
     assert first == second
-    assert (Path("runs/demo") / "merged" / "merge_report.json").is_file()
-    assert not (Path("runs/demo") / "stale.txt").exists()
+    assert (demo / "merged" / "merge_report.json").is_file()
+    assert not (demo / "stale.txt").exists()
 
 
 def test_mlp_tiles_through_the_trainer_give_the_same_run(assets):

@@ -516,7 +516,8 @@ def test_train_passes_the_recipe_safety_switches_through(env, tmp_path, monkeypa
 
     monkeypatch.setattr(fm, "base_family", record("family", types.SimpleNamespace(chat=None)))
     monkeypatch.setattr(fm, "load_processor", record("processor"))
-    monkeypatch.setattr(data_tools.pipeline, "prepare", record("prepare", types.SimpleNamespace(stats={})))
+    monkeypatch.setattr(data_tools.pipeline, "prepare", record("prepare", types.SimpleNamespace(
+        stats={}, streaming=True)))
     monkeypatch.setattr(fm, "load_base", record("base", Stop))
     recipe = recipe_from_dict({"model": {"base": str(env.base), "trust_remote_code": True, "allow_pickle": True},
                                "datasets": [{"path": str(env.good)}], "train": {"output_dir": str(tmp_path)}})

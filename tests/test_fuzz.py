@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from finetune.errors import UserError
 from finetune.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
+from finetune.schema import resolve_paths
 
 # -- what a recipe is made of, read from the dataclasses so new keys are fuzzed too ----------------
 
@@ -97,7 +98,10 @@ def test_lock_file_round_trips_any_strings(raw):
     except UserError:
         assume(False)
     dump_recipe(recipe, _TMP / "lock.yaml")
-    assert load_recipe(_TMP / "lock.yaml").to_dict() == recipe.to_dict()
+    # Read back from a file, its relative paths resolve against the file's folder.
+    expected = recipe.to_dict()
+    resolve_paths(Recipe, expected, _TMP)
+    assert load_recipe(_TMP / "lock.yaml").to_dict() == expected
 
 
 # -- arbitrary files ---------------------------------------------------------------------------

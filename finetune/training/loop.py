@@ -186,6 +186,14 @@ def _prepare_data(recipe, processor, family, acc, out: Path, log):
     if acc.is_main_process:
         (out / "data_stats.json").write_text(json.dumps(data.stats, indent=1))
         dump_recipe(recipe, out / "recipe.lock.yaml")
+    log(f"data: records that could not be used are listed in {out / 'rejects.jsonl'}")
+    need = recipe.train.batch_size * acc.num_processes
+    if not data.streaming and len(data.train) < need:
+        total = data.stats["total"]
+        raise UserError("datasets", f"{len(data.train)} usable training samples, fewer than one global batch "
+                        f"({need}); {total['rejected']} of {total['records']} records were rejected "
+                        f"{dict(total['rejected_by_reason']) or ''}",
+                        f"See {out / 'rejects.jsonl'} (and `finetune data stats`), or lower train.batch_size")
     return data
 
 
