@@ -78,6 +78,14 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+def cmd_data_clear_cache(args) -> int:
+    from finetune.workflows import clear_cache
+
+    folder = clear_cache(args.recipe, args.overrides)
+    print(f"removed {folder}" if folder else "nothing cached for this recipe")
+    return 0
+
+
 def cmd_data_preview(args) -> int:
     from data_tools.preview import write_preview
     from finetune.model import base_family, load_processor
@@ -153,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_data_stats)
+    sp = data.add_parser("clear-cache", help="remove this recipe's tokenized-data cache (data.cache_dir)")
+    sp.add_argument("recipe")
+    sp.add_argument("overrides", nargs="*", help="key.path=value")
+    sp.set_defaults(func=cmd_data_clear_cache)
     sp = data.add_parser("preview", help="a self-contained HTML page of rendered samples")
     sp.add_argument("recipe")
     sp.add_argument("overrides", nargs="*")

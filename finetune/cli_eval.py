@@ -23,7 +23,7 @@ def cmd_eval(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     result, items = evaluate_adapter(recipe, args.adapter, max_items=args.max_items, log=log, progress=True)
-    out = Path(args.out or Path(recipe.train.output_dir) / "eval")
+    out = Path(args.out) if args.out else default_eval_dir(args.adapter)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     write_report(out / "report.html", result, items, f"{args.adapter} vs {recipe.model.base}")
@@ -33,6 +33,13 @@ def cmd_eval(args) -> int:
         print(_summary_table(result))
         print(f"wrote {out / 'eval.json'} and {out / 'report.html'}")
     return 0
+
+
+def default_eval_dir(adapter: str | Path) -> Path:
+    """Each adapter's own eval folder: `<run>/eval` for `<run>/adapter` (a checkpoint's adapter
+    included), `<adapter>-eval` for an adapter folder of another name."""
+    adapter = Path(adapter)
+    return adapter.parent / "eval" if adapter.name == "adapter" else adapter.with_name(adapter.name + "-eval")
 
 
 def _summary_table(result: dict) -> str:

@@ -114,6 +114,22 @@ def data_stats(recipe_path: str, overrides=()) -> dict:
     return total
 
 
+def clear_cache(recipe_path: str, overrides=()) -> Path | None:
+    """Remove the recipe's tokenized data (what `prepare` would reuse); the folder, or None."""
+    import shutil
+
+    from data_tools.pipeline import cache_folder
+    from finetune.model import base_family
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    folder = cache_folder(recipe, recipe.model.base, base_family(recipe.model.base, recipe.model.trust_remote_code).chat)
+    if not folder.exists():
+        return None
+    shutil.rmtree(folder)
+    return folder
+
+
 def format_stats(s: dict) -> str:
     lines = [f"records {s['records']}  used {s['used']}  rejected {s['rejected']}"]
     if s["rejected_by_reason"]:

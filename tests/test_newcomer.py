@@ -1,0 +1,161 @@
+"""A newcomer's first hour: stale caches, paths, wrong formats, thin validation, overwrites.
+Each test failed before its fix (issue: a newcomer's first hour)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from finetune.cli import main
+
+
+def _image(path: Path, colour=(200, 30, 30)) -> None:
+    Image.new("RGB", (64, 64), colour).save(path)
+
+
+def _image_record(rel: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image", "path": rel},
+                                                      {"type": "text", "text": "What colour?"}]},
+                         {"role": "assistant", "content": "red"}]}
+
+
+def _write_recipe(folder: Path, base: Path, datasets: list, **sections) -> Path:
+    raw = {"model": {"base": str(base), "quantization": "none"}, "datasets": datasets,
+           "data": {"max_seq_len": 256, "image_tokens": 70, "on_bad_record": "skip", **sections.pop("data", {})},
+           "train": {"output_dir": "run", "max_steps": 1, "batch_size": 1, **sections.pop("train", {})}, **sections}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _stats(recipe: Path, capsys, *extra) -> tuple[int, dict | None, str]:
+    rc = main(["data", "stats", str(recipe), "--json", *extra])
+    captured = capsys.readouterr()
+    return rc, json.loads(captured.out.splitlines()[0]) if captured.out.strip() else None, captured.err
+
+
+# ---------------------------------------------------------------- 1. stale cache
+
+
+def test_replacing_or_adding_media_refreshes_the_cache(tmp_path, tiny_base, capsys):
+    proj = tmp_path / "proj"
+    (proj / "img").mkdir(parents=True)
+    (proj / "data.jsonl").write_text("\n".join(json.dumps(_image_record(f"img/{n}.png")) for n in ("a", "b")) + "\n")
+    _image(proj / "img" / "a.png")
+    (proj / "img" / "b.png").write_bytes(b"not a png")  # corrupt
+    recipe = _write_recipe(proj, tiny_base, [{"path": "data.jsonl"}])
+    rc, first, _ = _stats(recipe, capsys)
+    assert (first["used"], first["rejected_by_reason"]) == (1, {"corrupt_media": 1})
+    _image(proj / "img" / "b.png")  # replaced by a good picture: the cache must not hide it
+    rc, second, _ = _stats(recipe, capsys)
+    assert (second["used"], second["rejected"]) == (2, 0)
+    (proj / "data.jsonl").write_text((proj / "data.jsonl").read_text() + json.dumps(_image_record("img/c.png")) + "\n")
+    rc, third, _ = _stats(recipe, capsys)
+    assert third["rejected_by_reason"] == {"missing_media": 1}
+    _image(proj / "img" / "c.png")  # the missing file added
+    rc, fourth, _ = _stats(recipe, capsys)
+    assert (fourth["used"], fourth["rejected"]) == (3, 0)
+
+
+def test_cache_location_is_printed_and_can_be_bypassed_or_cleared(tmp_path, tiny_base, capsys):
+    proj = tmp_path / "p"
+    proj.mkdir()
+    (proj / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "yo"}]}) + "\n")
+    recipe = _write_recipe(proj, tiny_base, [{"path": "d.jsonl"}])
+    from finetune.recipe import load_recipe
+
+    cache_root = Path(load_recipe(recipe).data.cache_dir)
+    assert cache_root == proj / ".cache" / "finetune-data"  # next to the run folder, as documented
+    assert main(["data", "stats", str(recipe)]) == 0
+    assert len(list(cache_root.iterdir())) == 1
+    assert main(["data", "clear-cache", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "removed" in out and str(cache_root) in out and not list(cache_root.iterdir())
+    assert main(["data", "stats", str(recipe), "data.cache=false"]) == 0
+    assert not list(cache_root.iterdir())  # bypassed: nothing written
+
+
+# ---------------------------------------------------------------- 2. paths
+
+
+def test_recipe_paths_resolve_against_the_recipe_folder_from_anywhere(tmp_path, tiny_base, monkeypatch, capsys):
+    proj = tmp_path / "proj"
+    images = tmp_path / "elsewhere" / "images"  # LLaVA-style: media kept apart from the records
+    (proj / "data").mkdir(parents=True)
+    images.mkdir(parents=True)
+    _image(images / "x.png")
+    (proj / "data" / "train.jsonl").write_text(json.dumps(_image_record("x.png")) + "\n")
+    recipe = _write_recipe(proj, tiny_base, [{"path": "data/*.jsonl", "media_root": "../elsewhere/images"}])
+    monkeypatch.chdir(tmp_path)  # neither the recipe's folder nor the data's
+    rc, stats, _ = _stats(recipe, capsys)
+    assert rc == 0 and (stats["used"], stats["rejected"]) == (1, 0)
+    assert (proj / "run" / "rejects.jsonl").exists()  # output_dir: run, next to the recipe
+    # an absolute glob works like a relative one
+    rc, stats, _ = _stats(recipe, capsys, f"datasets.0.path={proj}/data/*.jsonl")
+    assert rc == 0 and stats["used"] == 1
+
+
+# ---------------------------------------------------------------- 4./5. validate
+
+
+def test_a_wrong_format_is_named_before_any_model_loads(tmp_path, tiny_base, capsys):
+    llava = [{"id": str(i), "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"}]} for i in range(5)]
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    recipe = _write_recipe(tmp_path, tiny_base, [{"path": "llava.json", "format": "messages"}])
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert ("error: datasets[0].format: 5 of the first 5 records of "
+            f"{tmp_path / 'llava.json'} are not 'messages' records; they look like 'sharegpt'. Set format: sharegpt.") in err
+    assert main(["train", str(recipe)]) == 2  # the same, before a model is loaded
+    assert "they look like 'sharegpt'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "adapter").exists()
+    rc, _, err = _stats(recipe, capsys)  # no usable sample is an error, not "0 used" and exit 0
+    assert rc == 2 and "yielded no usable sample" in err
+
+
+def test_validate_reads_records_targets_and_trackers(tmp_path, tiny_base, capsys):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    rows = [json.dumps(good)] + ['{"messages": [{"role": "user", "content": "no answer"}]}'] * 2 + ["{broken"]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows * 2) + "\n")
+    recipe = _write_recipe(tmp_path, tiny_base, [{"path": "d.jsonl"}], data={"on_bad_record": "error"},
+                           lora={"targets": ["attn", "mlp"]}, train={"report_to": ["wandb"]})
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("error: lora.targets[0]: 'attn' matches no module of") for line in err)
+    assert not any("lora.targets[1]" in line for line in err)
+    if importlib.util.find_spec("wandb") is None:
+        assert "error: train.report_to[0]: wandb is not installed, so nothing would be logged there. " \
+               "pip install wandb, or remove it from train.report_to." in err
+    bad = [line for line in err if "bad record" in line]
+    assert len(bad) == 6 and f"{tmp_path / 'd.jsonl'}:2" in bad[0]  # every bad record of the sample
+
+
+# ---------------------------------------------------------------- 6. overwrites
+
+
+def test_train_refuses_to_replace_a_run_and_eval_gets_its_own_folder(tmp_path, tiny_base, capsys):
+    from finetune.cli_eval import default_eval_dir
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    recipe = _write_recipe(tmp_path, tiny_base, [{"path": "d.jsonl"}])
+    assert main(["train", str(recipe)]) == 0
+    adapter = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    assert (f"error: train.output_dir: {tmp_path / 'run'} already holds a run (adapter, checkpoints). Pass --resume "
+            "to continue it, --overwrite to replace it, or choose a new train.output_dir.") in capsys.readouterr().err
+    assert adapter.read_bytes() == before
+    assert main(["train", str(recipe), "--overwrite", "train.seed=5"]) == 0
+    assert adapter.read_bytes() != before
+    assert default_eval_dir(tmp_path / "run" / "adapter") == tmp_path / "run" / "eval"
+    step = tmp_path / "run" / "checkpoints" / "step-1" / "adapter"
+    assert default_eval_dir(step) == step.parent / "eval"
+    assert default_eval_dir(tmp_path / "mine") == tmp_path / "mine-eval"
