@@ -20,7 +20,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def compute_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
+    """The dtype the model computes in. On the CPU always fp32: bf16 matmuls are slow and lossy
+    there, and some ops refuse a mix (the vision embedder's LayerNorm under NF4 did)."""
+    if name == "auto" or device == "cpu":
         return torch.bfloat16 if device == "cuda" else torch.float32
     return DTYPES[name]
 

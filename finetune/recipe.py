@@ -33,7 +33,7 @@ class ModelSection:
                    path="local_or_hub")
     quantization: Literal["nf4", "int8", "none"] = _f("nf4", "how the frozen base is stored")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
-        "auto", "compute dtype; auto = bf16 on CUDA, fp32 on CPU")
+        "auto", "compute dtype on a GPU; auto = bf16. On the CPU every setting computes in fp32")
     double_quant: bool = _f(True, "NF4 double quantization of the block scales")
     quant_storage: Literal["uint8", "bf16"] = _f(
         "uint8", "storage dtype of 4-bit weights; FSDP needs bf16")
