@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from finetune.errors import UserError
+from finetune.errors import TrainingStopped, UserError
 
 # ---------------------------------------------------------------- verbs
 
@@ -27,7 +27,13 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     preflight(recipe)
     refuse_overwrite(recipe, resume=args.resume, overwrite=args.overwrite)
-    result = train(recipe, resume=args.resume, log=print)
+    try:
+        result = train(recipe, resume=args.resume, log=print)
+    except TrainingStopped as e:
+        overrides = " ".join(args.overrides)
+        print(f"stopped at step {e.step}: checkpoint {e.checkpoint}\nresume with: finetune train "
+              f"{args.recipe}{' ' + overrides if overrides else ''} --resume", file=sys.stderr)
+        return 130
     print(f"adapter: {result.adapter_dir}  ({result.steps} steps, {result.seconds:.0f}s, "
           f"{result.tokens_per_s:.0f} real tokens/s)")
     return 0

@@ -49,3 +49,11 @@ class RecipeErrors(UserError):
         first, rest = errors[0], errors[1:]
         super().__init__(first.where, first.what, first.fix, more=rest)
         self.errors = errors
+
+
+class TrainingStopped(Exception):
+    """A run stopped on request (Ctrl-C, SIGTERM) after writing a checkpoint it can resume from."""
+
+    def __init__(self, step: int, checkpoint):
+        super().__init__(f"stopped at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint

@@ -191,3 +191,48 @@ def test_streaming_resume_is_exact(assets):
     again = train(recipe, resume=True, log=lambda *_: None)
     assert again.losses == pytest.approx(full.losses[2:], abs=1e-6)
     assert metrics(Path(raw["train"]["output_dir"])) == pytest.approx(dict(enumerate(full.losses, 1)), abs=1e-6)
+
+
+def test_resume_refuses_shape_changes_and_warns_about_the_rest(assets, capsys):
+    from finetune.cli import main
+
+    path, raw = write_recipe(assets, "edited", max_steps=2)
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    raw["lora"]["r"] = 16
+    raw["train"]["max_steps"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lora.r: changed since the run in ") and "8 -> 16" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    raw["lora"]["r"] = 8
+    raw["train"]["lr"] = 5e-4
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: warning: changed since the run began: train.lr: 0.001 -> 0.0005" in out
+    assert "max_steps" not in out.split("resume: warning")[1].splitlines()[0]  # bookkeeping: silent
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(assets):
+    from finetune.recipe import recipe_from_dict
+    from finetune.training.loop import train
+
+    path, raw = write_recipe(assets, "sigterm", max_steps=10)
+    out = Path(raw["train"]["output_dir"])
+    proc = start(path)
+    t0 = time.time()
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output[-2000:]
+    ck = latest_checkpoint(out)
+    assert f"stopped at step {ck.name[5:]}: checkpoint {ck}" in output
+    assert f"resume with: finetune train {path} --resume" in output
+    assert 3 <= int(ck.name[5:]) < 10
+    straight = train(recipe_from_dict({**raw, "train": {**raw["train"], "output_dir": str(assets.root / "straight")}}))
+    resumed = train(recipe_from_dict(raw), resume=True)
+    assert resumed.losses == pytest.approx(straight.losses[int(ck.name[5:]):], abs=1e-6)

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from finetune.errors import UserError
+from finetune.errors import TrainingStopped, UserError
 from finetune.memory_tricks import tile_mlp
 from finetune.recipe import Recipe, dump_recipe
 from finetune.training.batches import BatchPlan, StreamPlan
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.training.metrics import MetricsLog, available_trackers
 from finetune.training.optim import make_optimizer, make_scheduler
+from finetune.training.resume import StopRequest, check_resume
 from finetune.training.step import forward_loss, optimizer_step
 from finetune.training.wrappers import LossForward, to_device, unwrap, unwrap_peft
 
@@ -61,6 +62,8 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     log = log or _silent
     t = recipe.train
     out = Path(t.output_dir)
+    if resume:
+        check_resume(recipe, out, log)
     out.mkdir(parents=True, exist_ok=True)
     acc = _accelerator(t, out)
     main_log = log if acc.is_main_process else _silent
@@ -114,7 +117,9 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True,
                disable=not (progress and acc.is_main_process))
     t0, real_tokens, losses = time.time(), 0, []
+    stop = StopRequest()
     try:
+        stop.__enter__()
         while step < t.max_steps:
             micro = [to_device(plan.micro_batch(position + i), acc.device, cdtype) for i in range(t.grad_accum)]
             position += t.grad_accum
@@ -133,17 +138,22 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
                 _preview(model, processor, family.chat, recipe, data.eval, out, step, main_log, acc)
             bar.set_postfix(_postfix(row))
             bar.update(1)
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+            stopping = _agreed(stop.requested, acc)
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopping:
                 acc.wait_for_everyone()
+                ck = out / "checkpoints" / f"step-{step}"
                 if acc.is_main_process:
                     metrics.flush()
-                    save_checkpoint(out, step, model, optimizer, scheduler, position, t.keep_checkpoints)
+                    ck = save_checkpoint(out, step, model, optimizer, scheduler, position, t.keep_checkpoints)
+                if stopping and step < t.max_steps:
+                    raise TrainingStopped(step, ck)
     except torch.cuda.OutOfMemoryError:
         raise UserError("train", f"CUDA out of memory at step {step + 1}",
                         "Lower data.max_seq_len or train.batch_size, set train.chunked_ce=true, "
                         "train.gradient_checkpointing=true or train.optimizer=adamw8bit; "
                         "`finetune plan RECIPE` predicts what fits") from None
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
     acc.wait_for_everyone()
     adapter_dir = out / "adapter"
@@ -203,6 +213,13 @@ def _finish_data_stats(data, out: Path) -> None:
     if data.streaming:
         len(data.eval)
         (out / "data_stats.json").write_text(json.dumps(data.stats, indent=1))
+
+
+def _agreed(flag: bool, acc) -> bool:
+    """Whether any process was asked to stop (all stop at the same step)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), reduction="sum") > 0)
 
 
 def _postfix(row: dict) -> dict:
