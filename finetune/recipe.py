@@ -94,7 +94,8 @@ class LoraSection:
 class TrainSection:
     objective: str = _f("sft", "what to train: sft (next-token cross-entropy on the answers)")
     output_dir: str = _f("runs/train", "where adapter, checkpoints and logs go", path="local")
-    max_steps: int = _f(100, "optimizer steps", lo=1)
+    max_steps: int | None = _f(None, "optimizer steps (default 100 unless train.epochs is given)", lo=1)
+    epochs: float | None = _f(None, "passes over the training data instead of max_steps", lo=0.01)
     lr: float = _f(2e-4, "peak learning rate", lo=0.0, hi=1.0)
     batch_size: int = _f(1, "samples per micro-batch per process", lo=1)
     grad_accum: int = _f(1, "micro-batches per optimizer step", lo=1)
@@ -102,6 +103,8 @@ class TrainSection:
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)", lo=0)
     keep_checkpoints: int = _f(2, "newest checkpoints to keep", lo=1)
     eval_every: int = _f(0, "eval loss every N steps (0 = off)", lo=0)
+    keep_best: bool = _f(False, "also keep the adapter with the lowest eval loss in <output_dir>/best")
+    early_stopping_patience: int = _f(0, "stop after this many evals without a lower eval loss (0 = off)", lo=0)
     preview_every: int = _f(0, "generate on held-out items every N steps (0 = off)", lo=0)
     preview_items: int = _f(3, "how many held-out items to preview", lo=1)
     chunked_ce: bool = _f(True, "cross-entropy in chunks over label positions only")
@@ -185,6 +188,17 @@ def _cross_checks(r: Recipe, errors: list[UserError]) -> None:
                 if ds.format not in cls.formats:
                     errors.append(UserError(f"{key}[{i}].format", f"{ds.format!r} data can't train objective "
                                             f"{r.train.objective!r}", f"Use format {' or '.join(cls.formats)}"))
+    t = r.train
+    if t.epochs is not None and t.max_steps is not None:
+        errors.append(UserError("train.epochs", "both train.epochs and train.max_steps are set",
+                                "Give one of them"))
+    if t.epochs is not None and r.data.streaming:
+        errors.append(UserError("train.epochs", "a streamed dataset has no known length",
+                                "Use train.max_steps with data.streaming, or data.streaming: false"))
+    for key in ("keep_best", "early_stopping_patience"):
+        if getattr(t, key) and not t.eval_every:
+            errors.append(UserError(f"train.{key}", "needs an eval loss", "Set train.eval_every (and eval data: "
+                                    "eval_datasets or data.eval_fraction)"))
     if r.train.packing and r.data.streaming:
         errors.append(UserError("train.packing", "packing needs the cached dataset",
                                 "Set data.streaming: false or train.packing: false"))
@@ -200,6 +214,8 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
     if errors:
         raise RecipeErrors(errors)
     recipe.source = source
+    if recipe.train.max_steps is None and recipe.train.epochs is None:
+        recipe.train.max_steps = 100
     if recipe.data.cache_dir is None:
         recipe.data.cache_dir = str(Path(recipe.train.output_dir).parent / ".cache" / "finetune-data")
     return recipe

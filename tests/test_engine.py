@@ -186,3 +186,36 @@ def test_mlp_tiles_through_the_trainer_give_the_same_run(assets):
     # Adam divides by sqrt(v): for near-zero gradients, summation-order noise becomes a visible
     # share of a step (lr 1e-3 here), so the weights agree to 1e-4, the losses to 1e-5.
     assert max(float((runs[16][1][k] - runs[0][1][k]).abs().max()) for k in runs[0][1]) < 1e-4
+
+
+def test_epochs_best_checkpoint_and_early_stopping(assets):
+    """train.epochs sets the steps from the data; keep_best keeps the lowest eval loss's adapter;
+    early stopping ends the run when the eval loss stops improving; eval loss is logged."""
+    from finetune.errors import RecipeErrors
+    from finetune.training.loop import train
+
+    d = Path(assets.data)
+    evals = [{"path": str(d / "eval.jsonl")}]
+    raw = raw_recipe(assets, "epochs", epochs=2, group_by_length=False)
+    lines = []
+    result = train(recipe_from_dict(raw), log=lines.append)
+    n_train = sum(1 for p in d.glob("train_*.jsonl") for _ in p.read_text().splitlines())
+    assert result.steps == 2 * (n_train // 2)  # batch 2, grad_accum 1, whole batches only
+    assert any(f"train: 2 epoch(s) of {n_train // 2} micro-batches = {result.steps} steps" in x for x in lines)
+
+    with pytest.raises(RecipeErrors) as e:
+        recipe_from_dict(raw_recipe(assets, "x", epochs=1, max_steps=3))
+    assert e.value.where == "train.epochs" and "both" in e.value.what
+
+    # lr 0: the eval loss never improves after the first eval, so patience 2 stops at the third
+    raw = raw_recipe(assets, "early", max_steps=20, lr=0.0, eval_every=2, keep_best=True,
+                     early_stopping_patience=2)
+    raw["eval_datasets"] = evals
+    lines = []
+    result = train(recipe_from_dict(raw), log=lines.append)
+    out = Path(raw["train"]["output_dir"])
+    assert result.steps == 6
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 2
+    assert (out / "best" / "adapter_model.safetensors").is_file() and (out / "adapter").is_dir()
+    evals_logged = [x for x in lines if "eval_loss" in x]
+    assert len(evals_logged) == 3 and evals_logged[-1].endswith("no better for 2 evals: stopping early")

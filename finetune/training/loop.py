@@ -11,7 +11,9 @@ past the end with a larger `train.max_steps`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from finetune.memory_tricks import tile_mlp
 from finetune.recipe import Recipe, dump_recipe
 from finetune.training.batches import BatchPlan, StreamPlan
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from finetune.training.metrics import MetricsLog, available_trackers
+from finetune.training.metrics import EvalWatch, MetricsLog, available_trackers
 from finetune.training.optim import make_optimizer, make_scheduler
 from finetune.training.resume import StopRequest, check_resume
 from finetune.training.step import forward_loss, optimizer_step
@@ -82,6 +84,16 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     objective = objectives.build(recipe)
+    pad_id = processor.tokenizer.pad_token_id
+    if data.streaming:
+        plan = StreamPlan(data.train, t, pad_id, acc.num_processes, acc.process_index, objective.collate)
+    else:
+        plan = BatchPlan(data.train, t, pad_id, model.config.get_text_config(), acc.num_processes,
+                         acc.process_index, recipe.data.max_seq_len, objective.collate)
+    if t.epochs is not None:  # known only now: the batches an epoch makes
+        steps = max(1, math.ceil(t.epochs * plan.batches_per_epoch() / t.grad_accum))
+        t = plan.t = dataclasses.replace(t, max_steps=steps)
+        main_log(f"train: {t.epochs:g} epoch(s) of {plan.batches_per_epoch()} micro-batches = {steps} steps")
     set_seed(t.seed)  # LoRA init is seeded the same whatever loading consumed
     model = objective.setup(model, family)
     if t.mlp_tile_tokens:
@@ -93,13 +105,6 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     optimizer = make_optimizer(model.parameters(), t, device)
     scheduler = make_scheduler(optimizer, t)
     model, optimizer = acc.prepare(LossForward(model, objective), optimizer)
-
-    pad_id = processor.tokenizer.pad_token_id
-    if data.streaming:
-        plan = StreamPlan(data.train, t, pad_id, acc.num_processes, acc.process_index, objective.collate)
-    else:
-        plan = BatchPlan(data.train, t, pad_id, unwrap(model).config.get_text_config(), acc.num_processes,
-                         acc.process_index, recipe.data.max_seq_len, objective.collate)
     step, position = 0, 0
     if resume:
         ck = latest_checkpoint(out)
@@ -117,6 +122,7 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     bar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True,
                disable=not (progress and acc.is_main_process))
     t0, real_tokens, losses = time.time(), 0, []
+    watch = EvalWatch(t.early_stopping_patience)
     stop = StopRequest()
     try:
         stop.__enter__()
@@ -131,15 +137,23 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
             elapsed = time.time() - t0
             row = {"step": step, "loss": loss, **values, "lr": scheduler.get_last_lr()[0], "tokens": weight,
                    "tokens_per_s": real_tokens / max(1e-9, elapsed), "elapsed": elapsed}
+            early_stop = False
             if t.eval_every and step % t.eval_every == 0 and len(data.eval):
                 row.update(eval_loss(model, objective, data.eval, pad_id, cdtype, acc.device))
+                improved, early_stop = watch.update(step, row["eval_loss"])
+                if improved and t.keep_best and acc.is_main_process:
+                    objective.save(unwrap_peft(model), out / "best")
+                    (out / "best" / "best.json").write_text(json.dumps({"step": step, "eval_loss": row["eval_loss"]}))
+                main_log(f"step {step}: eval_loss {row['eval_loss']:.4f} (best {watch.best:.4f} at step "
+                         f"{watch.best_step})" + (f"; no better for {watch.since} evals: stopping early"
+                                                  if early_stop else ""))
             metrics.write(row)
             if t.preview_every and step % t.preview_every == 0 and acc.is_main_process and objective.previews:
                 _preview(model, processor, family.chat, recipe, data.eval, out, step, main_log, acc)
             bar.set_postfix(_postfix(row))
             bar.update(1)
             stopping = _agreed(stop.requested, acc)
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopping:
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopping or early_stop:
                 acc.wait_for_everyone()
                 ck = out / "checkpoints" / f"step-{step}"
                 if acc.is_main_process:
@@ -147,6 +161,8 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
                     ck = save_checkpoint(out, step, model, optimizer, scheduler, position, t.keep_checkpoints)
                 if stopping and step < t.max_steps:
                     raise TrainingStopped(step, ck)
+            if early_stop:
+                break
     except torch.cuda.OutOfMemoryError:
         raise UserError("train", f"CUDA out of memory at step {step + 1}",
                         "Lower data.max_seq_len or train.batch_size, set train.chunked_ce=true, "

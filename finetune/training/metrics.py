@@ -58,6 +58,25 @@ class MetricsLog:
         plt.close(fig)
 
 
+class EvalWatch:
+    """The best eval loss so far, for `train.keep_best` and `train.early_stopping_patience`."""
+
+    def __init__(self, patience: int = 0):
+        self.patience = patience
+        self.best: float | None = None
+        self.best_step = 0
+        self.since = 0  # evals since the best
+
+    def update(self, step: int, loss: float) -> tuple[bool, bool]:
+        """(improved, stop now)."""
+        improved = self.best is None or loss < self.best
+        if improved:
+            self.best, self.best_step, self.since = loss, step, 0
+        else:
+            self.since += 1
+        return improved, bool(self.patience) and self.since >= self.patience
+
+
 def available_trackers(report_to: list[str]) -> list[str]:
     """The trackers of `train.report_to` that can run here (wandb only when installed)."""
     return [r for r in report_to if r != "wandb" or _has_wandb()]
