@@ -93,6 +93,23 @@ class Stats:
         return d
 
 
+LONG_TEXT = 1000  # characters: longer strings in a rejected record are inline media (base64, data: URLs)
+
+
+def slim(value):
+    """A rejected record as rejects.jsonl keeps it: media bytes and inline media text replaced by
+    their size (the record's origin points at the original), everything else as read."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, str) and len(value) > LONG_TEXT:
+        return f"{value[:40]}… <{len(value)} characters>"
+    if isinstance(value, dict):
+        return {k: slim(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [slim(v) for v in value]
+    return value
+
+
 class Ledger:
     """Counts every result per dataset and writes rejects; raises at the first bad record
     when `on_bad_record: error`."""
@@ -118,8 +135,8 @@ class Ledger:
         st.add_reject(r["rejected"])
         if self.rejects_path:  # rare: open per line, so a long streaming run never holds it
             with open(self.rejects_path, "a") as f:
-                f.write(json.dumps({k: r[k] for k in ("origin", "dataset", "detail", "record")}
-                                   | {"reason": r["rejected"]}, default=str) + "\n")
+                line = {k: r[k] for k in ("origin", "dataset", "detail")} | {"record": slim(r["record"])}
+                f.write(json.dumps(line | {"reason": r["rejected"]}, default=str) + "\n")
         return False
 
     def total(self) -> Stats:

@@ -2,7 +2,8 @@
 
 `iter_records` yields `(origin, record, base_dir)`:
 - `origin` names the file and the record: `data/train.jsonl:17` (1-based line) for JSON Lines,
-  `data/train.csv:row 3` (0-based row index, as pandas/datasets count) for everything else;
+  `data/train.csv:row 3` (1-based: the third record) for everything else, so the numbers mean
+  the same in every format;
 - `record` is a dict with `columns` renaming applied, or a `BadRecord` for a record that cannot
   be read (an unparseable JSONL line, a non-object row). Those are yielded rather than raised so
   one bad line never aborts a run: the caller counts or rejects them like any other bad record;
@@ -195,7 +196,7 @@ def _read_json(path: str) -> Iterator[tuple[str, dict | BadRecord]]:
         raise UserError(path, "a JSON file must hold an array of records or {\"data\": [...]}",
                         "wrap the records in a list, or save one object per line as .jsonl")
     for i, value in enumerate(data):
-        origin = f"{path}:row {i}"
+        origin = f"{path}:row {i + 1}"
         yield origin, _as_record(value, origin)
 
 
@@ -213,7 +214,7 @@ def _read_parquet(path: str) -> Iterator[tuple[str, dict]]:
     i = 0
     for batch in _parquet(path).iter_batches(batch_size=_BATCH):
         for row in batch.to_pylist():
-            yield f"{path}:row {i}", row
+            yield f"{path}:row {i + 1}", row
             i += 1
 
 
@@ -222,7 +223,7 @@ def _read_csv(path: str, structured: set[str]) -> Iterator[tuple[str, dict | Bad
         reader = csv.DictReader(f)
         try:
             for i, row in enumerate(reader):
-                origin = f"{path}:row {i}"
+                origin = f"{path}:row {i + 1}"
                 if None in row:  # DictReader files extra fields under the key None
                     yield origin, BadRecord("unparseable", "more fields than the header has", origin,
                                             raw=row[None])
@@ -290,7 +291,7 @@ def _read_hf(spec, kind: str, target: str, base_dir: str | None) -> Iterator[Rec
     i = 0
     for table in ds.with_format("arrow").iter(batch_size=_BATCH):
         for row in table.to_pylist():
-            yield f"{name}[{split}]:row {i}", row, folder
+            yield f"{name}[{split}]:row {i + 1}", row, folder
             i += 1
 
 

@@ -178,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n", type=int, default=20)
     sp.set_defaults(func=cmd_data_preview)
 
-    sp = recipe_verb("plan", _lazy("finetune.cli_plan", "cmd_plan"), "predict peak GPU memory")
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--budget-gib", type=float, default=16.0)
+    sp = recipe_verb("plan", _lazy("finetune.cli_plan", "cmd_plan"), "predict peak GPU memory, offline")
+    sp.add_argument("--json", action="store_true", help="the plan as JSON (peak_gib, fits, breakdown, suggestions)")
+    sp.add_argument("--budget-gib", type=float, default=16.0, help="GPU memory to fit in (default 16)")
+    sp.add_argument("--check", action="store_true", help="exit 3 when the recipe does not fit the budget")
 
     sp = sub.add_parser("merge", help="merge an adapter into a full-precision base")
     sp.add_argument("adapter")

@@ -1,8 +1,8 @@
-"""`finetune plan RECIPE [k=v ...] [--json] [--budget-gib G]`: memory prediction, offline.
+"""`finetune plan RECIPE [k=v ...] [--json] [--budget-gib G] [--check]`: memory prediction, offline.
 
-Exit codes: 0 whether or not the recipe fits — a plan that ran is an answer, not an error;
-the verdict is the `fits` key of `--json` (and a loud "DOES NOT FIT" line in the table), so
-scripts gate on that. A bad recipe raises `UserError`, which the CLI turns into exit 2.
+Exit codes: 0 when the plan ran (the verdict is the `fits` key of `--json` and a loud "DOES NOT
+FIT" line in the table); with `--check`, 3 when the recipe does not fit, for scripts and CI.
+A bad recipe raises `UserError`, which the CLI turns into exit 2.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from finetune.errors import UserError
 from finetune.memory.plan import plan
 from finetune.recipe import load_recipe
+
+DOES_NOT_FIT = 3
 
 BAR_WIDTH = 24
 
@@ -74,4 +76,4 @@ def cmd_plan(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(format_plan(result, recipe))
-    return 0
+    return DOES_NOT_FIT if getattr(args, "check", False) and not result["fits"] else 0

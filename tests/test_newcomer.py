@@ -195,3 +195,29 @@ def test_every_shipped_recipe_trains_a_step_on_the_cpu(path, tmp_path, tiny_base
     copy.write_text(yaml.safe_dump(raw))
     result = train(load_recipe(copy))
     assert result.steps == 1 and len(result.losses) == 1 and result.losses[0] == result.losses[0]
+
+
+# ---------------------------------------------------------------- 8. messages and rejects
+
+
+def test_rejects_keep_a_reference_and_a_size_not_the_media_bytes(tmp_path):
+    from data_tools.accounting import Ledger
+
+    ledger = Ledger("skip", tmp_path / "rejects.jsonl")
+    image = {"bytes": b"\x89PNG" + b"\0" * 50_000, "path": "cat.png"}
+    ledger.add({"rejected": "corrupt_media", "detail": "cannot decode", "origin": "hf[train]:row 3", "dataset": "0:hf",
+                "record": {"images": [image], "audio": "data:audio/wav;base64," + "A" * 20_000, "q": "what?"}})
+    line = (tmp_path / "rejects.jsonl").read_text()
+    assert len(line) < 600
+    row = json.loads(line)
+    assert row["record"]["images"] == [{"bytes": "<50004 bytes>", "path": "cat.png"}]
+    assert row["record"]["audio"].endswith("<20022 characters>") and row["record"]["q"] == "what?"
+    assert row["origin"] == "hf[train]:row 3" and row["reason"] == "corrupt_media"
+
+
+def test_plan_check_exits_non_zero_when_it_does_not_fit(capsys):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "gemma4-12b" / "image-qa.yaml"
+    assert main(["plan", str(recipe), "--check"]) == 0
+    assert main(["plan", str(recipe), "--check", "data.max_seq_len=65536"]) == 3
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["plan", str(recipe), "data.max_seq_len=65536"]) == 0  # without --check: a report

@@ -69,7 +69,7 @@ def test_json_array_and_data_wrapper(tmp_path, payload):
     path = tmp_path / "train.json"
     path.write_text(json.dumps(payload))
     got = records(path)
-    assert [o for o, _, _ in got] == [f"{path}:row 0", f"{path}:row 1"]
+    assert [o for o, _, _ in got] == [f"{path}:row 1", f"{path}:row 2"]  # 1-based, like JSONL lines
     assert all(r == CHAT for _, r, _ in got)
 
 
@@ -83,7 +83,7 @@ def test_json_array_item_that_is_not_an_object(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps([CHAT, "oops"]))
     bad = records(path)[1][1]
-    assert bad.reason == "wrong_shape" and bad.origin == f"{path}:row 1"
+    assert bad.reason == "wrong_shape" and bad.origin == f"{path}:row 2"
 
 
 @pytest.mark.parametrize("text,where", [('[{"a": 1},\n {"a": ', ":2"), ('{"rows": []}', "")])
@@ -105,7 +105,7 @@ def test_parquet_rows_and_embedded_image_bytes(tmp_path):
     })
     pq.write_table(table, path)
     got = records(path)
-    assert [o for o, _, _ in got] == [f"{path}:row 0", f"{path}:row 1"]
+    assert [o for o, _, _ in got] == [f"{path}:row 1", f"{path}:row 2"]  # 1-based, like JSONL lines
     conv = parse_record(got[0][1], "instruction", got[0][0], got[0][2])
     image = conv.messages[0].parts[0]
     assert image.ref_kind == "base64"
@@ -124,11 +124,11 @@ def test_csv_rows_json_columns_and_extra_fields(tmp_path):
         w.writerow(["q", "", ""])
         w.writerow(["q", "a", "x.png", "surplus"])
     got = records(path)
-    assert [o for o, _, _ in got] == [f"{path}:row 0", f"{path}:row 1", f"{path}:row 2"]
+    assert [o for o, _, _ in got] == [f"{path}:row 1", f"{path}:row 2", f"{path}:row 3"]
     # Only list/object columns are decoded from JSON; a prompt starting with "[" stays text.
     assert got[0][1] == {"prompt": "[not a list] what?", "response": "an answer", "images": ["a.png", "b.png"]}
     assert got[1][1] == {"prompt": "q", "response": None, "images": None}
-    assert got[2][1].reason == "unparseable" and got[2][1].origin == f"{path}:row 2"
+    assert got[2][1].reason == "unparseable" and got[2][1].origin == f"{path}:row 3"
 
 
 def test_csv_messages_column_as_json(tmp_path):
@@ -180,7 +180,7 @@ def test_saved_dataset_and_dataset_dict(tmp_path):
     datasets.DatasetDict(train=ds.select([0]), test=ds.select([1])).save_to_disk(str(tmp_path / "dict"))
 
     single = records(tmp_path / "single")
-    assert [o for o, _, _ in single] == [f"{tmp_path}/single[train]:row 0", f"{tmp_path}/single[train]:row 1"]
+    assert [o for o, _, _ in single] == [f"{tmp_path}/single[train]:row 1", f"{tmp_path}/single[train]:row 2"]
     assert single[1][1]["image"]["bytes"] == png_bytes((0, 0, 255))  # undecoded: bytes, not PIL
     assert [r["text"] for _, r, _ in records(tmp_path / "dict")] == ["one"]  # default split: train
     assert [r["text"] for _, r, _ in records(tmp_path / "dict", split="test")] == ["two"]
@@ -212,7 +212,7 @@ def test_hub_id_reads_rows(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     got = records("owner/name", split="validation")
     assert calls == [("owner/name", "validation")]
-    assert got[0][:2] == ("owner/name[validation]:row 0", {"text": "hub row"})
+    assert got[0][:2] == ("owner/name[validation]:row 1", {"text": "hub row"})
 
 
 @pytest.mark.parametrize("name,content,what", [
