@@ -23,3 +23,30 @@ def is_hub_id(name: str, base_dir: str | None = None) -> bool:
     """A hub id: the hub's spelling and no such path on disk (relative to `base_dir` if given)."""
     path = os.path.join(base_dir, name) if base_dir else name
     return looks_like_hub_id(name) and not os.path.exists(os.path.expanduser(path))
+
+
+def hub_reachable() -> bool:
+    """False in offline mode or when the hub's name does not resolve (libraries would spend
+    ~30 s in retries before failing)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
+
+
+def in_hub_cache(repo_id: str, filename: str = "config.json", repo_type: str = "model") -> bool:
+    """Whether `filename` of hub repo `repo_id` is in this machine's hub cache already."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str)
+    except Exception:  # noqa: BLE001 - a malformed id is simply not cached
+        return False

@@ -20,6 +20,7 @@ import torch
 from data_tools.locations import looks_like_hub_id
 from finetune.errors import UserError
 from finetune.families import Family, family_config
+from finetune.model import quiet_loading
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -188,7 +189,8 @@ def load_adapter(model, adapter: str, *, is_trainable: bool = False, allow_pickl
 
     read_adapter(adapter, allow_pickle=allow_pickle)
     try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
+        with quiet_loading():
+            return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(adapter, f"does not fit this base ({str(e).splitlines()[0][:200]})",
                         "Use the base the adapter was trained on (see adapter_config.json)") from None

@@ -85,7 +85,12 @@ def family_config(base: str, *, trust_remote_code: bool = False, where: str | No
     config can't be read or finetune has no family for it."""
     from transformers import AutoConfig
 
+    from data_tools.locations import hub_reachable, in_hub_cache, is_hub_id
+
     where = where or base
+    if is_hub_id(base) and not in_hub_cache(base) and not hub_reachable():  # fail now, not after retries
+        raise UserError(where, f"{base} is not in this machine's hub cache and the hub can't be reached",
+                        "Connect once to download it, or point at a local model folder")
     try:
         cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

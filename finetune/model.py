@@ -8,11 +8,12 @@ to fp32: 4 GB on the 12B).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
-from data_tools.locations import looks_like_hub_id
+from data_tools.locations import hub_reachable, in_hub_cache, looks_like_hub_id
 from finetune.errors import UserError
 from finetune.families import Family, family_config
 
@@ -31,13 +32,38 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Loading without transformers' progress bars, info lines and deprecation warnings: what
+    the user needs to know about a load, finetune says itself."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def check_base_path(base: str, allow_pickle: bool) -> None:
     p = Path(base)
     if not p.exists():
         if not looks_like_hub_id(base):
             raise UserError("model.base", f"{base} does not exist",
                             "Give a local model folder or a hub id like google/gemma-4-12B-it")
-        return  # a hub id: from_pretrained downloads it (and fails clearly offline)
+        if not in_hub_cache(base) and not hub_reachable():  # fail now, not after 30 s of retries
+            raise UserError("model.base", f"{base} is not in this machine's hub cache and the hub can't be "
+                            "reached", "Connect once to download it, or download it elsewhere and point "
+                            "model.base at the folder")
+        return  # a hub id: from_pretrained downloads it
     if not p.is_dir():
         raise UserError("model.base", f"{base} is a file, not a model folder",
                         "Point at the folder holding config.json")
@@ -60,7 +86,8 @@ def load_processor(base: str, image_tokens: int | None = None, trust_remote_code
     from transformers import AutoProcessor
 
     try:
-        proc = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code)
+        with quiet_loading():
+            proc = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError("model.base", f"cannot load the processor of {base} ({str(e).splitlines()[0]})",
                         "The folder needs tokenizer and processor files") from None
@@ -96,7 +123,8 @@ def load_base(base: str, *, quantization: str = "none", dtype: str = "auto", dev
         kwargs["dtype"] = cdtype
     if device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
+    with quiet_loading():
+        model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
     if quantization != "none" and device == "cpu":
         # On CPU the unquantized parts compute in fp32 (bf16 matmuls are slow and lossy there).
         _cast_unquantized(model, cdtype)

@@ -8,14 +8,14 @@ each decoder layer's projection shapes, and the module names LoRA targets can ma
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_tools.locations import looks_like_hub_id
+from data_tools.locations import hub_reachable, looks_like_hub_id
 from finetune.errors import UserError
 from finetune.families import Family, family_for
+from finetune.model import quiet_loading
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Hub ids whose config ships with finetune (lower-cased): the pretrained and instruction-tuned
@@ -96,7 +96,7 @@ def load_config(model):
                         "Give a local model folder or a hub id like google/gemma-4-12B-it")
     errors = []
     for local_only in (True, False):  # the cache first, then the hub if it can be reached
-        if not local_only and not _hub_reachable():
+        if not local_only and not hub_reachable():
             errors.append("offline: the hub cannot be reached and the config is not in the cache")
             break
         try:
@@ -107,23 +107,6 @@ def load_config(model):
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
     raise UserError("model.base", f"cannot get the config of {base!r} ({errors[-1]})",
                     "Connect to the hub once, or download the model and point model.base at its folder")
-
-
-def _hub_reachable() -> bool:
-    """False in offline mode or when the hub's name does not resolve (then transformers would
-    spend ~30 s in retries before failing)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-    except OSError:
-        return False
-    return True
 
 
 def model_class(config, family: Family | None):
@@ -137,18 +120,6 @@ def model_class(config, family: Family | None):
             return cls
     raise UserError("model.base", f"no transformers class for model_type {config.model_type!r}",
                     "Use a gemma4_unified checkpoint or a model transformers knows")
-
-
-@contextlib.contextmanager
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def not_quantized(model) -> tuple[list[str], object]:
@@ -181,7 +152,7 @@ def skeleton(config, source: str = "") -> Skeleton:
 
     family = family_for(config.model_type)
     cls = model_class(config, family)
-    with torch.device("meta"), _quiet():
+    with torch.device("meta"), quiet_loading():
         model = cls(config)
     skip, should_convert = not_quantized(model)
     s = Skeleton(model_type=config.model_type, source=source, skipped=sorted(skip))
