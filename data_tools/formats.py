@@ -85,8 +85,8 @@ def _parse_messages(record: dict) -> list[Message]:
             raise BadRecord("wrong_shape", f"message {i} is a {type(turn).__name__}, not an object")
         role = _role(turn.get("role"), i)
         content = turn.get("content")
-        if role == "tool" and not isinstance(content, (str, list, type(None))):
-            content = json.dumps(content)  # a structured tool result: the template prints its text
+        if role == "tool" and isinstance(content, (dict, int, float, bool)):
+            content = json.dumps(content, default=str)  # a structured tool result, as its JSON text
         if isinstance(content, str):
             parts = [Part("text", text=content)] if content else []
         elif isinstance(content, list):
