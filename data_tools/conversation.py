@@ -1,7 +1,9 @@
 """The one canonical sample type, independent of any model.
 
 Every source format (messages, sharegpt, text, instruction) is parsed into a `Conversation`;
-only `data_tools.render` knows how a particular model turns it into tokens.
+only `data_tools.chat_text` / `data_tools.render` know how a particular model turns it into
+tokens. Assistant turns may carry a reasoning trace and tool calls, `tool` turns answer them,
+and the conversation holds the function declarations offered (OpenAI layout).
 """
 
 from __future__ import annotations

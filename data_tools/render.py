@@ -2,9 +2,8 @@
 
 The processor is the source of truth for patching, audio framing and placeholder expansion;
 we never re-implement those. What we add is the label mask, computed the way the model is
-served: each assistant answer is the continuation of the prompt rendered with
-`add_generation_prompt=True` (for Gemma 4 that prompt ends with the empty thinking scaffold),
-and we check that this prompt is an exact token prefix of the sequence we train on.
+served (`data_tools.chat_text`: the text through the chat template, each answer, thought and
+tool call labelled as the model writes it after the served prompt, checked as a token prefix).
 
 Masks are computed on the *unexpanded* text (one `<|image|>` per image), then carried across
 the processor's expansion (`<|image>` + N×`<|image|>` + `<image|>`), where every media token

@@ -253,7 +253,7 @@ def test_our_template_renders_what_the_official_main_one_renders(official, proce
         pytest.skip("the interleaved template folds tool messages; ours follows the main template")
     ours = Renderer(processor, RenderSettings(), CHAT).chat_text
     theirs = Renderer(official_processor, RenderSettings(), CHAT).chat_text
-    for case, (record, data, *_) in CASES.items():
+    for case, (record, *_) in CASES.items():
         conv = parse_record(record, "messages", case, ".")
         for thinking in (False, True):
             msgs = ours.messages(conv, thinking)
