@@ -458,3 +458,25 @@ def test_reasoning_before_a_call_is_kept_in_the_call_turn(processor, make_recipe
     assert labelled(processor, s) == [THOUGHT + "Two cities.\n<channel|>" + call_text("Paris") + call_text("Rome")
                                       + "<|tool_response>", "Sunny in Paris, rain in Rome.<turn|>"]
     assert processor.tokenizer.decode(s["input_ids"]).startswith("<bos><|turn>system\n<|think|>\n")
+
+
+def test_tool_messages_fold_into_the_calling_turn_as_llama_cpp_serves_older_templates():
+    """For templates that do not read `tool` messages (the interleaved Gemma 4 one): calls, their
+    responses (JSON content decoded, names by position) and the answer become one turn."""
+    from data_tools.tools import fold_tool_responses
+
+    calls = [weather_call("Paris", "a"), weather_call("Rome", "b")]
+    msgs = [{"role": "user", "content": "?"},
+            {"role": "assistant", "content": None, "tool_calls": calls, "reasoning_content": "Two."},
+            {"role": "tool", "tool_call_id": "a", "content": '{"sky": "sun"}'},
+            {"role": "tool", "tool_call_id": "b", "content": "rain"},
+            {"role": "assistant", "content": "Mixed."},
+            {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Bye."}]
+    assert fold_tool_responses(msgs) == [
+        msgs[0],
+        {"role": "assistant", "tool_calls": calls, "reasoning_content": "Two.", "content": "Mixed.",
+         "tool_responses": [{"name": "get_weather", "response": {"sky": "sun"}},
+                            {"name": "get_weather", "response": "rain"}]},
+        msgs[5], msgs[6]]
+    pending = fold_tool_responses(msgs[:2])  # a call not answered yet: the calls alone
+    assert pending == [msgs[0], {"role": "assistant", "tool_calls": calls, "reasoning_content": "Two."}]
