@@ -1,7 +1,9 @@
 """The one canonical sample type, independent of any model.
 
 Every source format (messages, sharegpt, text, instruction) is parsed into a `Conversation`;
-only `data_tools.render` knows how a particular model turns it into tokens.
+only `data_tools.chat_text` / `data_tools.render` know how a particular model turns it into
+tokens. Assistant turns may carry a reasoning trace and tool calls, `tool` turns answer them,
+and the conversation holds the function declarations offered (OpenAI layout).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 PartType = Literal["text", "image", "audio"]
 
 
@@ -23,9 +25,25 @@ class Part:
 
 
 @dataclass
+class ToolCall:
+    """One function call an assistant turn makes (OpenAI / Hugging Face `tool_calls`)."""
+
+    name: str
+    arguments: dict  # parsed: a JSON-string `arguments` is decoded when the record is read
+    id: str | None = None
+
+
+@dataclass
 class Message:
     role: Role
     parts: list[Part]
+    # Assistant turns: the reasoning trace written before the answer (`reasoning_content`,
+    # `reasoning` or `thinking` in the record), and the calls this turn makes.
+    thinking: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    # Tool turns: which call this answers (either may be missing, not both).
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def text(self) -> str:
         return "".join(p.text or "" for p in self.parts if p.type == "text")
@@ -40,6 +58,8 @@ class Conversation:
     # "chat" trains on assistant turns; "text" (continued pre-training) trains on everything.
     kind: Literal["chat", "text"] = "chat"
     dataset: str = ""
+    # Function declarations offered to the model (OpenAI `{"type": "function", "function": {...}}`).
+    tools: list[dict] = field(default_factory=list)
     # The record as read, kept so a reject can be written back out verbatim.
     raw: dict | None = field(default=None, repr=False)
 
@@ -86,4 +106,8 @@ REASONS = (
     "placeholder_mismatch",  # <image>/<audio> placeholders vs listed media
     "over_budget",        # longer than max_seq_len under overflow: drop
     "render_failed",      # the processor refused the sample
+    "unanswered_call",    # a tool call that no tool message answers before the conversation moves on
+    "orphan_response",    # a tool message that answers no call
+    "bad_arguments",      # tool-call arguments that are not a JSON object
+    "undeclared_tool",    # a call to a function the record's `tools` do not declare
 )

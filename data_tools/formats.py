@@ -5,6 +5,9 @@
   Parts: `{"type": "text", "text"}`, `{"type": "image"|"audio", "path"|"url"|"base64"|"image"|"audio"}`,
   OpenAI's `image_url` / `input_audio` and vLLM's `audio_url`. A media part with no reference is
   a placeholder filled, in order, from the record's `images` / `audios` column (TRL's layout).
+  Assistant turns may carry a reasoning trace (`reasoning_content`, `reasoning` or `thinking`)
+  and `tool_calls`; `tool` turns answer them; the record's `tools` declares the functions
+  (`data_tools.tools` reads and checks these).
 - `sharegpt`: `{"conversations": [{"from", "value"}], "images"|"image", "audios"|"audio"}`, with
   `<image>` / `<audio>` placeholders in the values taking the listed media in order.
 - `text`: `{"text"}`, continued pre-training: one user message, trained on in full.
@@ -19,18 +22,22 @@ record raises `BadRecord` with a key from `REASONS`; nothing else escapes.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections import deque
 from collections.abc import Iterator
 
 from data_tools.conversation import BadRecord, Conversation, Message, Part
 from data_tools.sources import iter_records
+from data_tools.tools import check_tool_flow, parse_tool_calls, parse_tools
 
 _ROLES = {
     "system": "system", "developer": "system",
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "tool": "tool",
 }
+_TRACE_KEYS = ("reasoning_content", "reasoning", "thinking")
 _PLACEHOLDER = re.compile(r"<(image|audio)>")
 
 
@@ -41,10 +48,12 @@ def parse_record(record: dict, fmt: str, origin: str, base_dir: str) -> Conversa
         if not isinstance(record, dict):
             raise BadRecord("wrong_shape", f"a {type(record).__name__}, not an object")
         messages = parser(record)
+        tools = parse_tools(record.get("tools")) if fmt == "messages" else []
+        check_tool_flow(messages, tools)
     except BadRecord as bad:
         raise BadRecord(bad.reason, bad.detail, origin, raw=record) from None
     return Conversation(messages, origin=origin, base_dir=base_dir,
-                        kind="text" if fmt == "text" else "chat", raw=record)
+                        kind="text" if fmt == "text" else "chat", raw=record, tools=tools)
 
 
 def iter_conversations(spec, *, base_dir: str | None = None) -> Iterator[Conversation | BadRecord]:
@@ -76,6 +85,8 @@ def _parse_messages(record: dict) -> list[Message]:
             raise BadRecord("wrong_shape", f"message {i} is a {type(turn).__name__}, not an object")
         role = _role(turn.get("role"), i)
         content = turn.get("content")
+        if role == "tool" and isinstance(content, (dict, int, float, bool)):
+            content = json.dumps(content, default=str)  # a structured tool result, as its JSON text
         if isinstance(content, str):
             parts = [Part("text", text=content)] if content else []
         elif isinstance(content, list):
@@ -84,12 +95,34 @@ def _parse_messages(record: dict) -> list[Message]:
             parts = []
         else:
             raise BadRecord("wrong_shape", f"message {i} content is a {type(content).__name__}")
-        messages.append(Message(role, parts))
+        messages.append(_message(role, parts, turn, i))
     for kind, left in pending.items():
         if left:
             raise BadRecord("placeholder_mismatch", f"{len(left)} {kind}(s) listed but no {kind} part takes them")
     _check_chat(messages)
     return messages
+
+
+def _message(role: str, parts: list[Part], turn: dict, i: int) -> Message:
+    """The tool and reasoning fields of message `i`, checked for its role."""
+    m = Message(role, parts)
+    if role == "assistant":
+        m.tool_calls = parse_tool_calls(turn.get("tool_calls"), i)
+        trace = next((turn[k] for k in _TRACE_KEYS if turn.get(k) is not None), None)
+        if trace is not None and not isinstance(trace, str):
+            raise BadRecord("wrong_shape", f"message {i} reasoning is a {type(trace).__name__}, not text")
+        m.thinking = trace.strip() or None if trace else None
+    elif turn.get("tool_calls"):
+        raise BadRecord("wrong_shape", f"message {i} has tool_calls but role {role!r}; only the assistant calls tools")
+    if role == "tool":
+        if any(p.type != "text" for p in parts):
+            raise BadRecord("wrong_shape", f"message {i} (tool) carries media; a tool answers in text")
+        call_id, name = turn.get("tool_call_id"), turn.get("name")
+        if call_id is None and not name:
+            raise BadRecord("wrong_shape", f"message {i} (tool) has neither tool_call_id nor name")
+        m.tool_call_id = str(call_id) if call_id is not None else None
+        m.name = name if isinstance(name, str) and name else None
+    return m
 
 
 def _parse_sharegpt(record: dict) -> list[Message]:
@@ -149,16 +182,17 @@ _PARSERS = {"messages": _parse_messages, "sharegpt": _parse_sharegpt,
 def _role(value, i: int) -> str:
     role = _ROLES.get(value.lower()) if isinstance(value, str) else None
     if role is None:
-        raise BadRecord("wrong_shape", f"message {i} has role {value!r}; expected system, user or assistant")
+        raise BadRecord("wrong_shape", f"message {i} has role {value!r}; expected system, user, assistant or tool")
     return role
 
 
 def _check_chat(messages: list[Message]) -> None:
-    """A sample needs something from the user and a non-empty assistant answer at the end."""
+    """A sample needs something from the user and an assistant answer at the end: text, or
+    tool calls (which then need no response)."""
     if not any(m.role == "user" and _has_content(m) for m in messages):
         raise BadRecord("no_user_turn", "no user message with content")
     last = messages[-1]
-    if last.role != "assistant" or not last.text().strip():
+    if last.role != "assistant" or not (last.text().strip() or last.tool_calls):
         what = "an empty answer" if last.role == "assistant" else f"from {last.role!r}"
         raise BadRecord("no_answer", f"the last message is {what}, not an assistant answer")
 

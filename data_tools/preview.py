@@ -4,8 +4,12 @@ On top, the accounting of the whole recipe (records, used, rejected by reason, o
 actions, tokens by kind) and a length histogram per modality (inline SVG). Below, the first
 `n` records, taken in turn from each dataset: image thumbnails and audio players (data: URLs,
 so the page is one file that opens anywhere), the token sequence with text, image and audio
-spans and the label tokens highlighted (a media span is one chip, "[image ×64]"), and what
-overflow did, or why the record was rejected.
+spans and the label tokens highlighted (a media span is one chip, "[image ×64]"), the labelled
+spans decoded one by one, and what overflow did, or why the record was rejected.
+
+`write_jsonl` writes the same samples one line each: `{"id", "text", "labels"}`, `text` the
+decoded sequence with each media block shortened to its one placeholder (`<|image|>`: what the
+chat template wrote), `labels` the decoded labelled spans in order.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +35,9 @@ THUMB = 160
 
 
 def write_preview(recipe, processor, out: str, *, recipe_path: str, processor_dir: str,
-                  chat: ChatFormat, rejects_path: Path, n: int = 20) -> Path:
-    """Render the recipe's data (cached like a run) and write the page to `out`.
+                  chat: ChatFormat, rejects_path: Path, n: int = 20, jsonl: str | None = None) -> Path:
+    """Render the recipe's data (cached like a run) and write the page to `out` (and with
+    `jsonl`, the same samples there, see `write_jsonl`).
 
     `recipe` is loaded, `processor` loaded from `processor_dir` (hashed into the cache key),
     `chat` is the model family's chat format; `recipe_path` names the recipe on the page.
@@ -44,7 +50,58 @@ def write_preview(recipe, processor, out: str, *, recipe_path: str, processor_di
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
+    if jsonl:
+        write_jsonl(items, processor, jsonl)
     return path
+
+
+def write_jsonl(items: list[dict], processor, out: str) -> Path:
+    """One line per rendered sample of `items`: `{"id", "text", "labels"}` (module doc)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for it in items:
+            if "sample" in it:
+                f.write(json.dumps({"id": it["id"], **sample_view(it["sample"], processor)},
+                                   ensure_ascii=False) + "\n")
+    return path
+
+
+def sample_view(sample: dict, processor) -> dict:
+    """{"text": the decoded sequence, each media block as its one placeholder, "labels": the
+    decoded labelled spans in order}."""
+    tok = processor.tokenizer
+    ids, labels = sample["input_ids"], sample["labels"]
+    ends = {tok.convert_tokens_to_ids(processor.boi_token): (tok.convert_tokens_to_ids(processor.eoi_token),
+                                                             processor.image_token),
+            tok.convert_tokens_to_ids(processor.boa_token): (tok.convert_tokens_to_ids(processor.eoa_token),
+                                                             processor.audio_token)}
+    pieces, run, i = [], [], 0
+    while i < len(ids):
+        if ids[i] in ends:  # a media block: boundary, N placeholders, boundary → one placeholder
+            close, placeholder = ends[ids[i]]
+            j = ids.index(close, i) if close in ids[i:] else len(ids) - 1
+            pieces += [tok.decode(run, skip_special_tokens=False), placeholder]
+            run, i = [], j + 1
+            continue
+        run.append(ids[i])
+        i += 1
+    pieces.append(tok.decode(run, skip_special_tokens=False))
+    return {"text": "".join(pieces), "labels": labelled_spans(ids, labels, tok)}
+
+
+def labelled_spans(ids: list[int], labels: list[int], tok) -> list[str]:
+    """Each contiguous run of labelled tokens, decoded (special tokens kept)."""
+    spans, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != IGNORE:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return [tok.decode(s, skip_special_tokens=False) for s in spans]
 
 
 def preview_items(recipe, processor, chat: ChatFormat, n: int) -> list[dict]:
@@ -63,8 +120,10 @@ def preview_items(recipe, processor, chat: ChatFormat, n: int) -> list[dict]:
 
 
 def _one(worker: RecordWorker, item) -> dict:
-    origin, _, _, _, dataset = item
-    out = {"origin": origin, "dataset": dataset, "images": [], "audios": []}
+    origin, record, _, _, dataset = item
+    rid = record.get("id") if isinstance(record, dict) else None
+    out = {"origin": origin, "dataset": dataset, "images": [], "audios": [],
+           "id": str(rid) if isinstance(rid, (str, int)) else origin}
     try:
         conv, out["images"], out["audios"] = worker.load(item)
         out["modality"] = conv.modality()
@@ -162,6 +221,12 @@ def _tokens_html(sample: dict, tokenizer) -> str:
     return "".join(out)
 
 
+def _spans_html(sample: dict, tokenizer) -> str:
+    spans = labelled_spans(sample["input_ids"], sample["labels"], tokenizer)
+    rows = "".join(f"<li><code>{html.escape(s).replace(chr(10), '↵')}</code></li>" for s in spans)
+    return f'<details class="spans"><summary>{len(spans)} labelled span(s)</summary><ol>{rows}</ol></details>'
+
+
 def _item_html(k: int, item: dict, tokenizer) -> str:
     head = f"#{k + 1} · {html.escape(item['origin'])} · {html.escape(item['dataset'])}"
     media = "".join(f'<img src="{_png_data_url(im)}" alt="image {j + 1}">'
@@ -179,7 +244,7 @@ def _item_html(k: int, item: dict, tokenizer) -> str:
         status = (f'{item["modality"]} · {len(s["input_ids"])} tokens · {n_lab} labelled · overflow: '
                   f'<span class="{how}">{html.escape(s["overflow"])}</span>'
                   + (f' · image budget {s["image_budget"]}' if s.get("image_budget") else ""))
-        body = f'<div class="toks">{_tokens_html(s, tokenizer)}</div>'
+        body = f'<div class="toks">{_tokens_html(s, tokenizer)}</div>{_spans_html(s, tokenizer)}'
     return (f'<div class="sample"><div class="head">{head}</div><div class="status">{status}</div>'
             f'<div class="media">{media}</div>{body}</div>')
 
@@ -203,6 +268,7 @@ svg .t{font:12px sans-serif} svg .a{font:10px sans-serif;fill:#555}
 .bad{color:#fff;background:#d9534f;border-radius:3px;padding:0 4px}
 .warn{color:#b35c00;font-weight:600} .ok{color:#2a7a2a}
 .legend span{margin-right:10px}
+.spans{margin-top:6px} .spans code{background:#c7f0c2;white-space:pre-wrap}
 """
 
 

@@ -2,9 +2,8 @@
 
 The processor is the source of truth for patching, audio framing and placeholder expansion;
 we never re-implement those. What we add is the label mask, computed the way the model is
-served: each assistant answer is the continuation of the prompt rendered with
-`add_generation_prompt=True` (for Gemma 4 that prompt ends with the empty thinking scaffold),
-and we check that this prompt is an exact token prefix of the sequence we train on.
+served (`data_tools.chat_text`: the text through the chat template, each answer, thought and
+tool call labelled as the model writes it after the served prompt, checked as a token prefix).
 
 Masks are computed on the *unexpanded* text (one `<|image|>` per image), then carried across
 the processor's expansion (`<|image>` + N×`<|image|>` + `<image|>`), where every media token
@@ -23,22 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_tools.chat_text import IGNORE, ChatFormat, ChatText
 from data_tools.conversation import BadRecord, Conversation
 
-IGNORE = -100
+__all__ = ["IGNORE", "ChatFormat", "RenderSettings", "Renderer"]
+
 IMAGE_BUDGETS = (70, 140, 280, 560, 1120)
 RESCALE = 1 / 255  # what the image processor multiplies uint8 pixels by; collate does the same
-
-
-@dataclass(frozen=True)
-class ChatFormat:
-    """The chat-format tokens rendering needs beyond the template itself; each model family
-    supplies its own (`finetune.families`), so nothing here is specific to one model."""
-
-    turn_end: str          # ends every turn: generation stops there, labels run through it
-    model_turn: str        # opens an assistant turn in the rendered history
-    channel_open: str      # opens a thinking channel (never generated with thinking off)
-    channel_close: str     # closes it
 
 
 @dataclass
@@ -47,28 +37,7 @@ class RenderSettings:
     train_on: str = "assistant"
     image_tokens: int = 280
     overflow: str = "shrink"
-
-
-def hf_messages(conv: Conversation) -> list[dict]:
-    """Our parts → the content-part dicts chat templates read (media objects passed apart)."""
-    out = []
-    for m in conv.messages:
-        parts = []
-        for p in m.parts:
-            if p.type == "text":
-                parts.append({"type": "text", "text": p.text or ""})
-            else:
-                parts.append({"type": p.type})
-        out.append({"role": m.role, "content": parts})
-    return out
-
-
-# Renders both ways at start-up; the fast path is used only when they agree.
-_PROBE = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-          {"role": "user", "content": [{"type": "image"}, {"type": "audio"},
-                                       {"type": "text", "text": "Hi?"}]},
-          {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
-          {"role": "user", "content": [{"type": "text", "text": "And?"}]}]
+    thinking: str = "auto"  # auto | on | off (data_tools.chat_text)
 
 
 class Renderer:
@@ -105,16 +74,9 @@ class Renderer:
         # The wrapper around the Rust tokenizer costs ~15× the encode itself; ids are identical.
         backend = getattr(t, "backend_tokenizer", None)
         self._encode = (lambda s: backend.encode(s, add_special_tokens=False).ids) if backend else None
-        # The processor's template call re-validates its kwargs each time (~5× slower than
-        # rendering the same template through the tokenizer).
         self.fallbacks = 0  # batched calls redone one by one (a test keeps this at 0 on good data)
-        self.fast_template = False  # True when the tokenizer-side template matched the processor's
-        slow = [self.template(_PROBE, gen) for gen in (False, True)]
-        self.fast_template = True
-        try:
-            self.fast_template = [self.template(_PROBE, gen) for gen in (False, True)] == slow
-        except Exception:  # any template the tokenizer path can't render: stay on the processor
-            self.fast_template = False
+        self.chat_text = ChatText(processor, chat, train_on=settings.train_on, thinking=settings.thinking,
+                                  encode=self.encode, media_ids=self.media_ids)
 
     # ------------------------------------------------------------------ text + labels
 
@@ -124,77 +86,22 @@ class Renderer:
             return self._encode(text)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def template(self, msgs: list[dict], gen: bool) -> str:
-        """The chat template applied to `msgs` (`gen`: with the generation prompt)."""
-        if self.fast_template:
-            return self.tok.apply_chat_template(msgs, chat_template=self.processor.chat_template,
-                                                tokenize=False, add_generation_prompt=gen)
-        return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    @property
+    def fast_template(self) -> bool:
+        """True when the tokenizer-side template matched the processor's."""
+        return self.chat_text.fast_template
 
-    def prompt_text(self, conv: Conversation) -> str:
+    def template(self, msgs: list[dict], gen: bool, **kw) -> str:
+        """The chat template applied to `msgs` (`gen`: with the generation prompt)."""
+        return self.chat_text.template(msgs, gen, **kw)
+
+    def prompt_text(self, conv: Conversation, thinking: bool = False) -> str:
         """What a server sends the model: everything before the last answer + generation prompt."""
-        msgs = hf_messages(conv)
-        if msgs and msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]
-        return self.template(msgs, gen=True)
+        return self.chat_text.prompt_text(conv, thinking)
 
     def text_and_labels(self, conv: Conversation) -> tuple[str, list[int], list[int]]:
         """The training text, its unexpanded token ids, and labels (IGNORE where no loss)."""
-        if conv.kind == "text":
-            text = self.tok.bos_token + conv.messages[0].text() + self.tok.eos_token
-            ids = self.encode(text)
-            return text, ids, [IGNORE] + ids[1:]
-
-        msgs = hf_messages(conv)
-        last = len(msgs) - 1
-        if msgs[last]["role"] != "assistant":
-            raise BadRecord("no_answer", "the conversation does not end with an assistant answer",
-                            conv.origin)
-        answer = conv.messages[last].text().strip()
-        if not answer:
-            raise BadRecord("no_answer", "the assistant answer is empty", conv.origin)
-        if not any(m["role"] == "user" for m in msgs[:last]):
-            raise BadRecord("no_user_turn", "nothing from the user before the answer", conv.origin)
-        prompt = self.template(msgs[:last], gen=True)
-        text = prompt + answer + self.eot + "\n"
-        ids = self.encode(text)
-        prompt_ids = self.encode(prompt)
-        if ids[: len(prompt_ids)] != prompt_ids:
-            raise BadRecord("render_failed", "the generation prompt is not a token prefix of the "
-                            "rendered sample (the answer merges with the prompt's last token)",
-                            conv.origin)
-        labels = [IGNORE] * len(ids)
-        if self.s.train_on == "all":
-            labels = [i if i not in self.media_ids else IGNORE for i in ids]
-            labels[0] = IGNORE
-            return text, ids, labels
-
-        spans = [(len(prompt_ids), len(ids))]
-        if self.s.train_on == "assistant":
-            spans += self._history_spans(msgs, last, ids, conv.origin)
-        for start, end in spans:
-            # Label the answer through its end-of-turn token, not the newline after it:
-            # generation stops at the turn end, so that is the last thing the model must emit.
-            stop = max((k for k in range(start, end) if ids[k] == self.eot_id), default=end - 1)
-            for k in range(start, stop + 1):
-                labels[k] = ids[k]
-        return text, ids, labels
-
-    def _history_spans(self, msgs, last, ids, origin) -> list[tuple[int, int]]:
-        """Spans of earlier assistant answers, as they appear in the served history."""
-        spans = []
-        for i in range(last):
-            # Only answers: an assistant turn before any user turn, or an empty one, is context.
-            if msgs[i]["role"] != "assistant" or not any(m["role"] == "user" for m in msgs[:i]) \
-                    or not "".join(p.get("text", "") for p in msgs[i]["content"]).strip():
-                continue
-            before = self.template(msgs[:i], gen=False)
-            header = self.encode(before + self.chat.model_turn)
-            through = self.encode(self.template(msgs[: i + 1], gen=False))
-            if ids[: len(header)] != header or ids[: len(through)] != through:
-                raise BadRecord("render_failed", f"turn {i} does not render as a prefix", origin)
-            spans.append((len(header), len(through)))
-        return spans
+        return self.chat_text.text_and_labels(conv)
 
     # ------------------------------------------------------------------ processor
 

@@ -34,7 +34,7 @@ class RecordWorker:
         self.data = data
         self.renderer = Renderer(processor, RenderSettings(
             max_seq_len=data.max_seq_len, train_on=data.train_on, image_tokens=data.image_tokens,
-            overflow=data.overflow), chat)
+            overflow=data.overflow, thinking=data.thinking), chat)
 
     def conversation(self, origin: str, record, base_dir: str, fmt: str) -> Conversation:
         from data_tools.formats import parse_record

@@ -103,8 +103,9 @@ def cmd_data_preview(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = write_preview(recipe, processor, args.out, recipe_path=args.recipe,
                          processor_dir=recipe.model.base, rejects_path=out_dir / "rejects.jsonl",
-                         chat=base_family(recipe.model.base, recipe.model.trust_remote_code).chat, n=args.n)
-    print(f"preview written to {path}")
+                         chat=base_family(recipe.model.base, recipe.model.trust_remote_code).chat, n=args.n,
+                         jsonl=args.jsonl)
+    print(f"preview written to {path}" + (f" and {args.jsonl}" if args.jsonl else ""))
     return 0
 
 
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*")
     sp.add_argument("--out", required=True)
     sp.add_argument("--n", type=int, default=20)
+    sp.add_argument("--jsonl", help="also write the samples as JSON lines: {id, text, labels}")
     sp.set_defaults(func=cmd_data_preview)
 
     sp = recipe_verb("plan", _lazy("finetune.cli_plan", "cmd_plan"), "predict peak GPU memory, offline")
@@ -224,12 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image", action=_InOrder, default=[])
     sp.add_argument("--audio", action=_InOrder, default=[])
     sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--thinking", action="store_true", help="serve with thinking on (the thought goes to stderr)")
     sp.set_defaults(func=_lazy("finetune.cli_eval", "cmd_generate"), media_order=[])
 
     sp = sub.add_parser("chat", help="interactive chat with /image, /audio, /reset")
     sp.add_argument("--adapter")
     sp.add_argument("--base")
     sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--thinking", action="store_true", help="serve with thinking on (thoughts go to stderr)")
     sp.set_defaults(func=_lazy("finetune.cli_eval", "cmd_chat"))
     return p
 

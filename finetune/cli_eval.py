@@ -104,10 +104,26 @@ def cmd_generate(args) -> int:
     conv = Conversation([Message("user", user_parts(args.prompt, len(images), len(audios),
                                                     getattr(args, "media_order", None)))])
     model, processor, chat, image_tokens = load_for_inference(args.adapter, args.base)
+    if getattr(args, "thinking", False):  # the thought first, apart from the answer: no streaming
+        raw = generate(model, processor, chat, conv, images, audios, max_new_tokens=args.max_new_tokens,
+                       image_tokens=image_tokens, thinking=True, raw=True)
+        print(_answer(raw, processor, chat))
+        return 0
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     generate(model, processor, chat, conv, images, audios, max_new_tokens=args.max_new_tokens,
              image_tokens=image_tokens, streamer=streamer)
     return 0
+
+
+def _answer(raw: str, processor, chat) -> str:
+    """A raw answer's thought to stderr ("[thought] ..."), the answer (special tokens dropped) back."""
+    from data_tools.chat_text import split_thought
+
+    thought, answer = split_thought(raw, chat)
+    if thought:
+        print(f"[thought] {thought}", file=sys.stderr)
+    tok = processor.tokenizer
+    return tok.decode(tok.encode(answer, add_special_tokens=False), skip_special_tokens=True).strip()
 
 
 CHAT_HELP = "commands: /image PATH, /audio PATH (attach to your next message), /reset, /quit"
@@ -153,7 +169,11 @@ def cmd_chat(args) -> int:
         audios += [m for k, m in pending if k == "audio"]
         pending = []
         history.append(Message("user", parts))
+        thinking = getattr(args, "thinking", False)
         answer = generate(model, processor, chat, Conversation(list(history)), images, audios,
-                          max_new_tokens=args.max_new_tokens, image_tokens=image_tokens)
+                          max_new_tokens=args.max_new_tokens, image_tokens=image_tokens, thinking=thinking,
+                          raw=thinking)
+        if thinking:
+            answer = _answer(answer, processor, chat)
         history.append(Message("assistant", [Part("text", text=answer)]))
         print(answer, flush=True)

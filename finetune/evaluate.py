@@ -202,7 +202,7 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
                       quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
                       allow_pickle=m.allow_pickle)
     gen = {"max_new_tokens": recipe.eval.max_new_tokens, "image_tokens": recipe.data.image_tokens,
-           "batch_size": recipe.eval.batch_size, "progress": progress}
+           "batch_size": recipe.eval.batch_size, "progress": progress, "thinking": recipe.data.thinking}
     base_out = generate_items(model, processor, family.chat, items, **gen)
     model = load_adapter(model, str(adapter), allow_pickle=m.allow_pickle)
     adapter_out = generate_items(model, processor, family.chat, items, **gen)

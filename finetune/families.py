@@ -25,7 +25,7 @@ class Family:
     part_patterns: tuple[tuple[str, str], ...]
     # Runtime LoRA module name → llama.cpp tensor base name, e.g. blk.3.attn_q
     gguf_names: tuple[tuple[str, str], ...]
-    # The chat format's own tokens (turn end, model turn header, thinking channel)
+    # The chat format's own tokens (turn end, model turn header, thinking channel, tool calls)
     chat: ChatFormat
     # Full names of the decoder layers' MLP blocks (what `train.mlp_tile_tokens` tiles)
     mlp_blocks: str = ""
@@ -69,7 +69,8 @@ GEMMA4_UNIFIED = Family(
         (r".*language_model\.layers\.(\d+)\.mlp\.down_proj", r"blk.\1.ffn_down"),
     ),
     chat=ChatFormat(turn_end="<turn|>", model_turn="<|turn>model\n", channel_open="<|channel>",
-                    channel_close="<channel|>"),
+                    channel_close="<channel|>", thought="thought\n", call_open="<|tool_call>",
+                    call_close="<tool_call|>", call_stop="<|tool_response>", quote='<|"|>'),
     mlp_blocks=r".*language_model\.layers\.\d+\.mlp",
 )
 

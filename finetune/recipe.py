@@ -60,6 +60,9 @@ class DataSection:
     max_seq_len: int = _f(2048, "tokens per sample, media included", lo=16, hi=1_048_576)
     on_bad_record: Literal["error", "skip"] = _f("error", "stop on a bad record, or skip and log it")
     train_on: Literal["assistant", "last_assistant", "all"] = _f("assistant", "which tokens carry loss")
+    thinking: Literal["auto", "on", "off"] = _f(
+        "auto", "render with thinking on (the model writes its trace), off (traces dropped), or auto: "
+        "on for samples that carry a trace")
     image_tokens: Literal[70, 140, 280, 560, 1120] = _f(280, "soft tokens per image")
     overflow: Literal["drop", "shrink", "truncate_text"] = _f(
         "shrink", "what to do with a sample longer than max_seq_len")

@@ -29,45 +29,140 @@ SPECIAL = {
     "image": "<|image|>", "boi": "<|image>", "eoi": "<image|>",
     "audio": "<|audio|>", "boa": "<|audio>", "eoa": "<audio|>",
     "video": "<|video|>",
+    # Thinking, tool declarations, calls, responses and the string quote of Gemma 4's format
+    # (the real tokenizer has each as one special token; `<|tool_response>` also ends a turn of calls).
+    "think": "<|think|>", "tool_start": "<|tool>", "tool_end": "<tool|>",
+    "call_start": "<|tool_call>", "call_end": "<tool_call|>",
+    "response_start": "<|tool_response>", "response_end": "<tool_response|>", "quote": '<|"|>',
 }
 VOCAB_SIZE = 1024  # BPE target; the real size is len(tokenizer), fewer when merges run out
 
-# The shape of the official Gemma 4 template: bos, optional system turn, each turn
-# `<|turn>{role}\n…<turn|>\n` with the assistant rendered as `model`, text trimmed, media
-# inline, and the empty thinking scaffold after the generation prompt unless thinking is on.
-# No {% generation %} markers, like the official one: label masks come from rendering.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- set loop_messages = messages -%}"
-    "{%- if messages and messages[0]['role'] in ['system', 'developer'] -%}"
-    "{{ '<|turn>system\\n' }}"
-    "{%- if messages[0]['content'] is string -%}{{ messages[0]['content'] | trim }}"
-    "{%- else -%}{%- for item in messages[0]['content'] -%}"
-    "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<turn|>\\n' }}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<|turn>' + role + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<|image|>' }}"
-    "{%- elif item['type'] == 'audio' -%}{{ '<|audio|>' }}"
-    "{%- elif item['type'] == 'video' -%}{{ '<|video|>' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}"
-    "{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<turn|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{ '<|turn>model\\n' }}"
-    "{%- if not (enable_thinking is defined and enable_thinking) -%}"
-    "{{ '<|channel>thought\\n<channel|>' }}"
-    "{%- endif -%}"
-    "{%- endif -%}"
-)
+# Our own Gemma 4 chat template (the official one can't be committed; the `templates` test tier
+# renders with it). It renders what the official template renders for: a system turn
+# (string content; a list's text parts are joined, where the official prints the list's repr),
+# `<|think|>` at its top with `enable_thinking`, tool declarations with flat parameters
+# (description, enum, type: nested schemas only name their type), turns `<|turn>{role}\n…<turn|>\n`
+# with the assistant as `model`, text trimmed, media inline, thinking stripped from model turns,
+# OpenAI tool calls and `tool` responses inside the model turn (`<|tool_call>…<tool_call|>`,
+# `<|tool_response>…<tool_response|>`, strings in `<|"|>`), and the generation prompt with the
+# empty thought scaffold unless thinking is on. No {% generation %} markers, like the official:
+# label masks come from rendering.
+CHAT_TEMPLATE = r"""
+{%- macro arg(value) -%}
+{%- if value is string -%}{{ '<|"|>' + value + '<|"|>' }}
+{%- elif value is boolean -%}{{ 'true' if value else 'false' }}
+{%- elif value is mapping -%}{{ '{' }}{%- for k, v in value | dictsort -%}{{ k }}:{{ arg(v) }}{{ '' if loop.last else ',' }}{%- endfor -%}{{ '}' }}
+{%- elif value is sequence -%}{{ '[' }}{%- for v in value -%}{{ arg(v) }}{{ '' if loop.last else ',' }}{%- endfor -%}{{ ']' }}
+{%- else -%}{{ value }}
+{%- endif -%}
+{%- endmacro -%}
+{%- macro quoted_list(items) -%}
+[{%- for x in items -%}{{ '<|"|>' + x + '<|"|>' }}{{ '' if loop.last else ',' }}{%- endfor -%}]
+{%- endmacro -%}
+{%- macro declaration(tool) -%}
+{%- set f = tool['function'] if tool['function'] is defined else tool -%}
+declaration:{{ f['name'] }}{description:<|"|>{{ f['description'] }}<|"|>
+{%- set params = f['parameters'] -%}
+{%- if params -%}
+,parameters:{
+{%- if params['properties'] -%}
+properties:{
+{%- for key, value in params['properties'] | dictsort -%}
+{{ key }}:{
+{%- set ns = namespace(sep='') -%}
+{%- if value['description'] -%}description:<|"|>{{ value['description'] }}<|"|>{%- set ns.sep = ',' -%}{%- endif -%}
+{%- if value['enum'] -%}{{ ns.sep }}enum:{{ arg(value['enum']) }}{%- set ns.sep = ',' -%}{%- endif -%}
+{{ ns.sep }}type:<|"|>{{ value['type'] | upper }}<|"|>}{{ '' if loop.last else ',' }}
+{%- endfor -%}
+},
+{%- endif -%}
+{%- if params['required'] -%}required:{{ quoted_list(params['required']) }},{%- endif -%}
+{%- if params['type'] -%}type:<|"|>{{ params['type'] | upper }}<|"|>}{%- endif -%}
+{%- endif -%}
+}
+{%- endmacro -%}
+{%- macro strip_thinking(text) -%}
+{%- set ns = namespace(out='') -%}
+{%- for piece in text.split('<channel|>') -%}
+{%- set ns.out = ns.out + (piece.split('<|channel>')[0] if '<|channel>' in piece else piece) -%}
+{%- endfor -%}
+{{ ns.out | trim }}
+{%- endmacro -%}
+{{ bos_token }}
+{%- set thinking = enable_thinking is defined and enable_thinking -%}
+{%- set loop_messages = messages -%}
+{%- if thinking or tools or (messages and messages[0]['role'] in ['system', 'developer']) -%}
+{{ '<|turn>system\n' }}
+{%- if thinking -%}{{ '<|think|>\n' }}{%- endif -%}
+{%- if messages and messages[0]['role'] in ['system', 'developer'] -%}
+{%- if messages[0]['content'] is string -%}{{ messages[0]['content'] | trim }}
+{%- else -%}{%- for item in messages[0]['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}
+{%- endif -%}
+{%- set loop_messages = messages[1:] -%}
+{%- endif -%}
+{%- for tool in tools or [] -%}{{ '<|tool>' + declaration(tool) | trim + '<tool|>' }}{%- endfor -%}
+{{ '<turn|>\n' }}
+{%- endif -%}
+{%- set last = namespace(user=-1, after=None) -%}
+{%- for message in loop_messages -%}{%- if message['role'] == 'user' -%}{%- set last.user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for message in loop_messages -%}
+{%- set i = loop.index0 -%}
+{%- if message['role'] != 'tool' -%}
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+{%- set prev = namespace(role=None) -%}
+{%- for j in range(i) -%}{%- if loop_messages[j]['role'] != 'tool' -%}{%- set prev.role = loop_messages[j]['role'] -%}{%- endif -%}{%- endfor -%}
+{%- if not (role == 'model' and prev.role == 'assistant') -%}{{ '<|turn>' + role + '\n' }}{%- endif -%}
+{%- set last.after = None -%}
+{%- set calls = message['tool_calls'] if message['tool_calls'] is defined and message['tool_calls'] else [] -%}
+{%- set trace = message['reasoning_content'] if message['reasoning_content'] is defined else none -%}
+{%- if trace and calls and i > last.user -%}{{ '<|channel>thought\n' + trace + '\n<channel|>' }}{%- endif -%}
+{%- for call in calls -%}
+{{ '<|tool_call>call:' + call['function']['name'] + '{' }}
+{%- if call['function']['arguments'] is mapping -%}
+{%- for k, v in call['function']['arguments'] | dictsort -%}{{ k }}:{{ arg(v) }}{{ '' if loop.last else ',' }}{%- endfor -%}
+{%- else -%}{{ call['function']['arguments'] }}
+{%- endif -%}
+{{ '}<tool_call|>' }}
+{%- set last.after = 'tool_call' -%}
+{%- endfor -%}
+{%- set answered = namespace(any=false, open=true) -%}
+{%- if calls -%}
+{%- for k in range(i + 1, loop_messages | length) -%}
+{%- if answered.open and loop_messages[k]['role'] == 'tool' -%}
+{%- set reply = loop_messages[k] -%}
+{%- set who = namespace(name=reply['name'] if reply['name'] is defined and reply['name'] else 'unknown') -%}
+{%- for call in calls -%}{%- if call['id'] is defined and reply['tool_call_id'] is defined and call['id'] == reply['tool_call_id'] -%}{%- set who.name = call['function']['name'] -%}{%- endif -%}{%- endfor -%}
+{%- if reply['content'] is string -%}{%- set body = reply['content'] -%}
+{%- else -%}{%- set body = namespace(s='') -%}{%- for part in reply['content'] -%}{%- if part['type'] == 'text' -%}{%- set body.s = body.s + part['text'] -%}{%- endif -%}{%- endfor -%}{%- set body = body.s -%}
+{%- endif -%}
+{{ '<|tool_response>response:' + who.name + '{value:' + arg(body) + '}<tool_response|>' }}
+{%- set answered.any = true -%}
+{%- set last.after = 'tool_response' -%}
+{%- else -%}{%- set answered.open = false -%}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{%- if message['content'] is string -%}
+{{ strip_thinking(message['content']) if role == 'model' else message['content'] | trim }}
+{%- elif message['content'] is sequence -%}
+{%- for item in message['content'] -%}
+{%- if item['type'] == 'image' -%}{{ '<|image|>' }}
+{%- elif item['type'] == 'audio' -%}{{ '<|audio|>' }}
+{%- elif item['type'] == 'video' -%}{{ '<|video|>' }}
+{%- elif item['type'] == 'text' -%}{{ strip_thinking(item['text']) if role == 'model' else item['text'] | trim }}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{%- if last.after == 'tool_call' -%}{{ '<|tool_response>' }}
+{%- elif not (answered.any and not message['content']) -%}{{ '<turn|>\n' }}
+{%- endif -%}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt and last.after not in ['tool_call', 'tool_response'] -%}
+{{ '<|turn>model\n' }}
+{%- if not thinking -%}{{ '<|channel>thought\n<channel|>' }}{%- endif -%}
+{%- endif -%}
+"""
 
 
 def tiny_config_dict(*, num_kv_shared_layers: int = 0, num_layers: int = 4) -> dict:
@@ -124,7 +219,12 @@ def _corpus() -> list[str]:
         "to a domain with a small adapter. What is this? Describe the picture. Transcribe the "
         "audio. Answer with one word. Yes or no. The answer is short. Numbers 0 1 2 3 4 5 6 7 8 9."
     )
-    return [generic] * 4 + corpus_lines()
+    # The words of tool declarations, calls and responses, one item each: Gemma 4's template
+    # writes them with no space before (`call:get_weather{city:`), so they are learnt unprefixed.
+    tool_words = ("call get_weather get_time city declaration description parameters properties "
+                  "required type STRING OBJECT response value : { } , [ ]").split()
+    tools = "Weather Time of a city sunny rainy cloudy snowy windy. It is in now. Hello! Thanks, bye."
+    return [generic] * 4 + (tool_words + [tools]) * 4 + corpus_lines()
 
 
 def build_tokenizer_json(path: Path = TOKENIZER_JSON) -> None:
@@ -214,6 +314,10 @@ def write_tiny_model(out: str | Path, seed: int = 0, *, num_kv_shared_layers: in
     model = build_tiny_model(seed, num_kv_shared_layers=num_kv_shared_layers, num_layers=num_layers)
     processor = build_processor()
     assert len(processor.tokenizer) == model.config.text_config.vocab_size, "vocab mismatch"
+    # Like the released instruction-tuned Gemma 4: generation stops at the end of a turn and at
+    # the token that hands a turn of tool calls over to the tools, not only at <eos>.
+    ids = special_ids()
+    model.generation_config.eos_token_id = [ids["eos"], ids["turn_end"], ids["response_start"]]
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "finetune_tiny.json").write_text(json.dumps({"seed": seed, "kind": "tiny gemma4_unified"}))

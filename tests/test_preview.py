@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -33,7 +34,8 @@ def page(tiny_base, demo_data, tmp_path):
                  "cache_dir": str(tmp_path / "cache")},
         "train": {"output_dir": str(tmp_path / "out")}}))
     out = tmp_path / "preview.html"
-    assert main(["data", "preview", str(recipe), "--out", str(out), "--n", str(N)]) == 0
+    assert main(["data", "preview", str(recipe), "--out", str(out), "--n", str(N),
+                 "--jsonl", str(tmp_path / "preview.jsonl")]) == 0
     return out
 
 
@@ -48,6 +50,36 @@ def test_page_has_stats_histograms_media_and_highlighted_tokens(page):
     for kind in ("image", "audio"):  # a media span is one chip
         assert re.search(rf'class="chip {kind}">\[{kind} ×\d+\]', text)
     assert 'class="tok lab"' in text and "<svg" in text and "http" not in text.split("<body>")[1]
+
+
+def test_jsonl_has_each_sample_as_text_and_labelled_spans(page, processor, make_recipe):
+    """One line per rendered sample: the decoded text (a media block as its one placeholder) is
+    exactly what the chat template wrote, and the labels are the decoded labelled spans."""
+    from data_tools.formats import parse_record
+    from data_tools.render import Renderer, RenderSettings
+    from finetune.families import GEMMA4_UNIFIED
+
+    rows = [json.loads(line) for line in (page.parent / "preview.jsonl").read_text().splitlines()]
+    assert len(rows) == N - 2  # the two rejected records have no sample
+    r = Renderer(processor, RenderSettings(), GEMMA4_UNIFIED.chat)
+    by_id = {}
+    recipe = yaml.safe_load((page.parent / "r.yaml").read_text())
+    for spec in recipe["datasets"]:
+        for line in open(spec["path"]):
+            rec = json.loads(line)
+            by_id[rec.get("id")] = rec
+    kinds = set()
+    for row in rows:
+        assert set(row) == {"id", "text", "labels"}
+        conv = parse_record(by_id[row["id"]], "messages", "x", ".")
+        assert row["text"] == r.text_and_labels(conv)[0]
+        assert row["labels"] == [conv.messages[-1].text() + "<turn|>"]
+        assert "<|image>" not in row["text"] and "<|audio>" not in row["text"]
+        kinds |= {k for k in ("<|image|>", "<|audio|>") if k in row["text"]}
+    assert kinds == {"<|image|>", "<|audio|>"}
+    text = page.read_text()  # the page lists the same spans
+    assert text.count("labelled span(s)</summary>") == N - 2
+    assert all(f"<li><code>{html.escape(span)}</code></li>" in text for row in rows for span in row["labels"])
 
 
 @pytest.mark.browser

@@ -321,3 +321,162 @@ def test_model_facts_come_from_the_processor_and_the_chat_format(processor):
     assert r.eot == CHAT.turn_end and r.eot_id == tok.convert_tokens_to_ids(CHAT.turn_end) != tok.unk_token_id
     assert tok.convert_tokens_to_ids(processor.video_token) in r.media_ids
     assert r.audio_frame == processor.feature_extractor.audio_samples_per_token
+
+
+# ---------------------------------------------------------------- system, thinking, tools
+
+
+def test_text_only_content_goes_to_the_template_as_a_string(processor, make_recipe, media):
+    """The official template prints a list-valued system content as its repr; ours get a string."""
+    record = {"messages": [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+                           {"role": "user", "content": [{"type": "image", "path": "red.png"},
+                                                        {"type": "text", "text": "Colour?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}
+    s, conv, _, _, r = render(processor, make_recipe, record, base_dir=media)
+    msgs = r.chat_text.messages(conv, False)
+    assert msgs[0]["content"] == "Answer briefly." and msgs[2]["content"] == "red"
+    assert msgs[1]["content"] == [{"type": "image"}, {"type": "text", "text": "Colour?"}]
+    text = processor.tokenizer.decode(s["input_ids"])
+    assert "<|turn>system\nAnswer briefly.<turn|>" in text and "[{'type'" not in text
+
+
+def test_system_message_with_media_is_refused(processor, make_recipe, media):
+    record = {"messages": [{"role": "system", "content": [{"type": "image", "path": "red.png"}]},
+                           {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "red"}]}
+    with pytest.raises(BadRecord, match="the system message carries media") as e:
+        render(processor, make_recipe, record, base_dir=media)
+    assert e.value.reason == "render_failed"
+
+
+THOUGHT = "<|channel>thought\n"
+
+
+@pytest.mark.parametrize("answer", [
+    {"reasoning_content": "add them", "content": "4"},
+    {"thinking": "add them", "content": "4"},
+    {"content": "<|channel>thought\nadd them<channel|>4"},  # the thought channel inside the content
+])
+def test_a_reasoning_trace_is_written_after_the_thinking_prompt(processor, make_recipe, answer):
+    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                           {"role": "assistant", **answer}]}
+    s, conv, images, audios, r = render(processor, make_recipe, record)
+    assert labelled(processor, s) == [THOUGHT + "add them<channel|>4<turn|>"]
+    text = processor.tokenizer.decode(s["input_ids"])
+    # Served with thinking on: <|think|> in the system turn, no empty scaffold before the thought.
+    assert text == ("<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\n2+2?<turn|>\n"
+                    "<|turn>model\n" + THOUGHT + "add them<channel|>4<turn|>\n")
+    assert text.count(THOUGHT) == 1 and r.prompt_text(conv, True).endswith("<|turn>model\n")
+
+
+def test_thinking_off_drops_traces_and_on_serves_without_scaffold(processor, make_recipe):
+    record = {"messages": [{"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "reasoning_content": "add them", "content": "4"}]}
+    off, *_ = render(processor, make_recipe, record, thinking="off")
+    text = processor.tokenizer.decode(off["input_ids"])
+    assert labelled(processor, off) == ["4<turn|>"] and "add them" not in text
+    assert text.endswith(GEN_PROMPT_END + "4<turn|>\n") and text.count(THOUGHT) == 1
+    plain = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    on, *_ = render(processor, make_recipe, plain, thinking="on")
+    text = processor.tokenizer.decode(on["input_ids"])
+    assert labelled(processor, on) == ["4<turn|>"] and THOUGHT not in text
+    assert text.startswith("<bos><|turn>system\n<|think|>\n<turn|>\n") and text.endswith("<|turn>model\n4<turn|>\n")
+    auto, *_ = render(processor, make_recipe, plain)  # auto: no trace, no thinking
+    assert processor.tokenizer.decode(auto["input_ids"]).endswith(GEN_PROMPT_END + "4<turn|>\n")
+
+
+def test_history_thoughts_are_stripped_as_the_template_does(processor, make_recipe):
+    record = {"messages": [{"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "<|channel>thought\nadd<channel|>4"},
+                           {"role": "user", "content": "3+3?"},
+                           {"role": "assistant", "reasoning_content": "add again", "content": "6"}]}
+    s, *_ = render(processor, make_recipe, record)
+    assert labelled(processor, s) == ["4<turn|>", THOUGHT + "add again<channel|>6<turn|>"]
+    text = processor.tokenizer.decode(s["input_ids"])
+    assert "<|turn>model\n4<turn|>" in text and text.count(THOUGHT) == 1
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "description": "City name"}},
+                                                "required": ["city"]}}}
+DECLARED = ('<|tool>declaration:get_weather{description:<|"|>Weather of a city<|"|>,parameters:{properties:'
+            '{city:{description:<|"|>City name<|"|>,type:<|"|>STRING<|"|>}},required:[<|"|>city<|"|>],'
+            'type:<|"|>OBJECT<|"|>}}<tool|>')
+
+
+def weather_call(city, id_):
+    return {"id": id_, "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+
+
+def call_text(city):
+    return f'<|tool_call>call:get_weather{{city:<|"|>{city}<|"|>}}<tool_call|>'
+
+
+def response_text(value):
+    return f'<|tool_response>response:get_weather{{value:<|"|>{value}<|"|>}}<tool_response|>'
+
+
+TOOL_FLOW = {"tools": [WEATHER], "messages": [
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "tool_calls": [weather_call("Paris", "a"), weather_call("Rome", "b")]},
+    {"role": "tool", "tool_call_id": "a", "content": "sunny"},
+    {"role": "tool", "tool_call_id": "b", "content": "rain"},
+    {"role": "assistant", "content": "Sunny in Paris, rain in Rome."}]}
+
+
+@pytest.mark.parametrize("train_on, runs", [
+    ("assistant", [call_text("Paris") + call_text("Rome") + "<|tool_response>", "Sunny in Paris, rain in Rome.<turn|>"]),
+    ("last_assistant", ["Sunny in Paris, rain in Rome.<turn|>"]),
+])
+def test_parallel_tool_calls_label_the_calls_and_the_answer(processor, make_recipe, train_on, runs):
+    s, conv, images, audios, r = render(processor, make_recipe, TOOL_FLOW, train_on=train_on)
+    assert labelled(processor, s) == runs
+    # Declarations in the system turn and the responses are context; calls end where the tools take over.
+    assert processor.tokenizer.decode(s["input_ids"]) == (
+        "<bos><|turn>system\n" + DECLARED + "<turn|>\n<|turn>user\nWeather in Paris and Rome?<turn|>\n"
+        "<|turn>model\n" + call_text("Paris") + call_text("Rome") + response_text("sunny") + response_text("rain")
+        + "Sunny in Paris, rain in Rome.<turn|>\n")
+    assert r.prompt_text(conv).endswith(response_text("rain"))  # after the tools, no new header
+
+
+def test_a_record_ending_in_a_call_trains_the_call_after_the_served_prompt(processor, make_recipe):
+    record = {"tools": [WEATHER], "messages": [{"role": "user", "content": "Weather in Paris?"},
+                                               {"role": "assistant", "tool_calls": [weather_call("Paris", "a")]}]}
+    s, conv, images, audios, r = render(processor, make_recipe, record)
+    assert labelled(processor, s) == [call_text("Paris") + "<|tool_response>"]
+    check_prompt_prefix(processor, r, s, conv, images, audios)
+    everything, *_ = render(processor, make_recipe, record, train_on="all")
+    assert everything["labels"][0] == IGNORE and everything["labels"][1:] == everything["input_ids"][1:]
+
+
+def test_reasoning_before_a_call_is_kept_in_the_call_turn(processor, make_recipe):
+    flow = {"tools": [WEATHER], "messages": [
+        TOOL_FLOW["messages"][0],
+        {"role": "assistant", "reasoning_content": "Two cities.", "tool_calls": TOOL_FLOW["messages"][1]["tool_calls"]},
+        *TOOL_FLOW["messages"][2:]]}
+    s, *_ = render(processor, make_recipe, flow)
+    assert labelled(processor, s) == [THOUGHT + "Two cities.\n<channel|>" + call_text("Paris") + call_text("Rome")
+                                      + "<|tool_response>", "Sunny in Paris, rain in Rome.<turn|>"]
+    assert processor.tokenizer.decode(s["input_ids"]).startswith("<bos><|turn>system\n<|think|>\n")
+
+
+def test_tool_messages_fold_into_the_calling_turn_as_llama_cpp_serves_older_templates():
+    """For templates that do not read `tool` messages (the interleaved Gemma 4 one): calls, their
+    responses (JSON content decoded, names by position) and the answer become one turn."""
+    from data_tools.tools import fold_tool_responses
+
+    calls = [weather_call("Paris", "a"), weather_call("Rome", "b")]
+    msgs = [{"role": "user", "content": "?"},
+            {"role": "assistant", "content": None, "tool_calls": calls, "reasoning_content": "Two."},
+            {"role": "tool", "tool_call_id": "a", "content": '{"sky": "sun"}'},
+            {"role": "tool", "tool_call_id": "b", "content": "rain"},
+            {"role": "assistant", "content": "Mixed."},
+            {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Bye."}]
+    assert fold_tool_responses(msgs) == [
+        msgs[0],
+        {"role": "assistant", "tool_calls": calls, "reasoning_content": "Two.", "content": "Mixed.",
+         "tool_responses": [{"name": "get_weather", "response": {"sky": "sun"}},
+                            {"name": "get_weather", "response": "rain"}]},
+        msgs[5], msgs[6]]
+    pending = fold_tool_responses(msgs[:2])  # a call not answered yet: the calls alone
+    assert pending == [msgs[0], {"role": "assistant", "tool_calls": calls, "reasoning_content": "Two."}]

@@ -347,6 +347,109 @@ def test_instruction_media_before_prompt_and_alpaca_spelling():
     assert [m.text() for m in trl.messages] == ["2+2", "4"]
 
 
+# -- tool use and reasoning (OpenAI / Hugging Face / TRL layouts) --------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"name": "get_time", "description": "Time of a city", "parameters": {"type": "object"}}  # HF's bare form
+
+
+def call(name="get_weather", args='{"city": "Paris"}', id_="c1"):
+    return {"id": id_, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def tool_record(*turns, tools=(WEATHER, TIME)):
+    return {"tools": list(tools), "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}, *turns]}
+
+
+def test_tool_calls_responses_and_declarations():
+    conv = parse(tool_record(
+        {"role": "assistant", "content": None, "tool_calls": [
+            call(), {"function": {"name": "get_time", "arguments": {"city": "Rome"}}}]},  # HF: no id, dict args
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "name": "get_time", "content": {"hour": 9}},  # structured: kept as its JSON text
+        {"role": "assistant", "content": "Sunny in Paris; 9 in Rome."}), "messages")
+    assert [t["function"]["name"] for t in conv.tools] == ["get_weather", "get_time"]
+    assert all(t["type"] == "function" for t in conv.tools)
+    calls = conv.messages[1].tool_calls
+    assert [(c.name, c.arguments, c.id) for c in calls] == [("get_weather", {"city": "Paris"}, "c1"),
+                                                             ("get_time", {"city": "Rome"}, None)]
+    assert conv.messages[1].parts == [] and conv.messages[1].role == "assistant"
+    assert [(m.role, m.tool_call_id, m.name, m.text()) for m in conv.messages[2:4]] == [
+        ("tool", "c1", None, "sunny"), ("tool", None, "get_time", '{"hour": 9}')]
+    as_text = parse({**tool_record({"role": "assistant", "tool_calls": [call()]}),
+                     "tools": json.dumps([WEATHER])}, "messages")  # a call may end the sample
+    assert [t["function"]["name"] for t in as_text.tools] == ["get_weather"]
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_trace_on_assistant_turns(key):
+    conv = parse({"messages": [{"role": "user", "content": "2+2?"},
+                               {"role": "assistant", key: " add them ", "content": "4"}]}, "messages")
+    assert conv.messages[1].thinking == "add them" and conv.messages[1].text() == "4"
+
+
+BAD_TOOLS = [
+    (tool_record({"role": "assistant", "tool_calls": [call()]}, {"role": "assistant", "content": "x"}),
+     "unanswered_call", "no tool message answers the call to 'get_weather' before message 2"),
+    (tool_record({"role": "assistant", "tool_calls": [call(), call("get_time", id_="c2")]},
+                 {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "x"}),
+     "unanswered_call", "no tool message answers the call to 'get_time' before message 3"),
+    (tool_record({"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "x"}),
+     "orphan_response", "message 1 answers tool call 'c1', which no earlier assistant turn left unanswered"),
+    (tool_record({"role": "assistant", "tool_calls": [call()]}, {"role": "tool", "tool_call_id": "c9", "content": "?"},
+                 {"role": "assistant", "content": "x"}),
+     "orphan_response", "message 2 answers tool call 'c9', which no earlier assistant turn left unanswered"),
+    (tool_record({"role": "assistant", "tool_calls": [call()]}, {"role": "tool", "tool_call_id": "c1", "content": "a"},
+                 {"role": "tool", "name": "get_weather", "content": "b"}, {"role": "assistant", "content": "x"}),
+     "orphan_response", "message 3 answers a call to 'get_weather', which no earlier assistant turn left unanswered"),
+    (tool_record({"role": "assistant", "tool_calls": [call(args="{city: Paris")]}),
+     "bad_arguments", "message 1 calls 'get_weather' with arguments that are not JSON: '{city: Paris'"),
+    (tool_record({"role": "assistant", "tool_calls": [call(args="[1, 2]")]}),
+     "bad_arguments", "message 1 calls 'get_weather' with arguments that are a list, not a JSON object"),
+    (tool_record({"role": "assistant", "tool_calls": [call("book_flight")]}),
+     "undeclared_tool", "message 1 calls 'book_flight', but the record's tools do not declare it"),
+    (tool_record({"role": "assistant", "tool_calls": [call()]}, tools=()),
+     "undeclared_tool", "message 1 calls 'get_weather', but the record declares no tools"),
+    (tool_record({"role": "tool", "content": "x"}, {"role": "assistant", "content": "x"}),
+     "wrong_shape", "message 1 (tool) has neither tool_call_id nor name"),
+    (tool_record({"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}),
+     "wrong_shape", "message 1 has a tool call without a function name"),
+    (tool_record({"role": "assistant", "content": "x"}, tools=({"description": "no name"},)),
+     "wrong_shape", "tools[0] is not a function declaration with a name"),
+    ({"tools": "[oops", **CHAT}, "wrong_shape", "'tools' is text that is not JSON"),
+    (tool_record({"role": "user", "content": "x", "tool_calls": [call()]}, {"role": "assistant", "content": "x"}),
+     "wrong_shape", "message 1 has tool_calls but role 'user'; only the assistant calls tools"),
+]
+
+
+@pytest.mark.parametrize("record,reason,detail", BAD_TOOLS, ids=[f"{r}-{i}" for i, (_, r, _) in enumerate(BAD_TOOLS)])
+def test_bad_tool_records_are_rejected_with_reason_and_detail(tmp_path, record, reason, detail):
+    path = write_jsonl(tmp_path / "tools.jsonl", [CHAT, record])
+    good, bad = iter_conversations(DatasetSpec(path=str(path), format="messages"))
+    assert isinstance(good, Conversation) and isinstance(bad, BadRecord)
+    assert (bad.reason, bad.detail, bad.origin, bad.raw) == (reason, detail, f"{path}:2", record)
+    assert reason in REASONS
+
+
+def test_bad_tool_record_under_on_bad_record_error_names_record_and_file(tmp_path, make_recipe, processor):
+    """`on_bad_record: error` stops at the record with its file and line; `skip` counts it."""
+    from data_tools.render_pool import collect
+    from finetune.families import GEMMA4_UNIFIED
+
+    record, reason, detail = BAD_TOOLS[7]
+    path = write_jsonl(tmp_path / "tools.jsonl", [CHAT, record])
+    recipe = make_recipe([{"path": str(path)}], data={"on_bad_record": "error"})
+    with pytest.raises(UserError) as e:
+        collect(recipe.datasets, processor, recipe.data, GEMMA4_UNIFIED.chat, rejects_path=None, progress=False)
+    assert f"{path}:2" in e.value.line() and detail in e.value.line()
+    skip = make_recipe([{"path": str(path)}], data={"on_bad_record": "skip"})
+    samples, _, total = collect(skip.datasets, processor, skip.data, GEMMA4_UNIFIED.chat, rejects_path=None,
+                                progress=False)
+    assert len(samples) == 1 and total.rejected_by_reason == {reason: 1}
+
+
 # -- formats: every bad-record reason, read from a file so the origin is checked -----------------
 
 GOOD = {
@@ -424,7 +527,8 @@ _WORDS = ["messages", "conversations", "role", "content", "type", "text", "image
           "audios", "path", "url", "base64", "image_url", "input_audio", "audio_url", "data", "bytes",
           "from", "value", "user", "assistant", "system", "human", "gpt", "prompt", "response",
           "instruction", "input", "output", "completion", "<image>", "<audio>", "data:x;base64,AA",
-          "http://h/x", ""]
+          "http://h/x", "", "tools", "tool_calls", "tool_call_id", "name", "function", "arguments",
+          "reasoning_content", "thinking", "tool", '{"a": 1}']
 _junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.binary(max_size=4)
     | st.sampled_from(_WORDS) | st.text(max_size=6),
@@ -461,7 +565,7 @@ def _chat(role_key, content_key, content):
 
 _RECORDS = {
     "messages": st.fixed_dictionaries({"messages": _chat("role", "content", _text | st.lists(_part, max_size=3))},
-                                      optional={"images": _media_col, "audios": _media_col}),
+                                      optional={"images": _media_col, "audios": _media_col, "tools": _junk}),
     "sharegpt": st.fixed_dictionaries({"conversations": _chat("from", "value", _text)},
                                       optional={"images": _media_col, "image": _media_col, "audios": _media_col}),
     "text": st.fixed_dictionaries({}, optional={"text": _or_junk(_text)}),
