@@ -445,7 +445,7 @@ def test_bad_tool_record_under_on_bad_record_error_names_record_and_file(tmp_pat
         collect(recipe.datasets, processor, recipe.data, GEMMA4_UNIFIED.chat, rejects_path=None, progress=False)
     assert f"{path}:2" in e.value.line() and detail in e.value.line()
     skip = make_recipe([{"path": str(path)}], data={"on_bad_record": "skip"})
-    samples, _, total = collect(skip.datasets, processor, skip.data, GEMMA4_UNIFIED.chat, rejects_path=None,
+    samples, _, total, _ = collect(skip.datasets, processor, skip.data, GEMMA4_UNIFIED.chat, rejects_path=None,
                                 progress=False)
     assert len(samples) == 1 and total.rejected_by_reason == {reason: 1}
 
