@@ -80,6 +80,34 @@ def _link(src: Path, dst: Path, how: str, base: str) -> None:
                         "Write the export on a file system that allows symlinks") from None
 
 
+def by_file(keys: dict[str, Path], want: dict[str, str]) -> dict[Path, dict[str, str]]:
+    """{base weight file: {checkpoint key: LoRA module} of the updated tensors it holds} for every file."""
+    files: dict[Path, dict[str, str]] = {}
+    for key, f in keys.items():
+        files.setdefault(f, {})
+        if key in want:
+            files[f][key] = want[key]
+    return files
+
+
+def check_linkable(out: Path, keys: dict[str, Path], want: dict[str, str], link: str, base: str) -> None:
+    """Refuse before anything is written when hard links can't be made: a base file to link lies on
+    another file system than `out`."""
+    if link not in LINKS:
+        raise UserError("--link", f"{link!r} is not a link kind", f"Use one of {', '.join(LINKS)}")
+    if link != "hard":
+        return
+    parent = Path(out).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    for src, changed in by_file(keys, want).items():
+        if not changed and os.stat(src).st_dev != os.stat(parent).st_dev:
+            raise UserError(str(out), f"can't hard-link the base's {src.name} into it: hard links can't cross file "
+                            f"systems, and {parent} is on another one than {src.parent}", "Write the export on the "
+                            f"base's file system, or pass --link symlink (the folder then needs {base} to stay where "
+                            "it is)")
+
+
 def _updated(base_t: torch.Tensor, config: dict, module: str, pair) -> torch.Tensor:
     """(base + update in fp32) rounded once to the base tensor's dtype."""
     return (base_t.float() + delta(config, module, *pair)).to(base_t.dtype).contiguous()
@@ -110,8 +138,7 @@ def write_linked(out: Path, base: str, keys: dict[str, Path], want: dict[str, st
     """Write the model folder `out` (see the module docstring) for the base's `keys` ({checkpoint
     key: file}) with `want` ({checkpoint key: LoRA module}) updated; returns the byte account."""
     log = log or (lambda _: None)
-    if link not in LINKS:
-        raise UserError("--link", f"{link!r} is not a link kind", f"Use one of {', '.join(LINKS)}")
+    check_linkable(out, keys, want, link, base)
     root = Path(base)
     out.mkdir(parents=True, exist_ok=True)
     small = 0
@@ -120,12 +147,8 @@ def write_linked(out: Path, base: str, keys: dict[str, Path], want: dict[str, st
             shutil.copy2(f, out / f.name)
             small += f.stat().st_size
     keep_generation_config(base, out)
-    files, by_file = [], {}
-    for key, f in keys.items():
-        by_file.setdefault(f, {})
-        if key in want:
-            by_file[f][key] = want[key]
-    for src, changed in by_file.items():
+    files = []
+    for src, changed in by_file(keys, want).items():
         rel = src.relative_to(root) if src.is_relative_to(root) else Path(src.name)
         dst = out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)

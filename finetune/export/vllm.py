@@ -41,7 +41,7 @@ from finetune.adapters import (
     write_report,
 )
 from finetune.errors import UserError
-from finetune.export.linked import LINKS, check_linked, prove_linked, write_linked
+from finetune.export.linked import LINKS, check_linkable, check_linked, prove_linked, write_linked
 from finetune.merge_files import merge_targets, weight_files
 
 SERVERS = ("vllm", "sglang")
@@ -152,6 +152,7 @@ def export_vllm(adapter: str | Path, out: str | Path, *, server: str = "vllm", m
     if linked:  # before anything is written: the base's files must be on local disk
         keys = weight_files(base)
         want = merge_targets(adapter, keys, family, cfg, {m: pairs[m] for m in parts["media"]})
+        check_linkable(Path(out), keys, want, link, base)
     out = prepare_out(out, adapter, base)
     serve_base = str(out / "base") if parts["media"] else base
     report = {"format": server, "adapter": str(adapter), "base": base, "out": str(out), "serve_base": serve_base}
