@@ -56,8 +56,7 @@ def resave(model, src: Path, out: Path, **save) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def base(tiny_base, tmp_path_factory) -> Path:
+def textured_base(tiny_base: Path, out: Path) -> Path:
     """The tiny base with its vision embedder's LayerNorms and biases drawn at random: at their
     init (ones, zeros) a norm saved under the wrong name or in the wrong patch order changes
     nothing, and no test could see it."""
@@ -69,7 +68,12 @@ def base(tiny_base, tmp_path_factory) -> Path:
         for name, p in model.model.embed_vision.named_parameters():
             if p.ndim == 1:
                 p.copy_(float(name.endswith("weight")) + 0.3 * torch.randn(p.shape, generator=gen))
-    return resave(model, tiny_base, tmp_path_factory.mktemp("textured") / "base")
+    return resave(model, tiny_base, out)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base, tmp_path_factory) -> Path:
+    return textured_base(tiny_base, tmp_path_factory.mktemp("textured") / "base")
 
 
 @pytest.fixture(scope="module")
