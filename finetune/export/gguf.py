@@ -219,7 +219,7 @@ def export_gguf(adapter: str | Path, out: str | Path, *, outtype: str = "f32", b
             f"the base + every update read back from adapter.gguf + the projector read back from mmproj.gguf "
             f"reproduce base + adapter on a text/image/audio probe (max |dlogits| {report['logits']['max_abs_diff']:.3g}; "
             f"the adapter moves them by {report['logits']['lora_effect']:.3g})")
-    model = str(Path(base_gguf).resolve()) if base_gguf else PLACEHOLDER
+    model = base_gguf or PLACEHOLDER
     lora_file = out / "adapter.gguf" if text else None
     command = (f"llama-server -m {model}" + (f" --lora {lora_file}" if lora_file else "")
                + (f" --mmproj {mmproj}" if mmproj else ""))
