@@ -204,9 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", required=True, choices=["vllm", "sglang", "gguf", "ollama", "merged"])
     sp.add_argument("adapter")
     sp.add_argument("out")
-    sp.add_argument("--merge-projections", action="store_true")
+    sp.add_argument("--merge-projections", action="store_true",
+                    help="vllm/sglang: a full merged copy of the base instead of the linked model folder")
+    sp.add_argument("--link", choices=["hard", "symlink"],
+                    help="vllm/sglang: how the linked model folder points at the base's weight files (default hard)")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16")
-    sp.add_argument("--base-gguf")
+    sp.add_argument("--base-gguf", help="gguf/ollama: the base model as GGUF, for the serve command / FROM")
     sp.add_argument("--base")
     sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     sp.add_argument("--allow-pickle", action="store_true")

@@ -43,18 +43,24 @@ def cmd_export(args) -> int:
     if args.merge_projections and fmt not in ("vllm", "sglang"):
         raise UserError("--merge-projections", f"applies to --format vllm/sglang, not {fmt}",
                         "Drop it; merged folders carry every update already" if fmt == "merged" else "Drop it")
-    if args.base_gguf and fmt != "ollama":
-        raise UserError("--base-gguf", f"applies to --format ollama, not {fmt}", "Drop it")
+    if args.base_gguf and fmt not in ("gguf", "ollama"):
+        raise UserError("--base-gguf", f"applies to --format gguf/ollama, not {fmt}", "Drop it")
     if getattr(args, "low_memory", None) and fmt != "merged":
         raise UserError("--low-memory", f"applies to --format merged, not {fmt}", "Drop it")
+    link = getattr(args, "link", None)
+    if link and fmt not in ("vllm", "sglang"):
+        raise UserError("--link", f"applies to --format vllm/sglang, not {fmt}", "Drop it")
+    if link and args.merge_projections:
+        raise UserError("--link", "applies to the linked model folder, not to --merge-projections' full copy",
+                        "Drop one of them")
     opts = {"base": args.base, "allow_pickle": args.allow_pickle}
     if fmt in ("vllm", "sglang"):
         opts["merge_projections"] = args.merge_projections  # --outtype does not apply: PEFT folders stay as trained
+        opts["link"] = link or "hard"
     elif fmt == "merged":
         opts["dtype"] = getattr(args, "dtype", None) or "bf16"
         opts["low_memory"] = getattr(args, "low_memory", None)
     else:
         opts["outtype"] = args.outtype or "f16"
-        if fmt == "ollama":
-            opts["base_gguf"] = args.base_gguf
+        opts["base_gguf"] = args.base_gguf
     return _run(export, fmt, args.adapter, args.out, log=print, **opts)

@@ -45,6 +45,7 @@ from finetune.merge_files import (
     check_tensors,
     compare_keys,
     does_not_fit,
+    keep_generation_config,
     merge_dtype,
     merge_streaming,
     merge_targets,
@@ -135,6 +136,7 @@ def save_checked(model, out: Path, dtype: torch.dtype, base: str, batch: dict, r
     model.save_pretrained(out)
     # A fresh copy of the base's processor: the probe's left padding enabled on its tokenizer.
     AutoProcessor.from_pretrained(base).save_pretrained(out)
+    keep_generation_config(base, out)
     model.to("meta")  # frees the weights before the reload: a 12B in fp32 is 48 GB
     reloaded = model_class(family).from_pretrained(out, dtype=torch.float32).eval()
     again = logits(reloaded, batch, attach)

@@ -48,7 +48,7 @@ def refuse_quantized(base: str, cfg) -> None:
                         "weights", "Pass --base with the original bf16 model the adapter was trained from")
 
 
-def _tensor_files(folder: str | Path) -> dict[str, Path] | None:
+def tensor_files(folder: str | Path) -> dict[str, Path] | None:
     """{tensor name: the safetensors file holding it} of a checkpoint folder, from its index or
     its single file's header (None: not a local safetensors folder)."""
     from safetensors import safe_open
@@ -66,7 +66,7 @@ def _tensor_files(folder: str | Path) -> dict[str, Path] | None:
 
 def _checkpoint_keys(folder: str | Path) -> set[str] | None:
     """Tensor names a checkpoint folder stores (None: not local)."""
-    files = _tensor_files(folder)
+    files = tensor_files(folder)
     return None if files is None else set(files)
 
 
@@ -79,9 +79,17 @@ def compare_keys(base: str, out: Path) -> dict:
     return {"checked": True, "same": want == got, "missing": sorted(want - got)[:5], "extra": sorted(got - want)[:5]}
 
 
+def keep_generation_config(base: str | Path, out: Path) -> None:
+    """Every exported model keeps the base's own generation_config.json (sampling defaults, stop
+    tokens): a copy of the file, not what transformers would regenerate from the config."""
+    src = Path(base) / "generation_config.json"
+    if src.is_file():
+        shutil.copy2(src, out / "generation_config.json")
+
+
 def weight_files(base: str) -> dict[str, Path]:
     """{tensor name: file} of the base, or a UserError: merging from files needs them on local disk."""
-    files = _tensor_files(base)
+    files = tensor_files(base)
     if files is None:
         raise UserError(base, "the low-memory merge reads the base's safetensors files from a local folder, and "
                         "this base has none", "Download the base first (`hf download ID --local-dir DIR`) and "
@@ -89,7 +97,7 @@ def weight_files(base: str) -> dict[str, Path]:
     return files
 
 
-def _runtime_names(family, cfg, keys: list[str]) -> dict[str, str]:
+def runtime_names(family, cfg, keys: list[str]) -> dict[str, str | None]:
     """{checkpoint key: the model's parameter name for it}, through transformers' own load-time
     renaming of this model (the table PEFT also reads). A key that a converter reshapes (fused
     or split on load) maps to nothing: it has no 1:1 runtime tensor to merge into."""
@@ -115,7 +123,7 @@ def merge_targets(adapter: Path, keys: dict[str, Path], family, cfg, pairs: dict
 
     LoRA tensors name runtime modules; the files may use older names (transformers renames on
     load, e.g. Gemma 4's embed_vision.embedding_projection), so targets are keyed by file name."""
-    by_runtime = {r: k for k, r in _runtime_names(family, cfg, list(keys)).items()}
+    by_runtime = {r: k for k, r in runtime_names(family, cfg, list(keys)).items()}
     want = {f"{m}.weight": m for m in pairs}
     missing = sorted(set(want) - set(by_runtime))
     if missing:
@@ -195,7 +203,7 @@ def check_tensors(out: Path, keys: dict[str, Path], want: dict[str, str], config
     module: a missed, doubled or mis-scaled update fails here."""
     from safetensors import safe_open
 
-    written = _tensor_files(out) or {}
+    written = tensor_files(out) or {}
     eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
     worst_update, mismatched, base_file = 0.0, [], {}
     for key, src in sorted(keys.items(), key=lambda kv: str(kv[1])):  # file by file
@@ -298,8 +306,7 @@ def merge_streaming(adapter: str | Path, out: str | Path, *, base: str | None = 
     cfg = AutoConfig.from_pretrained(base)
     set_saved_dtype(cfg, target)
     cfg.save_pretrained(out)
-    if (Path(base) / "generation_config.json").is_file():
-        shutil.copy2(Path(base) / "generation_config.json", out / "generation_config.json")
+    keep_generation_config(base, out)
     AutoProcessor.from_pretrained(base).save_pretrained(out)
 
     check = check_tensors(out, keys, want, config, pairs, target)

@@ -250,14 +250,6 @@ def test_gguf_read_back(base, adapters, tmp_path, name, outtype):
         assert all("o_proj" in m for m in report["folded_scale_into_b"])
 
 
-def test_gguf_refuses_projection_lora(adapters, tmp_path):
-    from finetune.export.gguf import export_gguf
-
-    with pytest.raises(UserError, match="mmproj") as e:
-        export_gguf(adapters["media"], tmp_path / "g")
-    assert e.value.where == str(adapters["media"]) and "finetune merge" in e.value.fix
-
-
 # --- vllm / sglang ---------------------------------------------------------------------------
 
 def test_vllm_folder(base, adapters, probe, tmp_path):
@@ -282,18 +274,23 @@ def test_vllm_folder(base, adapters, probe, tmp_path):
     assert diff <= 1e-4
 
 
-def test_vllm_projection_lora_needs_flag_then_merges(base, adapters, tmp_path):
+def test_vllm_projection_lora_plain_links_flag_merges(base, adapters, tmp_path):
+    """Plain: a linked model folder carries the projection updates; --merge-projections: a full
+    merged copy. Either way the PEFT folder holds the text LoRA only."""
     from finetune.export.vllm import export_vllm
 
-    with pytest.raises(UserError, match="vision/audio") as e:
-        export_vllm(adapters["media"], tmp_path / "no", server="sglang")
-    assert "--merge-projections" in e.value.fix and e.value.where == str(adapters["media"])
+    plain = export_vllm(adapters["media"], tmp_path / "plain", server="sglang")
+    assert plain["linked_base"]["tensor_check"]["ok"] and plain["linked_base"]["logits"]["ok"]
+    assert plain["serve"]["model"] == str(tmp_path / "plain" / "base")
+    assert plain["serve"]["command"].startswith(f"python -m sglang.launch_server --model-path {tmp_path / 'plain' / 'base'}")
     report = export_vllm(adapters["media"], tmp_path / "v", merge_projections=True)
     merged = report["merge_projections"]
     assert merged["ok"] and merged["max_abs_diff"] <= 1e-4 and merged["lora_effect"] > 1e-3
     assert report["serve_base"] == str(tmp_path / "v" / "base") and (tmp_path / "v" / "base" / "config.json").is_file()
-    _, state = read_adapter(tmp_path / "v")
-    assert not any("embed_vision" in k or "embed_audio" in k for k in state)
+    assert "linked_base" not in report
+    for out in ("plain", "v"):
+        _, state = read_adapter(tmp_path / out)
+        assert not any("embed_vision" in k or "embed_audio" in k for k in state)
 
 
 def test_vllm_projection_merge_in_low_memory(base, adapters, probe, tmp_path, monkeypatch):
@@ -340,6 +337,8 @@ def test_ollama_folder(base, adapters, tmp_path):
     report = export_ollama(adapters["full"], tmp_path / "o", outtype="f16")
     modelfile = (tmp_path / "o" / "Modelfile").read_text()
     assert f"FROM {PLACEHOLDER}" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
+    assert "FROM ./mmproj.gguf" in modelfile and (tmp_path / "o" / "mmproj.gguf").is_file()  # the base's projector
+    assert report["serve"]["command"] == f"ollama create o -f {tmp_path / 'o' / 'Modelfile'} && ollama run o"
     assert 'TEMPLATE """' in modelfile and "<|turn>model\n<|channel>thought\n<channel|>" in modelfile
     assert 'PARAMETER stop "<turn|>"' in modelfile
     assert "ollama create o -f Modelfile" in (tmp_path / "o" / "README.md").read_text()
@@ -419,8 +418,13 @@ def test_library_is_silent_and_logs_through_its_callback(adapters, tmp_path, cap
     ]
     lines.clear()
     report = export_gguf(full, tmp_path / "g2", outtype="f16", log=lines.append)
+    g2 = tmp_path / "g2"
     assert lines == [f"gguf: {report['tensors'] // 2} LoRA modules (f16), alpha 16, update max rel diff "
-                     f"{report['max_rel_update_diff']:.2g} -> {tmp_path / 'g2' / 'adapter.gguf'}"]
+                     f"{report['max_rel_update_diff']:.2g} -> {g2 / 'adapter.gguf'}",
+                     f"gguf: projector with 0 vision/audio updates merged -> {g2 / 'mmproj.gguf'}",
+                     f"gguf: probe logits through the exported files vs base+adapter: "
+                     f"{report['logits']['max_abs_diff']:.3g} (adapter moves them by {report['logits']['lora_effect']:.3g})",
+                     f"serve with: llama-server -m BASE.gguf --lora {g2 / 'adapter.gguf'} --mmproj {g2 / 'mmproj.gguf'}"]
     assert capsys.readouterr().out == ""  # a callback, not stdout
 
     assert main(["export", "--format", "gguf", "--outtype", "f16", full, str(tmp_path / "g3")]) == 0

@@ -2,6 +2,17 @@
 
 Every format writes OUT/export_report.json listing what was checked and the numbers, and
 returns that report; its summary lines go to the `log` callback it is given (None: silent).
+Every report has `serve`: `model` (the path or hub id to load), `adapter` (the LoRA folder or
+GGUF; None when the updates are merged), `mmproj` (llama.cpp's projector file, where there is
+one) and `command` (the line that serves it), and every format carries everything the adapter
+learned, the vision/audio projections included:
+
+- vllm / sglang (`vllm.py`): the PEFT text adapter, plus OUT/base when the projections changed
+  (`linked.py`: the base's weight files linked, the projection tensors rewritten in the file
+  that holds them; `--merge-projections`: a full merged copy instead);
+- gguf (`gguf.py`): adapter.gguf (text LoRA) + mmproj.gguf (`mmproj.py`, projections merged);
+- ollama (`ollama.py`): the gguf pair + a Modelfile;
+- merged: one merged HF folder (`finetune.merge`).
 """
 
 from __future__ import annotations
@@ -28,7 +39,10 @@ def export_merged(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", 
             "reloaded folder == in-memory merge rounded to the dtype (reload_diff)",
             "merge == base+adapter on a text/image/audio probe (merge_diff); max_abs_diff includes dtype rounding"]),
     ]
+    report["serve"] = {"model": str(out), "adapter": None, "command": f"vllm serve {out}"}
     write_report(Path(out), "export_report.json", report)
+    if log:
+        log(f"serve with: {report['serve']['command']}")
     return report
 
 

@@ -1,9 +1,11 @@
-"""Ollama: the GGUF LoRA plus a Modelfile (FROM, ADAPTER, the Gemma 4 TEMPLATE and stops).
+"""Ollama: the llama.cpp export (LoRA GGUF + projector GGUF) plus a Modelfile (FROM the base,
+FROM the projector, ADAPTER, the Gemma 4 TEMPLATE and stops).
 
 Ollama's ADAPTER takes a GGUF LoRA; its safetensors-adapter import knows llama/gemma2-style
 bases only and it can't import the gemma4_unified class from safetensors at all, so FROM must
-be a GGUF of the base (llama.cpp's convert_hf_to_gguf.py makes one) and the adapter goes in
-as the GGUF that `export_gguf` writes and proves.
+be a GGUF of the base (llama.cpp's convert_hf_to_gguf.py makes one), the adapter goes in as the
+GGUF that `export_gguf` writes and proves, and the vision/audio updates ride in its mmproj.gguf,
+given to Ollama as a second FROM (how Ollama takes a llama.cpp projector file).
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.adapters import base_of, read_adapter, write_report
-from finetune.errors import UserError
-from finetune.export.gguf import GGUF_ARCH, export_gguf
+from finetune.adapters import write_report
+from finetune.export.gguf import export_gguf
 
 PLACEHOLDER = "./REPLACE-WITH-BASE-MODEL.gguf"
 
@@ -40,37 +41,6 @@ TEMPLATE_SAMPLE = "<|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n<cha
 STOPS = ("<turn|>", "<|turn>")
 
 
-def _check_base_gguf(path: str, cfg) -> dict:
-    """The FROM file must be a GGUF model of this base's shape, not safetensors or an adapter."""
-    import gguf
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(path, "base GGUF not found", "Pass the .gguf file of the base model with --base-gguf")
-    if p.is_dir() or p.suffix in (".safetensors", ".bin"):
-        raise UserError(path, "Ollama can't import a Gemma 4 (gemma4_unified) model from safetensors; FROM needs "
-                        "the base as a GGUF file", "Convert the base with llama.cpp's convert_hf_to_gguf.py and "
-                        "pass the .gguf with --base-gguf")
-    try:
-        fields = gguf.GGUFReader(p).fields
-    except (ValueError, OSError) as e:
-        raise UserError(path, f"not a readable GGUF file ({e})", "Pass the .gguf of the base model") from None
-    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
-    kind = fields["general.type"].contents() if "general.type" in fields else "model"
-    text = cfg.text_config
-    want = {"general.architecture": GGUF_ARCH[cfg.model_type], "general.type": "model",
-            f"{arch}.block_count": text.num_hidden_layers, f"{arch}.embedding_length": text.hidden_size}
-    got = {"general.architecture": arch, "general.type": kind,
-           f"{arch}.block_count": fields[f"{arch}.block_count"].contents() if f"{arch}.block_count" in fields else None,
-           f"{arch}.embedding_length": (fields[f"{arch}.embedding_length"].contents()
-                                        if f"{arch}.embedding_length" in fields else None)}
-    bad = {k: (got[k], v) for k, v in want.items() if got[k] != v}
-    if bad:
-        raise UserError(path, "GGUF is not this adapter's base: " + ", ".join(
-            f"{k} is {g!r}, expected {w!r}" for k, (g, w) in bad.items()), "Pass the GGUF converted from the base")
-    return got
-
-
 def _template_matches_base(base: str) -> bool:
     from transformers import AutoTokenizer
 
@@ -82,21 +52,18 @@ def _template_matches_base(base: str) -> bool:
 def export_ollama(adapter: str | Path, out: str | Path, *, base_gguf: str | None = None, outtype: str = "f32",
                   base: str | None = None, allow_pickle: bool = False,
                   log: Callable[[str], None] | None = None) -> dict:
-    """OUT/adapter.gguf (see export_gguf), OUT/Modelfile and OUT/README.md."""
-    from finetune.families import family_config
-
+    """OUT/adapter.gguf and OUT/mmproj.gguf (see export_gguf), OUT/Modelfile and OUT/README.md."""
     log = log or (lambda _: None)
-    adapter = Path(adapter)
-    config, _ = read_adapter(adapter, allow_pickle=allow_pickle)
-    _, cfg = family_config(base_of(adapter, config, base))
-    base_meta = _check_base_gguf(base_gguf, cfg) if base_gguf else None
-    report = export_gguf(adapter, out, outtype=outtype, base=base, allow_pickle=allow_pickle, log=log)
+    report = export_gguf(adapter, out, outtype=outtype, base=base, base_gguf=base_gguf, allow_pickle=allow_pickle,
+                         log=lambda line: None if line.startswith("serve with") else log(line))
     out = Path(report["out"])
     source = str(Path(base_gguf).resolve()) if base_gguf else PLACEHOLDER
     stops = "".join(f'PARAMETER stop "{s}"\n' for s in STOPS)
     fill = "" if base_gguf else (f"# Replace {PLACEHOLDER} with the base model as GGUF (llama.cpp's "
                                  f"convert_hf_to_gguf.py on {report['base']}).\n")
-    (out / "Modelfile").write_text(f"{fill}FROM {source}\nADAPTER ./adapter.gguf\n"
+    projector = "FROM ./mmproj.gguf\n" if "mmproj.gguf" in report["serve"].get("mmproj", "") else ""
+    adapter_line = "ADAPTER ./adapter.gguf\n" if report["serve"]["adapter"] else ""
+    (out / "Modelfile").write_text(f"{fill}FROM {source}\n{projector}{adapter_line}"
                                    f'TEMPLATE """{TEMPLATE}"""\n{stops}')
     name = re.sub(r"[^a-z0-9._-]+", "-", out.name.lower()).strip("-.") or "finetuned"
     (out / "README.md").write_text(
@@ -105,23 +72,27 @@ def export_ollama(adapter: str | Path, out: str | Path, *, base_gguf: str | None
         + f"```\nollama create {name} -f Modelfile\nollama run {name}\n```\n\n"
         "- `adapter.gguf`: the LoRA of the text layers in llama.cpp's format, checked against the PEFT adapter "
         "(`export_report.json`).\n"
+        "- `mmproj.gguf`: the image/audio projector with the adapter's vision/audio updates merged in, as "
+        "llama.cpp's converter lays it out; the second FROM.\n"
         "- Ollama's safetensors ADAPTER import supports llama/gemma2-style bases only, not Gemma 4, which is why "
-        "this folder ships the GGUF LoRA.\n"
-        "- Images and audio go through the base's mmproj file; LoRA on the vision/audio projections can't be "
-        "applied there (merge it with `finetune merge` instead).\n")
+        "this folder ships GGUF files.\n")
     matches = _template_matches_base(report["base"])
+    command = f"ollama create {name} -f {out / 'Modelfile'} && ollama run {name}"
     report.update({
-        "format": "ollama", "gguf": {k: report[k] for k in ("file", "outtype", "max_rel_update_diff")},
-        "modelfile": str(out / "Modelfile"), "from": source, "base_gguf": base_meta,
-        "template_matches_base": matches, "ollama_create": f"ollama create {name} -f Modelfile",
+        "format": "ollama", "gguf": {k: report[k] for k in ("file", "outtype", "max_rel_update_diff") if k in report},
+        "modelfile": str(out / "Modelfile"), "from": source, "template_matches_base": matches,
+        "ollama_create": f"ollama create {name} -f Modelfile",
+        "serve": {**report["serve"], "model": source, "command": command},
     })
     report["checks"] = report["checks"] + [
         f"FROM: {'GGUF of the base (architecture, block count and width match)' if base_gguf else 'placeholder to fill'}",
+        "FROM ./mmproj.gguf: the projector (vision/audio updates merged)" if projector else "no projector file",
         "ADAPTER: the GGUF LoRA in this folder (Ollama takes one GGUF adapter per model)",
         f"TEMPLATE renders one user turn as the base's chat template does: {matches}",
     ]
     write_report(out, "export_report.json", report)
     if not matches:
         log("warning: the base's chat template renders differently from the Gemma 4 TEMPLATE in the Modelfile")
-    log(f"ollama: {out / 'Modelfile'}; then: cd {out} && ollama create {name} -f Modelfile")
+    log(f"ollama: {out / 'Modelfile'}")
+    log(f"serve with: {command}")
     return report
