@@ -192,9 +192,11 @@ def _check_chat(messages: list[Message]) -> None:
     if not any(m.role == "user" and _has_content(m) for m in messages):
         raise BadRecord("no_user_turn", "no user message with content")
     last = messages[-1]
-    if last.role != "assistant" or not (last.text().strip() or last.tool_calls):
-        what = "an empty answer" if last.role == "assistant" else f"from {last.role!r}"
-        raise BadRecord("no_answer", f"the last message is {what}, not an assistant answer")
+    if last.role == "assistant" and not (last.text().strip() or last.tool_calls):
+        raise BadRecord("no_answer", "the assistant's answer (the last message) is empty")
+    if last.role != "assistant":
+        raise BadRecord("no_answer", f"the last message is from {last.role!r}; a sample ends with the "
+                        "assistant's answer")
 
 
 def _has_content(m: Message) -> bool:

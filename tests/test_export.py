@@ -408,10 +408,12 @@ def test_library_is_silent_and_logs_through_its_callback(adapters, tmp_path, cap
 
     lines: list[str] = []
     report = merge_adapter(full, tmp_path / "m2", dtype="fp32", log=lines.append)
+    rounding = report["max_abs_diff"] - report["merge_diff"]
     assert lines == [
-        f"merge: max |logits(saved) - logits(base+adapter)| = {report['max_abs_diff']:.3g} "
-        f"(merge {report['merge_diff']:.3g}, reload {report['reload_diff']:.3g}, "
-        f"tolerance {report['tolerance']:.3g}); the adapter moves logits by up to {report['lora_effect']:.3g}",
+        f"merge: ok: merge {report['merge_diff']:.3g} (allowed {report['merge_tolerance']:.3g}), reload "
+        f"{report['reload_diff']:.3g} (allowed {report['tolerance']:.3g}); saved model vs base+adapter "
+        f"{report['max_abs_diff']:.3g}" + (f", of which rounding to fp32 {rounding:.3g}" if rounding > 0 else "")
+        + f"; the adapter moves logits by up to {report['lora_effect']:.3g}",
         f"merge: {report['tensors']} of {report['tensors']} tensors read back equal base + update rounded once "
         "to the dtype",
         f"report: {tmp_path / 'm2' / 'merge_report.json'}",
