@@ -161,6 +161,15 @@ def _media_first(msgs: list, media: dict) -> list:
     return out
 
 
+def preferred_conversation(record, origin: str, base_dir: str) -> Conversation:
+    """The prompt and its preferred answer (a pair's chosen side, a desirable completion): the
+    reference a greedy answer is scored against."""
+    pref = parse_preference(record, origin, base_dir)
+    if pref.desirable is False:
+        raise BadRecord("no_answer", "an undesirable completion is no reference answer", origin)
+    return pref.chosen
+
+
 # ---------------------------------------------------------------- rendering
 
 
