@@ -125,6 +125,9 @@ class PreferenceSection:
                      "weight of the odds-ratio term", lo=1e-6)
     loss_type: Literal["sigmoid", "ipo"] = _f("sigmoid", "dpo: sigmoid (the DPO paper) or ipo "
                                               "(squared, on per-token log-ratios, as TRL computes it)")
+    sft_weight: float = _f(0.0, "dpo: weight α of the chosen answer's mean token NLL added to each pair's "
+                           "loss (RPO; TRL: loss_type [sigmoid, sft], loss_weights [1, α]); 0 = DPO alone",
+                           lo=0.0)
     desirable_weight: float = _f(1.0, "kto: weight of desirable examples' losses", lo=0.0)
     undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples' losses", lo=0.0)
 

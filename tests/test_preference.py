@@ -122,6 +122,26 @@ def test_dpo_equals_trl(files, tiny_base, processor, loss_type, beta):
     assert abs(got["rewards/margins"][-1]) > 0.01  # the adapter moved away from the reference
 
 
+def test_dpo_with_the_sft_term_equals_trl_per_pair(files, tiny_base, processor):
+    """`preference.sft_weight` = TRL's loss_type [sigmoid, sft] with loss_weights [1, α]. Ours is
+    the mean token NLL per pair, TRL's over the batch's tokens: one pair per batch, they agree."""
+    from trl import DPOConfig, DPOTrainer
+
+    r = recipe(files, tiny_base, "dpo", files / "pairs.jsonl", beta=0.1, sft_weight=0.7)
+    ours = build(r)
+    args = DPOConfig(output_dir=str(files / "trl-sft"), use_cpu=True, report_to=[], beta=0.1,
+                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7], gradient_checkpointing=False,
+                     per_device_train_batch_size=1, seed=0)
+    trl = DPOTrainer(model=base_model(tiny_base), args=args, train_dataset=Dataset.from_list(TEXT_ROWS),
+                     processing_class=processor, peft_config=LoraConfig(**LORA))
+    for sample in samples_of(r, processor, files):
+        batch = ours.collate([sample], processor.tokenizer.pad_token_id)
+        loss, metrics = ours.loss(trl.model, batch)
+        assert close(loss, trl.compute_loss(trl.model, trl_inputs(batch))), sample["origin"]
+        assert close(metrics["rewards/margins"], trl._metrics["train"]["rewards/margins"][-1])
+        assert metrics["nll_loss"] > 0
+
+
 def test_dpo_with_a_reference_adapter_equals_trl(files, tiny_base, processor):
     """The DPO-after-SFT flow: the reference is a frozen copy of the adapter (`ref`, TRL's name)."""
     from trl import DPOConfig, DPOTrainer

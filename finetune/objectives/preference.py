@@ -13,9 +13,10 @@ and in eval mode (no dropout), so its activations are gone before the policy's f
 
 Losses and metrics follow TRL 1.16 (`DPOTrainer._compute_loss`, the experimental
 `ORPOTrainer`), checked against them in tests/test_preference.py. The weight is the number of
-pairs: a step's loss is the mean over the pairs of its whole accumulation window. ORPO's NLL
-term is the chosen answer's mean token NLL per pair (the ORPO paper's SFT term); TRL's ORPO
-trainer also counts the prompt's tokens and averages over the batch's tokens instead.
+pairs: a step's loss is the mean over the pairs of its whole accumulation window. NLL terms
+(ORPO's, and DPO's optional `preference.sft_weight`) are the chosen answer's mean token NLL per
+pair; TRL averages them over all the batch's chosen tokens instead (and its ORPO trainer also
+counts the prompt's), which agrees with ours for one pair per batch.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class PairObjective(Objective):
 
     formats = ("preference",)
     packs = False  # rows come in chosen/rejected pairs: `collate` makes them
+    rows_per_sample = 2  # what `finetune plan` counts per sample
     uses_reference = False
     metrics = REWARD_METRICS
 
@@ -184,6 +186,7 @@ class DPO(PairObjective):
     def __init__(self, recipe):
         super().__init__(recipe)
         self.loss_type = recipe.preference.loss_type
+        self.sft_weight = recipe.preference.sft_weight
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         n = self.weight(batch)
@@ -197,8 +200,13 @@ class DPO(PairObjective):
             losses = (delta - 1 / (2 * self.beta)) ** 2
         else:
             losses = -F.logsigmoid(self.beta * (chosen_ratio - rejected_ratio))
-        return losses.sum(), reward_metrics(self.beta * chosen_ratio, self.beta * rejected_ratio,
-                                            logps[:n], logps[n:])
+        metrics = reward_metrics(self.beta * chosen_ratio, self.beta * rejected_ratio, logps[:n], logps[n:])
+        if self.sft_weight:
+            # The chosen answer's NLL keeps its likelihood rising (plain DPO may lower both sides).
+            nll = -logps[:n] / tokens[:n].clamp(min=1)
+            losses = losses + self.sft_weight * nll
+            metrics["nll_loss"] = nll.detach().sum()
+        return losses.sum(), metrics
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
