@@ -225,7 +225,7 @@ class PreferenceWorker:
         return out
 
     def _prepare(self, item):
-        """(record, the side rendered in full, images, audios, {side: (prompt ids, answer ids)})."""
+        """(the pair, the side rendered in full, images, audios, {side: (prompt ids, answer ids)})."""
         origin, record, base_dir, _, dataset = item
         if isinstance(record, BadRecord):
             raise record

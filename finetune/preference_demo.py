@@ -6,7 +6,8 @@ Each prompt has a right answer (chosen) and a wrong one (rejected):
 - audio: whether a tone is high or low, against the other (plain-text prompt, `audios` column);
 - text: the capital of an invented country, against another country's capital (implicit prompt:
   two whole conversations that differ in the last answer).
-Held-out pairs are new pictures and tones, and records asking for the facts trained on. A random
+Held-out pairs are new pictures and tones, and records asking for the facts trained on (each in
+all three phrasings, against a freshly drawn wrong capital). A random
 tiny base prefers either side about half the time; after DPO the adapter should prefer the right
 one and answer it greedily (`finetune.workflows.run_preference_demo`).
 """
@@ -65,7 +66,7 @@ def make_preference_data(out: str | Path, seed: int = 0, *, n_image: int = 160, 
     files["train_text.jsonl"] = [_text_pair(c, TEXT_Q[r % len(TEXT_Q)], "train", str(r), rng)
                                  for r in range(n_text_repeat) for c in CAPITALS]
     held = [p for i in range(n_eval_each) for p in (_image_pair(i, "eval", out, rng), _audio_pair(i, "eval", out, rng))]
-    held += [_text_pair(c, TEXT_Q[k % len(TEXT_Q)], "eval", "0", rng) for k, c in enumerate(CAPITALS)]
+    held += [_text_pair(c, q, "eval", str(k), rng) for k, q in enumerate(TEXT_Q) for c in CAPITALS]
     files["eval.jsonl"] = held
     for name, rows in files.items():
         rng.shuffle(rows)

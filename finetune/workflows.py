@@ -91,12 +91,39 @@ def run_preference_demo(overrides: list[str] | tuple[str, ...] = (), log=None) -
                                              for m, g in pref.items() if m != "all"} for side in ("base", "adapter")},
               "reward_accuracy": {m: g["reward_accuracy"] for m, g in pref.items() if m != "all"},
               "greedy_exact_match": accuracy_table(evaluation),
+              "greedy_follows": _greedy_sides(evaluation, recipe),
               "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1)}
     (out / "eval.json").write_text(json.dumps(scores, indent=1))
     log(format_table(evaluation["preference"]))
     log("greedy answers equal to the preferred side (exact match):\n" + _eval_table(scores["greedy_exact_match"]))
+    log("adapter's greedy answers by side: " + ", ".join(
+        f"{m} {g['chosen']:.2f} chosen / {g['rejected']:.2f} rejected" for m, g in scores["greedy_follows"].items()))
     log(f"demo: done in {time.time() - t0:.0f}s → {out}/eval.json, {out}/adapter")
     return scores
+
+
+def _greedy_sides(evaluation: dict, recipe) -> dict:
+    """Per modality, the share of the adapter's greedy answers that are the chosen answer and the
+    share that are the rejected one (exact match, as scored)."""
+    from data_tools.preference import parse_preference
+    from data_tools.sources import iter_records
+    from finetune.evaluate import exact_match
+
+    rejected = {}
+    for spec in recipe.eval_datasets:
+        for origin, record, base_dir in iter_records(spec):
+            if isinstance(record, dict) and "rejected" in record:
+                pair = parse_preference(record, origin, base_dir)
+                rejected[str(record.get("id", origin))] = pair.rejected.messages[-1].text().strip()
+    out: dict[str, dict] = {}
+    for it in evaluation["items"]:
+        if it["id"] in rejected:
+            g = out.setdefault(it["modality"], {"chosen": 0.0, "rejected": 0.0, "n": 0})
+            g["chosen"] += exact_match(it["adapter"], it["reference"])
+            g["rejected"] += exact_match(it["adapter"], rejected[it["id"]])
+            g["n"] += 1
+    return {m: {"chosen": round(g["chosen"] / g["n"], 4), "rejected": round(g["rejected"] / g["n"], 4),
+                "n": g["n"]} for m, g in sorted(out.items())}
 
 
 def _clear_demo_outputs(out: Path, keep: list[Path]) -> None:

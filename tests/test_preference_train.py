@@ -198,3 +198,36 @@ def test_the_preference_demo_runs(tmp_path, monkeypatch):
     scores = run_preference_demo(["train.max_steps=2", "train.batch_size=2"])
     assert set(scores["preference_accuracy"]["adapter"]) == {"image", "audio", "text"}
     assert json.loads((tmp_path / "runs/demo-preference/eval.json").read_text()) == scores
+
+
+@pytest.mark.slow
+def test_two_process_ddp_dpo_with_a_reference_adapter(assets):
+    """torchrun, 2 ranks × 1 pair vs one process × 2 pairs: same losses; both ranks end with the
+    same adapter (the reference adapter switches in and out inside DDP's forward)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from finetune.training.loop import train
+
+    root = Path(__file__).resolve().parents[1]
+    sft = assets.root / "golden-dpo" / "adapter"
+    if not sft.is_dir():
+        train(recipe_from_dict(raw(assets, "golden-dpo")))
+    # lr 1e-3 as in test_resume_ddp: Adam turns summation-order noise of near-zero gradients into
+    # updates of up to ±lr, which later losses see.
+    ddp_raw = raw(assets, "ddp", reference_adapter=str(sft), batch_size=1, max_steps=3, lr=1e-3)
+    path = assets.root / "ddp.yaml"
+    path.write_text(yaml.safe_dump(ddp_raw))
+    env = dict(os.environ, PYTHONPATH=str(root), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "finetune.cli", "train", str(path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "adapter identical on 2 ranks" in proc.stdout + proc.stderr
+    one = train(recipe_from_dict(raw(assets, "ddp-one", reference_adapter=str(sft), batch_size=2, max_steps=3,
+                                     lr=1e-3)))
+    ddp = [r["loss"] for r in metrics_of(assets.root / "ddp")]
+    assert ddp == pytest.approx(one.losses, abs=1e-5)
