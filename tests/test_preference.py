@@ -27,6 +27,9 @@ from finetune.objectives.preference import REWARD_METRICS  # noqa: E402
 from finetune.recipe import recipe_from_dict  # noqa: E402
 
 TOL = 1e-5
+# fp32 on the CPU. TRL's configs default to bf16, which would also leave accelerate's
+# process-wide state in bf16 mixed precision for every later in-process run of the suite.
+TRL_ARGS = {"use_cpu": True, "bf16": False, "report_to": []}
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False}
 TEXT_ROWS = [{"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Yes."}],
               "rejected": [{"role": "assistant", "content": "No."}]}] * 2
@@ -108,7 +111,7 @@ def test_dpo_equals_trl(files, tiny_base, processor, loss_type, beta):
     ours = build(r)
     batch = ours.collate(samples_of(r, processor, files), processor.tokenizer.pad_token_id)
     assert batch["pixel_values"].shape[0] == 2 and batch["input_features"].shape[0] == 2  # both sides carry media
-    args = DPOConfig(output_dir=str(files / "trl"), use_cpu=True, report_to=[], beta=beta, loss_type=[loss_type],
+    args = DPOConfig(output_dir=str(files / "trl"), **TRL_ARGS, beta=beta, loss_type=[loss_type],
                      gradient_checkpointing=False, per_device_train_batch_size=2, seed=0)
     trl = DPOTrainer(model=base_model(tiny_base), args=args, train_dataset=Dataset.from_list(TEXT_ROWS),
                      processing_class=processor, peft_config=LoraConfig(**LORA))
@@ -129,7 +132,7 @@ def test_dpo_with_the_sft_term_equals_trl_per_pair(files, tiny_base, processor):
 
     r = recipe(files, tiny_base, "dpo", files / "pairs.jsonl", beta=0.1, sft_weight=0.7)
     ours = build(r)
-    args = DPOConfig(output_dir=str(files / "trl-sft"), use_cpu=True, report_to=[], beta=0.1,
+    args = DPOConfig(output_dir=str(files / "trl-sft"), **TRL_ARGS, beta=0.1,
                      loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7], gradient_checkpointing=False,
                      per_device_train_batch_size=1, seed=0)
     trl = DPOTrainer(model=base_model(tiny_base), args=args, train_dataset=Dataset.from_list(TEXT_ROWS),
@@ -151,7 +154,7 @@ def test_dpo_with_a_reference_adapter_equals_trl(files, tiny_base, processor):
     batch = ours.collate(samples_of(r, processor, files), processor.tokenizer.pad_token_id)
     torch.manual_seed(1)
     model = get_peft_model(base_model(tiny_base), LoraConfig(**LORA))
-    args = DPOConfig(output_dir=str(files / "trl-ref"), use_cpu=True, report_to=[], beta=0.2,
+    args = DPOConfig(output_dir=str(files / "trl-ref"), **TRL_ARGS, beta=0.2,
                      gradient_checkpointing=False, per_device_train_batch_size=2, seed=0)
     trl = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(TEXT_ROWS), processing_class=processor)
     assert set(trl.model.peft_config) == {"default", "ref"}
@@ -181,7 +184,7 @@ def test_kto_equals_trl(files, tiny_base, processor):
     batch = ours.collate(samples, processor.tokenizer.pad_token_id)
     # the pairs taken apart (chosen, then rejected), then the unpaired examples
     assert batch["desirable"].tolist() == [True, True, False, False, True, False, True]
-    args = KTOConfig(output_dir=str(files / "trl-kto"), use_cpu=True, report_to=[], beta=0.3, desirable_weight=1.3,
+    args = KTOConfig(output_dir=str(files / "trl-kto"), **TRL_ARGS, beta=0.3, desirable_weight=1.3,
                      undesirable_weight=0.7, gradient_checkpointing=False, per_device_train_batch_size=2, seed=0,
                      train_sampling_strategy="sequential")
     rows = [{"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": "Yes."}],
@@ -234,7 +237,7 @@ def test_orpo_equals_trl(files, tiny_base, processor):
     batch = ours.collate(samples_of(r, processor, files), processor.tokenizer.pad_token_id)
     torch.manual_seed(2)
     model = get_peft_model(base_model(tiny_base), LoraConfig(**LORA))
-    args = ORPOConfig(output_dir=str(files / "trl-orpo"), use_cpu=True, report_to=[], beta=0.25, max_length=256,
+    args = ORPOConfig(output_dir=str(files / "trl-orpo"), **TRL_ARGS, beta=0.25, max_length=256,
                       gradient_checkpointing=False, per_device_train_batch_size=2, seed=0)
     trl = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(TEXT_ROWS),
                       processing_class=processor.tokenizer)
@@ -263,7 +266,7 @@ def test_trl_tokenizes_gemma4_pairs_differently(files, tiny_base, processor):
     ours = {s["origin"].rsplit(":", 1)[1]: s for s in samples_of(r, processor, files)}["3"]
     row = {"prompt": [{"role": "user", "content": "What is the capital of Norvia?"}],
            "chosen": [{"role": "assistant", "content": "Halden"}], "rejected": [{"role": "assistant", "content": "Mirovo"}]}
-    args = DPOConfig(output_dir=str(files / "trl-tok"), use_cpu=True, report_to=[], gradient_checkpointing=False)
+    args = DPOConfig(output_dir=str(files / "trl-tok"), **TRL_ARGS, gradient_checkpointing=False)
     trl = DPOTrainer(model=base_model(tiny_base), args=args, train_dataset=Dataset.from_list([row]),
                      processing_class=processor, peft_config=LoraConfig(r=4, target_modules="all-linear"))
     t = trl.train_dataset[0]
