@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-llamacpp lint bench gpu-wheels clean
+.PHONY: setup demo demo-preference test test-llamacpp lint bench gpu-wheels clean
 
 # The torch pair below lies on the build machines' disk (pip takes it from there in ~1 min).
 # On a GPU machine, install the CUDA torch you want into .venv first; pip keeps it.
@@ -18,6 +18,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/python train.py
+
+demo-preference: setup
+	$(BIN)/python -m finetune.cli demo --preference
 
 test: setup
 	$(BIN)/python -m pytest -q -x --durations=15

@@ -29,6 +29,8 @@ _COLUMNS = ("input_ids", "labels", "mm_token_type_ids", "modality", "origin", "d
 _MEDIA = {"pixel_values": (np.uint8, "pixel_width"), "image_position_ids": (np.int32, None),
           "input_features": (np.float32, "feature_width")}
 _PAIRS = 2
+# Preference samples (data_tools.preference) carry one of these; other rows store the default.
+_OPTIONAL = {"rejected_ids": [], "desirable": -1}
 
 
 def cache_key(recipe, processor_dir: str, chat: ChatFormat | None = None) -> str:
@@ -83,6 +85,7 @@ def _features():
         "image_position_ids": datasets.Sequence(datasets.Value("binary")),
         "input_features": datasets.Sequence(datasets.Value("binary")),
         "pixel_width": datasets.Value("int32"), "feature_width": datasets.Value("int32"),
+        "rejected_ids": datasets.Sequence(datasets.Value("int32")), "desirable": datasets.Value("int8"),
     })
 
 
@@ -98,6 +101,7 @@ def to_table(samples: list[dict]):
     import datasets
 
     cols = {c: [s[c] for s in samples] for c in _COLUMNS}
+    cols |= {c: [s.get(c, default) for s in samples] for c, default in _OPTIONAL.items()}
     for key, (dtype, width) in _MEDIA.items():
         cols[key] = [[np.ascontiguousarray(a, dtype=dtype).tobytes() for a in s.get(key, [])]
                      for s in samples]
@@ -109,6 +113,7 @@ def to_table(samples: list[dict]):
 def decode(row: dict) -> dict:
     """A cached row → the sample dict collate takes (media back as arrays)."""
     s = {k: row[k] for k in _COLUMNS}
+    s |= {k: row[k] for k, default in _OPTIONAL.items() if row.get(k, default) != default}
     for key, (dtype, width) in _MEDIA.items():
         n = row[width] if width else _PAIRS
         s[key] = [np.frombuffer(b, dtype).reshape(-1, n) for b in row[key]]

@@ -103,6 +103,8 @@ REASONS = (
     "unknown_part",       # a content part type we do not know
     "no_user_turn",       # a chat with nothing from the user
     "no_answer",          # a missing or empty assistant answer: nothing to learn
+    "same_answers",       # a preference pair whose chosen and rejected answers are equal
+    "prompt_mismatch",    # a preference pair whose two sides have different prompts
     "placeholder_mismatch",  # <image>/<audio> placeholders vs listed media
     "over_budget",        # longer than max_seq_len under overflow: drop
     "render_failed",      # the processor refused the sample

@@ -41,6 +41,10 @@ class RecordWorker:
 
         if isinstance(record, BadRecord):
             raise record
+        if fmt == "preference":  # the prompt + chosen answer; pairs render in data_tools.preference
+            from data_tools.preference import parse_preference
+
+            return parse_preference(record, origin, base_dir).chosen
         return parse_record(record, fmt, origin, base_dir)
 
     def load(self, item: Item) -> tuple[Conversation, list, list]:
@@ -55,6 +59,11 @@ class RecordWorker:
     def __call__(self, items: list[Item]) -> list[dict]:
         """One result per item, in order: a sample dict, or {'rejected': reason, ...}. Each also
         carries `media_files` ({path: [size, mtime_ns] or [] if missing}) for the cache key."""
+        if any(item[3] == "preference" for item in items):
+            from data_tools.preference import PreferenceWorker
+
+            self.preference = getattr(self, "preference", None) or PreferenceWorker(self)
+            return self.preference(items)
         out: list = [None] * len(items)
         todo = []
         files: list[dict] = [{} for _ in items]

@@ -59,9 +59,9 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from finetune.workflows import run_demo
+    from finetune.workflows import run_demo, run_preference_demo
 
-    run_demo(args.overrides, log=print)
+    (run_preference_demo if args.preference else run_demo)(args.overrides, log=print)
     return 0
 
 
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="the bundled end-to-end demo (same as python train.py)")
     sp.add_argument("overrides", nargs="*")
+    sp.add_argument("--preference", action="store_true", help="the DPO demo (recipes/preference-demo.yaml)")
     sp.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="inspect the data a recipe makes").add_subparsers(

@@ -31,6 +31,10 @@ def cmd_eval(args) -> int:
         print(json.dumps(result, ensure_ascii=False))
     else:
         print(_summary_table(result))
+        if "preference" in result:
+            from finetune.preference_eval import format_table
+
+            print(format_table(result["preference"]))
         print(f"wrote {out / 'eval.json'} and {out / 'report.html'}")
     return 0
 

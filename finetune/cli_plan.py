@@ -31,7 +31,7 @@ def format_plan(result: dict, recipe) -> str:
         f"plan: {recipe.source}",
         f"  base {m.base} ({a['config']}) · {a['device']} · {a['compute_dtype']} · {quant}",
         f"  {a['tokens_per_micro_batch']:,} tokens per micro-batch (batch {recipe.train.batch_size} × "
-        f"{a['seq_len']:,}; media inside: {a['media_tokens_per_sample']['image']} image + "
+        f"{_rows(a)}{a['seq_len']:,}; media inside: {a['media_tokens_per_sample']['image']} image + "
         f"{a['media_tokens_per_sample']['audio']} audio tokens) · "
         f"LoRA r={recipe.lora.r} on {p['lora_modules']} modules ({_fmt_count(p['lora_trainable'])})",
         "",
@@ -61,6 +61,11 @@ def format_plan(result: dict, recipe) -> str:
     lines.append("")
     lines.append(f"note: {a['error_bar']}")
     return "\n".join(lines)
+
+
+def _rows(a: dict) -> str:
+    n = a.get("sequences_per_sample", 1)
+    return f"{n} sequences ({a['objective']}: chosen + rejected) × " if n > 1 else ""
 
 
 def cmd_plan(args) -> int:

@@ -53,7 +53,7 @@ def corpus_lines() -> list[str]:
     return lines * 3
 
 
-def _image(colour: str, rng: random.Random, path: Path) -> None:
+def write_image(colour: str, rng: random.Random, path: Path) -> None:
     from PIL import Image, ImageDraw
 
     size = rng.choice([64, 80, 96])
@@ -67,7 +67,7 @@ def _image(colour: str, rng: random.Random, path: Path) -> None:
     img.save(path)
 
 
-def _tone(high: bool, rng: random.Random, path: Path) -> None:
+def write_tone(high: bool, rng: random.Random, path: Path) -> None:
     import soundfile as sf
 
     rate = rng.choice([16000, 22050, 44100, 48000])
@@ -97,7 +97,7 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
     def image_item(i: int, split: str) -> dict:
         colour = list(COLOURS)[i % len(COLOURS)]
         rel = f"images/{split}_{i:04d}.png"
-        _image(colour, rng, out / rel)
+        write_image(colour, rng, out / rel)
         q = rng.choice(IMAGE_Q)
         return {"id": f"{split}-image-{i}", "messages": _user(
             [{"type": "image", "path": rel}, {"type": "text", "text": q}])
@@ -106,7 +106,7 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
     def audio_item(i: int, split: str) -> dict:
         high = i % 2 == 0
         rel = f"audio/{split}_{i:04d}.wav"
-        _tone(high, rng, out / rel)
+        write_tone(high, rng, out / rel)
         q = rng.choice(AUDIO_Q)
         return {"id": f"{split}-audio-{i}", "messages": _user(
             [{"type": "audio", "path": rel}, {"type": "text", "text": q}])
@@ -126,8 +126,8 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
         colour = list(COLOURS)[i % len(COLOURS)]
         high = (i // len(COLOURS)) % 2 == 0
         img, wav = f"images/mixed_{i:04d}.png", f"audio/mixed_{i:04d}.wav"
-        _image(colour, rng, out / img)
-        _tone(high, rng, out / wav)
+        write_image(colour, rng, out / img)
+        write_tone(high, rng, out / wav)
         train.append({"id": f"train-mixed-{i}", "messages": _user(
             [{"type": "image", "path": img}, {"type": "audio", "path": wav},
              {"type": "text", "text": MIXED_Q}])

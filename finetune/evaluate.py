@@ -96,6 +96,7 @@ def eval_items(recipe, processor, chat, limit: int | None = None, log=None) -> t
     from data_tools.accounting import dataset_name
     from data_tools.formats import parse_record
     from data_tools.media import load_media
+    from data_tools.preference import preferred_conversation
     from data_tools.sources import iter_records
 
     specs, held = recipe.eval_datasets, None
@@ -116,7 +117,10 @@ def eval_items(recipe, processor, chat, limit: int | None = None, log=None) -> t
             try:
                 if isinstance(record, BadRecord):
                     raise record
-                conv = parse_record(record, spec.format, origin, base_dir)
+                if spec.format == "preference":  # the prompt and its preferred answer
+                    conv = preferred_conversation(record, origin, base_dir)
+                else:
+                    conv = parse_record(record, spec.format, origin, base_dir)
                 last = conv.messages[-1]
                 if conv.kind != "chat" or last.role != "assistant" or not last.text().strip():
                     raise BadRecord("no_answer", "nothing to compare against", origin)
@@ -208,7 +212,24 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
     adapter_out = generate_items(model, processor, family.chat, items, **gen)
     result = score(items, base_out, adapter_out)
     result["summary"].update(skipped=skipped, adapter=str(adapter), base=m.base)
+    if any(s.format == "preference" for s in recipe.eval_datasets or recipe.datasets):
+        result["preference"] = _preference(model, recipe, processor, family.chat, log)
     return result, items
+
+
+def _preference(model, recipe, processor, chat, log) -> dict:
+    """Held-out preference accuracy (finetune.preference_eval) on the samples training held out."""
+    import tempfile
+
+    from data_tools.pipeline import prepare
+    from finetune.preference_eval import preference_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare(recipe, processor, recipe.model.base, chat=chat, rejects_path=Path(tmp) / "rejects.jsonl",
+                       log=None, streaming=False, use_cache=not recipe.data.streaming)
+    samples = data.eval if len(data.eval) else data.train  # no held-out data: the note above applies
+    return preference_report(model, recipe, [samples[i] for i in range(len(samples))],
+                             processor.tokenizer.pad_token_id, log=log)
 
 
 def accuracy_table(result: dict, metric: str = "exact_match") -> dict:

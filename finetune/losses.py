@@ -63,6 +63,35 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.
     return total
 
 
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 cap: float | None) -> torch.Tensor:
+    logits = _softcap(F.linear(hidden, weight).float(), cap)
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def chunked_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor,
+                  cap: float | None, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's label tokens, their count per row), fp32, (rows,).
+
+    The preference objectives' path: like `chunked_ce_sum`, only label positions are projected,
+    `chunk_size` at a time and recomputed in backward, so one chunk's logits exist at a time."""
+    rows = labels.shape[0]
+    keep = labels[:, 1:].to(hidden.device) != IGNORE
+    row_of = keep.nonzero()[:, 0]  # the row of each selected position, in `shifted_targets` order
+    h, t = shifted_targets(hidden, labels)
+    chunk_size = chunk_size or ce_chunk_rows(lm_weight.shape[0])
+    pieces = [h[:0].sum(-1).float()]  # keeps an empty selection on the graph
+    for start in range(0, len(t), chunk_size):
+        hs, ts = h[start:start + chunk_size], t[start:start + chunk_size]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logps, hs, lm_weight, ts, cap, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(hs, lm_weight, ts, cap))
+    per_token = torch.cat(pieces)
+    sums = per_token.new_zeros(rows).index_add(0, row_of, per_token)
+    return sums, keep.sum(1).to(sums.dtype)
+
+
 def full_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The reference path: logits for every position (already soft-capped by the model)."""
     lg = logits[:, :-1].float()

@@ -46,7 +46,8 @@ class DatasetSpec:
     path: str = _f(doc="file, folder, glob, HF datasets folder or hub id", path="local_or_hub")
     media_root: str | None = _f(None, "folder that relative media paths in the records resolve "
                                 "against (default: the data file's folder)", path="local")
-    format: Literal["messages", "sharegpt", "text", "instruction"] = _f("messages", "record layout")
+    format: Literal["messages", "sharegpt", "text", "instruction", "preference"] = _f(
+        "messages", "record layout (preference: TRL's prompt/chosen/rejected or prompt/completion/label)")
     weight: float = _f(1.0, "share of the mix", lo=0.0)
     split: str | None = _f(None, "split of a HF dataset")
     max_samples: int | None = _f(None, "take at most this many records", lo=1)
@@ -95,7 +96,11 @@ class LoraSection:
 
 @dataclass
 class TrainSection:
-    objective: str = _f("sft", "what to train: sft (next-token cross-entropy on the answers)")
+    objective: str = _f("sft", "what to train: sft (next-token cross-entropy on the answers); dpo, orpo "
+                        "or kto (preference tuning on `format: preference` data)")
+    reference_adapter: str | None = _f(None, "dpo/kto: an adapter folder (usually SFT) that is the "
+                                       "reference policy and the policy's start (default: the base "
+                                       "with the adapter switched off)", path="local")
     output_dir: str = _f("runs/train", "where adapter, checkpoints and logs go", path="local")
     max_steps: int | None = _f(None, "optimizer steps (default 100 unless train.epochs is given)", lo=1)
     epochs: float | None = _f(None, "passes over the training data instead of max_steps", lo=0.01)
@@ -131,6 +136,19 @@ class TrainSection:
 
 
 @dataclass
+class PreferenceSection:
+    beta: float = _f(0.1, "dpo/kto: β, how strongly the policy is held to the reference; orpo: λ, the "
+                     "weight of the odds-ratio term", lo=1e-6)
+    loss_type: Literal["sigmoid", "ipo"] = _f("sigmoid", "dpo: sigmoid (the DPO paper) or ipo "
+                                              "(squared, on per-token log-ratios, as TRL computes it)")
+    sft_weight: float = _f(0.0, "dpo: weight α of the chosen answer's mean token NLL added to each pair's "
+                           "loss (RPO; TRL: loss_type [sigmoid, sft], loss_weights [1, α]); 0 = DPO alone",
+                           lo=0.0)
+    desirable_weight: float = _f(1.0, "kto: weight of desirable examples' losses", lo=0.0)
+    undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples' losses", lo=0.0)
+
+
+@dataclass
 class EvalSection:
     metric: Literal["exact_match", "token_f1", "cer", "wer"] = _f("exact_match")
     max_new_tokens: int = _f(32, lo=1)
@@ -146,6 +164,7 @@ class Recipe:
     data: DataSection = _f(factory=DataSection)
     lora: LoraSection = _f(factory=LoraSection)
     train: TrainSection = _f(factory=TrainSection)
+    preference: PreferenceSection = _f(factory=PreferenceSection)
     eval: EvalSection = _f(factory=EvalSection)
     source: str = field(default="<recipe>", metadata={"internal": True})
 
@@ -191,6 +210,7 @@ def _cross_checks(r: Recipe, errors: list[UserError]) -> None:
                 if ds.format not in cls.formats:
                     errors.append(UserError(f"{key}[{i}].format", f"{ds.format!r} data can't train objective "
                                             f"{r.train.objective!r}", f"Use format {' or '.join(cls.formats)}"))
+    _objective_checks(r, cls, errors)
     t = r.train
     if t.epochs is not None and t.max_steps is not None:
         errors.append(UserError("train.epochs", "both train.epochs and train.max_steps are set",
@@ -205,6 +225,23 @@ def _cross_checks(r: Recipe, errors: list[UserError]) -> None:
     if r.train.packing and r.data.streaming:
         errors.append(UserError("train.packing", "packing needs the cached dataset",
                                 "Set data.streaming: false or train.packing: false"))
+
+
+def _objective_checks(r: Recipe, cls, errors: list[UserError]) -> None:
+    """What an objective declares: a reference policy (`uses_reference`), packing (`packs`)."""
+    if cls is None:
+        return
+    if r.train.reference_adapter and not getattr(cls, "uses_reference", False):
+        errors.append(UserError("train.reference_adapter", f"objective {r.train.objective!r} has no "
+                                "reference policy", "Remove the key, or use train.objective dpo or kto"))
+    if r.train.packing and not getattr(cls, "packs", True):
+        errors.append(UserError("train.packing", f"objective {r.train.objective!r} makes its own "
+                                "micro-batches (answer pairs)", "Set train.packing: false"))
+    for key, specs in (("datasets", r.datasets), ("eval_datasets", r.eval_datasets)):
+        for i, ds in enumerate(specs):
+            if ds.format == "preference" and "preference" not in (cls.formats or ()):
+                errors.append(UserError(f"{key}[{i}].format", f"preference data can't train objective "
+                                        f"{r.train.objective!r}", "Use train.objective dpo, orpo or kto"))
 
 
 def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:

@@ -1,4 +1,4 @@
-"""Workflows that string several library steps together: the demo, data stats."""
+"""Workflows that string several library steps together: the demos, data stats."""
 
 from __future__ import annotations
 
@@ -75,6 +75,76 @@ def relocated(recipe, old: Path, new: Path):
         return v
 
     return recipe_from_dict(move(recipe.to_dict()), recipe.source)
+
+
+def run_preference_demo(overrides: list[str] | tuple[str, ...] = (), log=None,
+                        root: str | Path | None = None) -> dict:
+    """Data + tiny base → DPO adapter → held-out preference accuracy and greedy answers, base vs
+    adapter, per modality → `<output_dir>/eval.json`."""
+    from finetune.evaluate import accuracy_table, evaluate_adapter
+    from finetune.preference_demo import PREFERENCE_RECIPE, make_preference_data
+    from finetune.preference_eval import format_table
+    from finetune.recipe import load_recipe
+    from finetune.tiny import write_tiny_model
+    from finetune.training.loop import train
+
+    log = log or (lambda *_: None)
+    t0 = time.time()
+    recipe = load_recipe(PREFERENCE_RECIPE, overrides)
+    if root is not None:  # the whole runs/demo-preference tree somewhere else (tests)
+        recipe = relocated(recipe, Path(recipe.train.output_dir), Path(root).absolute())
+    out = Path(recipe.train.output_dir)
+    base = Path(recipe.model.base)
+    data_dir = Path(recipe.datasets[0].path).parent
+    _clear_demo_outputs(out, keep=[base, data_dir, Path(recipe.data.cache_dir or out / ".cache")])
+    if not (base / "config.json").exists():
+        write_tiny_model(base, seed=0, num_layers=2)  # the SFT demo's base
+        log(f"demo: tiny gemma4_unified base written to {base}")
+    if not (data_dir / "eval.jsonl").exists():
+        make_preference_data(data_dir, seed=0)
+        log(f"demo: preference pairs written to {data_dir}")
+
+    result = train(recipe, log=log)
+    log(f"demo: {recipe.train.objective} trained {result.steps} steps in {result.seconds:.0f}s")
+    evaluation, _ = evaluate_adapter(recipe, result.adapter_dir, log=log, progress=True)
+    pref = evaluation["preference"]["by_modality"]
+    scores = {"preference_accuracy": {side: {m: {"accuracy": g[side]["accuracy"], "n": g["pairs"]}
+                                             for m, g in pref.items() if m != "all"} for side in ("base", "adapter")},
+              "reward_accuracy": {m: g["reward_accuracy"] for m, g in pref.items() if m != "all"},
+              "greedy_exact_match": accuracy_table(evaluation),
+              "greedy_follows": _greedy_sides(evaluation, recipe),
+              "train_seconds": round(result.seconds, 1), "seconds": round(time.time() - t0, 1)}
+    (out / "eval.json").write_text(json.dumps(scores, indent=1))
+    log(format_table(evaluation["preference"]))
+    log("greedy answers equal to the preferred side (exact match):\n" + _eval_table(scores["greedy_exact_match"]))
+    log("adapter's greedy answers by side: " + ", ".join(
+        f"{m} {g['chosen']:.2f} chosen / {g['rejected']:.2f} rejected" for m, g in scores["greedy_follows"].items()))
+    log(f"demo: done in {time.time() - t0:.0f}s → {out}/eval.json, {out}/adapter")
+    return scores
+
+
+def _greedy_sides(evaluation: dict, recipe) -> dict:
+    """Per modality, the share of the adapter's greedy answers that are the chosen answer and the
+    share that are the rejected one (exact match, as scored)."""
+    from data_tools.preference import parse_preference
+    from data_tools.sources import iter_records
+    from finetune.evaluate import exact_match
+
+    rejected = {}
+    for spec in recipe.eval_datasets:
+        for origin, record, base_dir in iter_records(spec):
+            if isinstance(record, dict) and "rejected" in record:
+                pair = parse_preference(record, origin, base_dir)
+                rejected[str(record.get("id", origin))] = pair.rejected.messages[-1].text().strip()
+    out: dict[str, dict] = {}
+    for it in evaluation["items"]:
+        if it["id"] in rejected:
+            g = out.setdefault(it["modality"], {"chosen": 0.0, "rejected": 0.0, "n": 0})
+            g["chosen"] += exact_match(it["adapter"], it["reference"])
+            g["rejected"] += exact_match(it["adapter"], rejected[it["id"]])
+            g["n"] += 1
+    return {m: {"chosen": round(g["chosen"] / g["n"], 4), "rejected": round(g["rejected"] / g["n"], 4),
+                "n": g["n"]} for m, g in sorted(out.items())}
 
 
 def _clear_demo_outputs(out: Path, keep: list[Path]) -> None:

@@ -105,9 +105,11 @@ def test_the_recipes_cover_the_projection_cases():
     """The matrix below is only as good as the recipes it reads: the demo and three 12B recipes put
     LoRA on the projections (the case this export exists for), one doesn't."""
     targets = {name: yaml.safe_load(p.read_text())["lora"]["targets"] for name, p in RECIPES.items()}
-    assert set(targets) == {"demo", "image-qa", "audio-tasks", "mixed-image-audio-text", "text-domain-adaptation"}
+    assert set(targets) == {"demo", "image-qa", "audio-tasks", "mixed-image-audio-text", "text-domain-adaptation",
+                            "preference-demo", "preference-dpo"}
     with_projections = {n for n, t in targets.items() if {"vision", "audio", "all"} & set(t)}
-    assert with_projections == {"demo", "image-qa", "audio-tasks", "mixed-image-audio-text"}
+    assert with_projections == {"demo", "image-qa", "audio-tasks", "mixed-image-audio-text", "preference-demo",
+                                "preference-dpo"}
 
 
 @pytest.fixture(scope="module")

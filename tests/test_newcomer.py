@@ -177,6 +177,11 @@ def test_every_shipped_recipe_trains_a_step_on_the_cpu(path, tmp_path, tiny_base
 
     fmt = yaml.safe_load(path.read_text())["datasets"][0]["format"]
     files = [demo_data / "train_text.jsonl"] if fmt == "text" else sorted(demo_data.glob("train_*.jsonl"))
+    if fmt == "preference":
+        from finetune.preference_demo import make_preference_data
+
+        pairs = make_preference_data(tmp_path / "pairs", seed=0, n_image=2, n_audio=2, n_text_repeat=1, n_eval_each=1)
+        files = sorted(pairs.glob("train_*.jsonl"))
     if fmt == "text":  # a text-format copy of the demo's fact table
         rows = [json.loads(x) for x in files[0].read_text().splitlines()]
         text = tmp_path / "text.jsonl"
@@ -186,11 +191,12 @@ def test_every_shipped_recipe_trains_a_step_on_the_cpu(path, tmp_path, tiny_base
         files = [text]
     raw = yaml.safe_load(path.read_text())
     raw["model"]["base"] = str(tiny_base)
-    raw["datasets"] = [{"path": str(f), "format": "text" if fmt == "text" else "messages"} for f in files]
+    raw["datasets"] = [{"path": str(f), "format": fmt if fmt in ("text", "preference") else "messages"} for f in files]
     raw.pop("eval_datasets", None)
     raw["data"] |= {"max_seq_len": 512, "image_tokens": 70, "cache_dir": str(tmp_path / "cache")}
     raw["train"] |= {"output_dir": str(tmp_path / "run"), "max_steps": 1, "grad_accum": 1, "batch_size": 1,
                      "eval_every": 0, "save_every": 0}
+    raw["train"].pop("reference_adapter", None)  # an SFT run's adapter: the reference is the base here
     copy = tmp_path / path.name
     copy.write_text(yaml.safe_dump(raw))
     result = train(load_recipe(copy))

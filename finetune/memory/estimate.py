@@ -32,6 +32,11 @@ gemma4_unified, PEFT 0.21, bitsandbytes 0.50 and `finetune.training`/`finetune.l
 - **Loss**: chunked CE (recomputed per chunk) holds one chunk's soft-capped fp32 logits,
   fp32 log-softmax and two fp32 grads in flight (16 bytes per logit); unchunked holds the
   same for every token.
+- **Preference objectives** (`finetune.objectives.preference`, `kto`): a sample is two rows
+  (chosen and rejected answers after the same prompt, media in both), so every per-token and
+  per-media term counts 2 × batch_size rows; their log-probs are always chunked. DPO and KTO
+  first run the reference (and KTO's KL rows) without grad: a phase of its own, smaller than
+  the decoder's backward.
 - **Outside tensors**: the CUDA context (~0.75 GiB, invisible to torch's counters but taken
   from the card), cuBLAS workspace, and a caching-allocator slack for fragmentation.
 
@@ -71,6 +76,16 @@ CUBLAS_WORKSPACE_GIB = 1 / 32  # 32 MiB: cuBLAS(Lt) workspace on sm90 (4 MiB on 
 ALLOCATOR_SLACK = 0.08    # reserved/allocated overhead of the caching allocator (round-up, splits)
 OFFLOAD_RESIDENT_INPUTS = 4  # offloaded layer inputs still on the GPU (in flight, in use)
 
+
+
+def _objective_shape(name: str) -> tuple[int, bool]:
+    """(sequences per sample, whether a reference pass runs) as the objective declares them:
+    preference objectives train on chosen + rejected rows (`rows_per_sample`), DPO and KTO also
+    score them under the reference (`uses_reference`). Preference log-probs are always chunked."""
+    from finetune.objectives import get
+
+    cls = get(name)
+    return getattr(cls, "rows_per_sample", 1), getattr(cls, "uses_reference", False)
 
 
 def _dtype_bytes(recipe, device: str) -> int:
@@ -174,7 +189,9 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
     ab = _dtype_bytes(recipe, device)
     lb = LORA_BYTES
     t, d, q = recipe.train, recipe.data, recipe.model
-    B, S = t.batch_size, d.max_seq_len
+    rows, reference = _objective_shape(t.objective)
+    # Rows per micro-batch: a preference pair is two (chosen, rejected), each with the prompt's media.
+    B, S = t.batch_size * rows, d.max_seq_len
     T = B * S  # worst case: every row filled to max_seq_len (media tokens are inside it)
     H = sk.hidden
 
@@ -260,14 +277,20 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
     # Per logit, the backward of a chunk (finetune.losses recomputes each chunk) holds the
     # soft-capped fp32 logits (tanh output), the fp32 log-softmax and two fp32 grads in flight;
     # the unchunked path holds the same in bf16 logits + fp32 copies for every token.
-    rows = min(t.ce_chunk_size or ce_chunk_rows(sk.vocab), T) if t.chunked_ce else T
+    chunked = t.chunked_ce or rows > 1  # preference log-probs have no unchunked path
+    rows_ce = min(t.ce_chunk_size or ce_chunk_rows(sk.vocab), T) if chunked else T
     per_logit = 16 if sk.softcap else 12
     # + the label positions' hidden states gathered for the chunks and their grad (T × H each)
-    loss = {"logits_and_loss": rows * sk.vocab * per_logit + 2 * T * H * ab}
+    loss = {"logits_and_loss": rows_ce * sk.vocab * per_logit + 2 * T * H * ab}
 
     # The optimizer step runs after backward freed the activations: the peak is the larger.
     step = 4 * lora_params if t.optimizer in ("adamw", "paged_adamw") else 0  # foreach sqrt temp
     phases = {"decoder backward": backward, "loss": loss}
+    if reference:
+        # The reference pass runs first, without grad: no layer keeps anything, so it holds the
+        # hidden-state pair, one MLP's intermediates and one logits chunk at a time.
+        phases["reference forward"] = {"reference_forward": T * (2 * ab * H + 3 * ab * max(
+            (L.inter for L in layers), default=0)) + rows_ce * sk.vocab * 8}
     name, worst = max(phases.items(), key=lambda kv: sum(kv[1].values()))
     act = persistent | worst
     phase = name if sum(act.values()) >= step else "optimizer step"
@@ -276,6 +299,6 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
     if device == "cuda":
         items["allocator_slack"] = ALLOCATOR_SLACK * allocated
         items["cuda_context"] = CUDA_CONTEXT_GIB * GIB
-    return {"items": items, "allocated": allocated, "phase": phase, "tokens": T,
+    return {"items": items, "allocated": allocated, "phase": phase, "tokens": T, "rows_per_sample": rows,
             "lora_params": lora_params, "lora_modules": len(hits), "media": (img_tok, aud_tok),
             "compute_bytes": ab}

@@ -37,6 +37,8 @@ def _result(recipe, sk: Skeleton, est: dict, budget_gib: float, device: str) -> 
             "compute_dtype": {2: "bf16" if recipe.model.dtype != "fp16" else "fp16", 4: "fp32"}[
                 est["compute_bytes"]],
             "tokens_per_micro_batch": est["tokens"],
+            "objective": recipe.train.objective,
+            "sequences_per_sample": est["rows_per_sample"],
             "seq_len": recipe.data.max_seq_len,
             "media_tokens_per_sample": {"image": img, "audio": aud},
             "peak_phase": est["phase"],
