@@ -123,3 +123,22 @@ def summarise(rows: list[dict]) -> dict:
     out["by_modality"] = {m: agg(rs) for m, rs in sorted(by.items())}
     out["mismatched"] = [r["id"] for r in rows if not r["identical"]]
     return out
+
+
+def pairing_rows(target, which: str, drafters: dict[str, tuple[str, object]], processor, chat, items: list,
+                 recipe, progress: bool = False) -> list[dict]:
+    """Rows `{target: which, drafter: name, path, **summary}` for `drafters` ({name: (path,
+    drafter)}) on `target`, with the recipe's drafting settings (`drafter.*`)."""
+    d = recipe.drafter
+    got = measure(target, {name: m for name, (_, m) in drafters.items()}, processor, chat, items, k=d.num_tokens,
+                  new_tokens=d.continuation_tokens, ignore_eos=d.ignore_eos, image_tokens=recipe.data.image_tokens,
+                  progress=progress)
+    return [{"target": which, "drafter": name, "path": path, **got[name]} for name, (path, _) in drafters.items()]
+
+
+def report(pairings: list[dict], recipe, n_items: int) -> dict:
+    """The acceptance report of `finetune eval` (`eval.json["drafter"]`) and the demo."""
+    d = recipe.drafter
+    return {"k": d.num_tokens, "new_tokens": d.continuation_tokens, "ignore_eos": d.ignore_eos, "items": n_items,
+            "pairings": pairings, "identical": all(p["identical"] for p in pairings),
+            "figures": {f"{p['target']}+{p['drafter']}": p["tokens_per_forward"] for p in pairings}}

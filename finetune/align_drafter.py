@@ -68,42 +68,31 @@ def measure_drafters(recipe, adapter: str | None, drafters: dict[str, str], *, l
                      progress: bool = False) -> dict:
     """Acceptance of each drafter in `drafters` ({"shipped": path, "aligned": path}) on the base
     (the shipped one only) and on base + `adapter`, over the recipe's held-out prompts."""
-    from finetune.acceptance import measure, pick_items
+    from finetune.acceptance import pairing_rows, pick_items, report
     from finetune.adapters import load_adapter
     from finetune.drafter import load_drafter
     from finetune.evaluate import eval_items
     from finetune.model import base_family, load_base, load_processor
 
     log = log or _silent
-    m, d = recipe.model, recipe.drafter
+    m = recipe.model
     family = base_family(m.base, m.trust_remote_code)
     processor = load_processor(m.base, recipe.data.image_tokens, m.trust_remote_code)
-    items = pick_items(eval_items(recipe, processor, family.chat, None, log)[0], d.eval_items)
+    items = pick_items(eval_items(recipe, processor, family.chat, None, log)[0], recipe.drafter.eval_items)
     if not items:
         raise UserError("eval_datasets", "no held-out prompts to measure acceptance on",
                         "Add eval_datasets, or set data.eval_fraction")
     model = load_base(m.base, quantization=m.quantization, dtype=m.dtype, double_quant=m.double_quant,
                       quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
                       allow_pickle=m.allow_pickle)
-    loaded = {name: load_drafter(path, model.config, where=f"drafter ({name})") for name, path in drafters.items()}
-    opts = {"k": d.num_tokens, "new_tokens": d.continuation_tokens, "ignore_eos": d.ignore_eos,
-            "image_tokens": recipe.data.image_tokens, "progress": progress}
-    pairings = []
-    if "shipped" in loaded:
-        base = measure(model, {"shipped": loaded["shipped"]}, processor, family.chat, items, **opts)
-        pairings.append({"target": "base", "drafter": "shipped", "path": drafters["shipped"], **base["shipped"]})
+    loaded = {name: (path, load_drafter(path, model.config, where=f"drafter ({name})"))
+              for name, path in drafters.items()}
+    args = (processor, family.chat, items, recipe)
+    rows = pairing_rows(model, "base", {"shipped": loaded["shipped"]}, *args, progress) if "shipped" in loaded else []
     if adapter is not None:
         model = load_adapter(model, str(adapter), allow_pickle=m.allow_pickle)
-        adapted = measure(model, loaded, processor, family.chat, items, **opts)
-        pairings += [{"target": "adapted", "drafter": name, "path": drafters[name], **s} for name, s in adapted.items()]
-    return {"k": d.num_tokens, "new_tokens": d.continuation_tokens, "ignore_eos": d.ignore_eos,
-            "items": len(items), "adapter": str(adapter) if adapter else None, "pairings": pairings,
-            "identical": all(p["identical"] for p in pairings)}
-
-
-def figures(result: dict) -> dict[str, float]:
-    """{"base+shipped": tokens per target forward, ...} of a measurement."""
-    return {f"{p['target']}+{p['drafter']}": p["tokens_per_forward"] for p in result["pairings"]}
+        rows += pairing_rows(model, "adapted", loaded, *args, progress)
+    return {**report(rows, recipe, len(items)), "adapter": str(adapter) if adapter else None}
 
 
 def format_pairings(result: dict) -> str:
@@ -141,6 +130,6 @@ def demo_align(recipe, adapter: Path, out: Path, log=None, distil_seconds: float
     result = measure_drafters(demo, str(adapter), {"shipped": str(out / "shipped"), "aligned": str(out / "aligned")},
                               log=log)
     seconds = {"distil_shipped": distil_seconds, "align": t1 - t0, "measure": time.time() - t1}
-    report = {**result, "figures": figures(result), "seconds": {k: round(v, 1) for k, v in seconds.items()}}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    return report
+    result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    return result

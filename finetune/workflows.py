@@ -23,7 +23,7 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None) -> dict:
 
     The demo owns its output folder: what an earlier run produced there is replaced (the
     generated base, data and tokenized cache are kept: they come out the same every time)."""
-    from finetune.align_drafter import demo_align, demo_distil, figures, format_pairings
+    from finetune.align_drafter import demo_align, demo_distil, format_pairings
     from finetune.demo import DEMO_RECIPE, make_demo_data
     from finetune.evaluate import accuracy_table, evaluate_adapter
     from finetune.merge import merge_adapter
@@ -66,7 +66,7 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None) -> dict:
 
     drafter = demo_align(recipe, result.adapter_dir, out / "drafter", log=log, distil_seconds=distil_seconds)
     log("drafter acceptance (transformers assisted generation):\n" + format_pairings(drafter))
-    log("demo: tokens per target forward " + ", ".join(f"{k} {v:.2f}" for k, v in figures(drafter).items())
+    log("demo: tokens per target forward " + ", ".join(f"{k} {v:.2f}" for k, v in drafter["figures"].items())
         + f" → {out}/drafter/report.json")
     log(f"demo: done in {time.time() - t0:.0f}s → {out}/eval.json, {out}/adapter, {out}/merged, {out}/drafter")
     return scores
