@@ -49,10 +49,16 @@ def align_drafter(recipe, adapter: str | None, out: str | Path, *, resume: bool 
     if recipe.drafter.path is None:
         raise UserError("drafter.path", "no drafter to align",
                         "Set drafter.path to the shipped drafter (google/gemma-4-12B-it-assistant for the 12B)")
+    # A wrong drafter or adapter fails now, before the base and the data load.
+    from finetune.drafter import check_pair, read_config
+    from finetune.families import family_config
+
+    check_pair(read_config(recipe.drafter.path), family_config(recipe.model.base, where="model.base")[1],
+               "drafter.path")
     if adapter is not None:
         from finetune.adapters import open_adapter
 
-        open_adapter(adapter, base=recipe.model.base, allow_pickle=recipe.model.allow_pickle)  # fails early
+        open_adapter(adapter, base=recipe.model.base, allow_pickle=recipe.model.allow_pickle)
     r = drafter_recipe(recipe, adapter=adapter, out=out)
     result = train(r, resume=resume, log=log, progress=progress)
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x.strip()]

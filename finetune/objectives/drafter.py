@@ -115,11 +115,11 @@ class DrafterAlignment(Objective):
     def save(self, model, out) -> None:
         from finetune.drafter import save_drafter
 
-        drafter = self._drafter
-        if hasattr(drafter, "merge_and_unload"):
+        drafter = self.drafter
+        if hasattr(drafter, "merge_and_unload"):  # a LoRA: servers load plain drafters
             import copy
 
-            drafter = copy.deepcopy(self.drafter).merge_and_unload()
+            drafter = copy.deepcopy(drafter).merge_and_unload()
         save_drafter(drafter, out, num_tokens=self.k, tokenizer_from=self.recipe.model.base, dtype=self.save_dtype)
 
     # ------------------------------------------------------------ state
