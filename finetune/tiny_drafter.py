@@ -1,9 +1,9 @@
 """A tiny MTP drafter for the tiny base, built like Gemma 4 12B's (`finetune tiny-model` writes it).
 
 Shaped like `google/gemma-4-12B-it-assistant` relative to its target: a sliding and a full layer
-(the real one has 4 layers), a quarter... half of the target's width (1024 vs 3840 there, 64 vs
-128 here), `backbone_hidden_size` = the target's hidden size, every layer reading the target's
-shared k/v (`num_kv_shared_layers` = all its layers), tied output embedding. Seeded.
+(the real one has 3 + 1), narrower than its target (64 vs 128 here, 1024 vs 3840 there),
+`backbone_hidden_size` = the target's hidden size, every layer reading the target's shared k/v
+(`num_kv_shared_layers` = all its layers), tied output embedding. Seeded.
 
 One deliberate choice: its tied embedding starts as the target's token embedding through a fixed
 random projection (128 → 64, orthonormal columns, seeded) instead of noise. A drafter starts from

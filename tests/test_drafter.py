@@ -366,6 +366,16 @@ def test_plan_covers_aligning_the_12b_drafter():
     assert full["breakdown_bytes"]["linear_weights"] == lora["breakdown_bytes"]["linear_weights"]
 
 
+def test_the_shipped_drafter_recipe_fits_16_gib():
+    from finetune.memory.plan import plan
+    from finetune.recipe import load_recipe
+
+    path = Path(__file__).resolve().parent.parent / "recipes" / "gemma4-12b" / "drafter" / "align-image-qa.yaml"
+    out = plan(load_recipe(path), budget_gib=16.0)
+    assert out["fits"] and out["peak_gib"] < 15.0 and out["suggestions"] == []
+    assert out["assumptions"]["drafter"]["method"] == "lora"
+
+
 def test_alignment_without_a_drafter_is_a_user_error(assets, tmp_path, capsys):
     raw = raw_recipe(assets, "none")
     raw["drafter"]["path"] = None
