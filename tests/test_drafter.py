@@ -266,6 +266,30 @@ def test_alignment_writes_a_drafter_folder_and_resumes_exactly(assets):
     assert rows[0]["tokens"] == 2 * 18  # 2 prompts × the draft slots of 8 tokens at k = 3
 
 
+@pytest.mark.slow
+def test_two_process_ddp_aligns_like_one_process(assets, tmp_path):
+    """torchrun, 2 ranks × batch 2 vs one process × 2 micro-batches of 2 (the same prompts padded
+    the same way, so the target continues them alike): the drafter (the objective's own weights)
+    is synchronised — identical on both ranks — and the losses are the one process's."""
+    from finetune.align_drafter import align_drafter
+
+    raw = raw_recipe(assets, "ddp", max_steps=3, group_by_length=False)
+    (tmp_path / "r.yaml").write_text(json.dumps(raw))
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "finetune.cli", "align-drafter", str(tmp_path / "r.yaml"), "--out",
+                           str(tmp_path / "ddp")], cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    digests = json.loads((tmp_path / "ddp" / "rank_digests.json").read_text())
+    assert len(digests) == 2 and digests[0] == digests[1]
+    one = recipe_from_dict(raw_recipe(assets, "one", max_steps=3, grad_accum=2, group_by_length=False))
+    align_drafter(one, None, tmp_path / "one")
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("ddp", "one")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
 def test_lora_on_the_drafter_trains_only_the_lora_and_saves_it_merged(assets):
     from safetensors.torch import load_file
 
