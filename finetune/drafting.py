@@ -73,7 +73,7 @@ def continue_greedy(target, prompts: dict, *, new_tokens: int, stop_ids: list[in
     media, `prompt_len` (continuations start there) and `live` (B, T): positions up to and
     including each row's end of turn."""
     seq = target.generate(**prompts, max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False,
-                          eos_token_id=stop_ids, pad_token_id=pad_id, bad_words_ids=suppress, use_cache=True)
+                          eos_token_id=stop_ids, pad_token_id=pad_id, bad_words_ids=suppress or None, use_cache=True)
     b, p = prompts["input_ids"].shape
     cont = seq[:, p:]
     live = torch.ones_like(cont, dtype=torch.bool)

@@ -179,6 +179,48 @@ def test_unrolled_drafting_equals_the_candidate_generator(assets, samples, proce
     assert worst < 1e-4, worst
 
 
+def test_unrolling_a_centroid_masked_drafter_feeds_back_what_the_generator_drafts(assets, samples, processor):
+    """The 12B's drafter scores only the tokens of its top centroids (`use_ordered_embeddings`).
+    Training keeps the dense logits for the loss but feeds back the masked argmax, as the
+    generator does: on the tokens the mask keeps, its logits are the dense ones, step after step."""
+    from transformers import AutoConfig, Gemma4UnifiedAssistantForCausalLM, GenerationConfig
+    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
+
+    from finetune.drafting import continue_greedy, served_prompts, starts_of, target_states, unroll
+
+    cfg = AutoConfig.from_pretrained(assets.base / "drafter")
+    cfg.use_ordered_embeddings, cfg.num_centroids, cfg.centroid_intermediate_top_k = True, 2, 1  # 674 = 2 × 337
+    torch.manual_seed(0)
+    drafter = Gemma4UnifiedAssistantForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        drafter.masked_embedding.token_ordering.copy_(torch.randperm(cfg.text_config.vocab_size, generator=g))
+    drafter.generation_config.num_assistant_tokens = K
+    model, pad = target(assets), processor.tokenizer.pad_token_id
+    single = served_prompts(samples[1:], pad)
+    seq = continue_greedy(model, single, new_tokens=2, stop_ids=None, suppress=[], pad_id=pad)
+    with torch.no_grad():
+        hidden, kv, _ = target_states(model, seq, [])
+        steps = unroll(drafter, model.get_input_embeddings(), hidden, kv, seq, starts_of(seq)[:1], K,
+                       model.config.text_config.sliding_window)
+        out = model(**{k: v for k, v in single.items() if k != "attention_mask"}, use_cache=True,
+                    output_hidden_states=True, return_shared_kv_states=True)
+        gen = SinglePositionMultiTokenCandidateGenerator(drafter, model.get_input_embeddings(),
+                                                         GenerationConfig(max_length=10_000))
+        ids = seq["input_ids"][:, :seq["prompt_len"] + 1]
+        drafted, ref = gen.get_candidates(ids, model_kwargs={"attention_mask": torch.ones_like(ids)},
+                                          model_outputs=out, is_first_iteration=False, n_last_matches=0)
+    for step in range(K):
+        masked = ref[0, step]
+        kept = masked > masked.min()
+        assert 0 < int(kept.sum()) <= cfg.text_config.vocab_size // 2
+        dense = steps[step][0, 0]
+        assert float((dense[kept] - masked[kept]).abs().max()) < 1e-4
+        assert int(torch.where(kept, dense, float("-inf")).argmax()) == int(drafted[0, -K + step])
+
+
 def test_slots_count_every_draft_of_a_continuation():
     from finetune.drafting import slots_per_prompt
 
