@@ -49,12 +49,27 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_align_drafter(args) -> int:
+    from finetune.align_drafter import align_drafter
+    from finetune.checks import preflight
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    preflight(recipe)
+    out = args.out or str(Path(recipe.train.output_dir) / "drafter")
+    report = align_drafter(recipe, args.adapter, out, resume=args.resume, log=print)
+    print(f"drafter: {out}  ({report['steps']} steps, {report['seconds']:.0f}s, draft acceptance "
+          f"{report['final'].get('drafter/acceptance', 0):.3f} on the last step)")
+    print(f"measure it: finetune eval {args.recipe} --adapter {args.adapter or 'ADAPTER'} --drafter {out}")
+    return 0
+
+
 def cmd_tiny_model(args) -> int:
     from finetune.tiny import write_tiny_model
 
     out = write_tiny_model(args.dir, seed=args.seed, num_kv_shared_layers=args.kv_shared,
                            num_layers=args.layers)
-    print(f"tiny gemma4_unified base written to {out}")
+    print(f"tiny gemma4_unified base written to {out} (its MTP drafter: {out / 'drafter'})")
     return 0
 
 
@@ -146,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace the run already in train.output_dir (adapter/, checkpoints/)")
+    sp = recipe_verb("align-drafter", cmd_align_drafter, "align the MTP drafter (drafter.path) to base + adapter")
+    sp.add_argument("--adapter", help="the adapter to align to (default: the base itself)")
+    sp.add_argument("--out", help="drafter folder and run (default: <train.output_dir>/drafter)")
+    sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     sp = recipe_verb("validate", cmd_validate, "check a recipe (and its data sources)")
     sp.add_argument("--no-data", action="store_true", help="skip checking data sources and the base")
 
@@ -202,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_lazy("finetune.cli_export", "cmd_combine"))
 
     sp = sub.add_parser("export", help="export an adapter for a server")
-    sp.add_argument("--format", required=True, choices=["vllm", "sglang", "gguf", "ollama", "merged"])
+    sp.add_argument("--format", required=True, choices=["vllm", "sglang", "gguf", "ollama", "merged", "drafter"],
+                    help="drafter: ADAPTER is a folder from `finetune align-drafter`")
     sp.add_argument("adapter")
     sp.add_argument("out")
     sp.add_argument("--merge-projections", action="store_true",
@@ -222,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--max-items", type=int)
+    sp.add_argument("--drafter", help="an aligned MTP drafter: acceptance next to drafter.path's")
 
     sp = sub.add_parser("generate", help="answer one prompt (streamed)")
     sp.add_argument("prompt")

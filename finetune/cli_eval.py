@@ -22,7 +22,8 @@ def cmd_eval(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    result, items = evaluate_adapter(recipe, args.adapter, max_items=args.max_items, log=log, progress=True)
+    result, items = evaluate_adapter(recipe, args.adapter, max_items=args.max_items, log=log, progress=True,
+                                     drafter=getattr(args, "drafter", None))
     out = Path(args.out) if args.out else default_eval_dir(args.adapter)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
@@ -35,6 +36,10 @@ def cmd_eval(args) -> int:
             from finetune.preference_eval import format_table
 
             print(format_table(result["preference"]))
+        if "drafter" in result:
+            from finetune.align_drafter import format_pairings
+
+            print("drafter acceptance:\n" + format_pairings(result["drafter"]))
         print(f"wrote {out / 'eval.json'} and {out / 'report.html'}")
     return 0
 

@@ -60,6 +60,8 @@ def cmd_export(args) -> int:
     elif fmt == "merged":
         opts["dtype"] = getattr(args, "dtype", None) or "bf16"
         opts["low_memory"] = getattr(args, "low_memory", None)
+    elif fmt == "drafter":
+        pass  # the drafter is exported as trained; --base names the target when its run doesn't
     else:
         opts["outtype"] = args.outtype or "f16"
         opts["base_gguf"] = args.base_gguf

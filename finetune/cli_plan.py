@@ -36,6 +36,11 @@ def format_plan(result: dict, recipe) -> str:
         f"LoRA r={recipe.lora.r} on {p['lora_modules']} modules ({_fmt_count(p['lora_trainable'])})",
         "",
     ]
+    if "drafter" in a:  # train.objective: drafter: the trainable part is the drafter, not a LoRA
+        dr = a["drafter"]
+        lines[-2] = (f"  drafter {recipe.drafter.path} ({dr['source']}, {_fmt_count(dr['params'])}) · "
+                     f"{dr['method']} · {_fmt_count(dr['trainable'])} trainable · continuation "
+                     f"{recipe.drafter.continuation_tokens} tokens · k = {recipe.drafter.num_tokens}")
     peak = result["peak_gib"]
     width = max(len(k) for k in result["breakdown"]) + 2
     for name, gib in result["breakdown"].items():

@@ -86,13 +86,27 @@ def _item_html(row: dict, it: EvalItem) -> str:
             f'<div class="ans">{e(row["adapter"])}</div></div></div>')
 
 
+def _drafter_table(d: dict) -> str:
+    """Acceptance of the drafters (result["drafter"], finetune.acceptance)."""
+    rows = "".join(
+        f"<tr><td>{p['target']}</td><td>{p['drafter']}</td><td>{p['tokens_per_forward']:.3f}</td>"
+        f"<td>{p['mean_accepted']:.3f}</td><td>{p['acceptance_rate']:.3f}</td>"
+        f"<td>{'yes' if p['identical'] else '<b>NO</b>'}</td><td>{html.escape(str(p['path']))}</td></tr>"
+        for p in d["pairings"])
+    return (f"<h2>Drafter acceptance (k = {d['k']}, {d['items']} prompts, {d['new_tokens']} new tokens"
+            f"{' past the end of turn' if d['ignore_eos'] else ''})</h2><table><tr><th>target</th><th>drafter</th>"
+            "<th>tokens / target forward</th><th>accepted / round</th><th>acceptance rate</th>"
+            f"<th>output = plain greedy</th><th>drafter</th></tr>{rows}</table>")
+
+
 def write_report(path: Path, result: dict, items: list[EvalItem], title: str) -> Path:
     s = result["summary"]
     body = [f"<h1>{html.escape(title)}</h1>",
             f"<p><b>{s['n']}</b> items: adapter wins <b>{s['wins']}</b>, loses <b>{s['losses']}</b>, "
             f"ties <b>{s['ties']}</b>.</p>",
             _agg_table("Overall", {"all": s}), _agg_table("By modality", result["by_modality"]),
-            _agg_table("By dataset", result["by_dataset"]), "<h2>Items</h2>"]
+            _agg_table("By dataset", result["by_dataset"]),
+            *([_drafter_table(result["drafter"])] if "drafter" in result else []), "<h2>Items</h2>"]
     body += [_item_html(row, it) for row, it in zip(result["items"], items)]
     path.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
                     f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>", encoding="utf-8")

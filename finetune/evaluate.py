@@ -187,8 +187,13 @@ def score(items: list[EvalItem], base_out: list[str], adapter_out: list[str]) ->
 
 
 def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = None, log=None,
-                     progress: bool = False) -> tuple[dict, list[EvalItem]]:
-    """(result, items): the recipe's held-out items answered by base and base + adapter, scored."""
+                     progress: bool = False, drafter: str | Path | None = None) -> tuple[dict, list[EvalItem]]:
+    """(result, items): the recipe's held-out items answered by base and base + adapter, scored.
+
+    With a drafter (the recipe's shipped `drafter.path`, and/or `drafter`: an aligned one),
+    `result["drafter"]` is its acceptance (finetune.acceptance) on both models, measured on
+    `drafter.eval_items` of the items with the models already loaded."""
+    from finetune.acceptance import pairing_rows, pick_items, report
     from finetune.adapters import load_adapter, open_adapter
     from finetune.generation import generate_items
     from finetune.model import base_family, load_base, load_processor
@@ -207,11 +212,20 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
                       allow_pickle=m.allow_pickle)
     gen = {"max_new_tokens": recipe.eval.max_new_tokens, "image_tokens": recipe.data.image_tokens,
            "batch_size": recipe.eval.batch_size, "progress": progress, "thinking": recipe.data.thinking}
+    drafters = _drafters(recipe, drafter, model.config)
+    measured = (pick_items(items, recipe.drafter.eval_items), recipe)  # acceptance: a few items per modality
+    rows = []
+    if "shipped" in drafters:
+        rows += pairing_rows(model, "base", {"shipped": drafters["shipped"]}, processor, family.chat, *measured)
     base_out = generate_items(model, processor, family.chat, items, **gen)
     model = load_adapter(model, str(adapter), allow_pickle=m.allow_pickle)
     adapter_out = generate_items(model, processor, family.chat, items, **gen)
+    if drafters:
+        rows += pairing_rows(model, "adapted", drafters, processor, family.chat, *measured)
     result = score(items, base_out, adapter_out)
     result["summary"].update(skipped=skipped, adapter=str(adapter), base=m.base)
+    if drafters:
+        result["drafter"] = report(rows, recipe, len(measured[0]))
     if any(s.format == "preference" for s in recipe.eval_datasets or recipe.datasets):
         result["preference"] = _preference(model, recipe, processor, family.chat, log)
     return result, items
@@ -230,6 +244,15 @@ def _preference(model, recipe, processor, chat, log) -> dict:
     samples = data.eval if len(data.eval) else data.train  # no held-out data: the note above applies
     return preference_report(model, recipe, [samples[i] for i in range(len(samples))],
                              processor.tokenizer.pad_token_id, log=log)
+
+
+def _drafters(recipe, aligned, target_cfg) -> dict:
+    """{"shipped": (path, drafter), "aligned": (path, drafter)} for those given."""
+    from finetune.drafter import load_drafter
+
+    paths = {"shipped": (recipe.drafter.path, "drafter.path"), "aligned": (aligned, "--drafter")}
+    return {name: (str(p), load_drafter(str(p), target_cfg, where=where))
+            for name, (p, where) in paths.items() if p}
 
 
 def accuracy_table(result: dict, metric: str = "exact_match") -> dict:

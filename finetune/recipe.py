@@ -157,6 +157,27 @@ class EvalSection:
 
 
 @dataclass
+class DrafterSection:
+    """Aligning the MTP drafter to the adapted model (`train.objective: drafter`, `finetune align-drafter`,
+    and drafter acceptance in `finetune eval`); see finetune.objectives.drafter."""
+    path: str | None = _f(None, "the shipped MTP drafter: hub id or folder (google/gemma-4-12B-it-assistant)",
+                          path="local_or_hub")
+    adapter: str | None = _f(None, "the target's adapter the drafter is aligned to (--adapter); null = the base",
+                             path="local")
+    method: Literal["full", "lora"] = _f("full", "train every drafter weight, or LoRA on its linear layers")
+    lora_r: int = _f(16, "rank of the drafter LoRA (method: lora)", lo=1, hi=4096)
+    lora_alpha: float = _f(32.0, "alpha of the drafter LoRA (method: lora)", lo=0.0)
+    num_tokens: int = _f(4, "draft tokens per round (k): unrolled in training, drafted when measured", lo=1, hi=16)
+    continuation_tokens: int = _f(64, "tokens of the target's greedy continuation of each prompt (train, "
+                                  "measure)", lo=2, hi=4096)
+    ignore_eos: bool = _f(False, "continue past the end of turn: fixed-length outputs, as serving "
+                          "benchmarks measure (vllm bench --ignore-eos)")
+    loss: Literal["kl", "ce"] = _f("kl", "match the target's next-token distribution (kl) or its greedy "
+                                   "token (ce)")
+    eval_items: int = _f(24, "held-out prompts acceptance is measured on (spread over modalities)", lo=1)
+
+
+@dataclass
 class Recipe:
     model: ModelSection
     datasets: list[DatasetSpec]
@@ -166,6 +187,7 @@ class Recipe:
     train: TrainSection = _f(factory=TrainSection)
     preference: PreferenceSection = _f(factory=PreferenceSection)
     eval: EvalSection = _f(factory=EvalSection)
+    drafter: DrafterSection = _f(factory=DrafterSection)
     source: str = field(default="<recipe>", metadata={"internal": True})
 
     def to_dict(self) -> dict:

@@ -308,7 +308,8 @@ def build_tiny_model(seed: int = 0, *, num_kv_shared_layers: int = 0, num_layers
 
 def write_tiny_model(out: str | Path, seed: int = 0, *, num_kv_shared_layers: int = 0,
                      num_layers: int = 4) -> Path:
-    """Write a complete base folder (config, weights, tokenizer, processor, template)."""
+    """Write a complete base folder (config, weights, tokenizer, processor, template) and its
+    tiny MTP drafter in `drafter/` (finetune.tiny_drafter)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(seed, num_kv_shared_layers=num_kv_shared_layers, num_layers=num_layers)
@@ -321,4 +322,7 @@ def write_tiny_model(out: str | Path, seed: int = 0, *, num_kv_shared_layers: in
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "finetune_tiny.json").write_text(json.dumps({"seed": seed, "kind": "tiny gemma4_unified"}))
+    from finetune.tiny_drafter import write_tiny_drafter
+
+    write_tiny_drafter(out, seed=seed)  # its MTP drafter, in out/drafter/
     return out

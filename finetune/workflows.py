@@ -17,15 +17,19 @@ def _eval_table(result: dict) -> str:
 
 
 def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | Path | None = None) -> dict:
-    """Data + tiny base → QLoRA adapter → held-out eval (base vs adapter) → merge + parity.
+    """Data + tiny base → QLoRA adapter → held-out eval (base vs adapter) → merge + parity, and
+    the drafter: distilled on the base first (the stand-in for a shipped one), aligned to the
+    adapter and measured at the end (finetune.align_drafter).
 
     The demo owns its output folder: what an earlier run produced there is replaced (the
     generated base, data and tokenized cache are kept: they come out the same every time)."""
+    from finetune.align_drafter import demo_align, demo_distil, format_pairings
     from finetune.demo import DEMO_RECIPE, make_demo_data
     from finetune.evaluate import accuracy_table, evaluate_adapter
     from finetune.merge import merge_adapter
     from finetune.recipe import load_recipe
     from finetune.tiny import write_tiny_model
+    from finetune.tiny_drafter import write_tiny_drafter
     from finetune.training.loop import train
 
     log = log or (lambda *_: None)
@@ -42,10 +46,14 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | 
         # fixture keeps four.
         write_tiny_model(base, seed=0, num_layers=2)
         log(f"demo: tiny gemma4_unified base written to {base}")
+    if not (base / "drafter" / "config.json").exists():
+        write_tiny_drafter(base)
     if not (data_dir / "eval.jsonl").exists():
         make_demo_data(data_dir, seed=0)
         log(f"demo: dataset written to {data_dir}")
 
+    distil_seconds = demo_distil(recipe, out / "drafter", log=log)
+    log(f"demo: tiny drafter distilled on the base (the stand-in for a shipped one) in {distil_seconds:.0f}s")
     result = train(recipe, log=log)
     log(f"demo: trained {result.steps} steps in {result.seconds:.0f}s")
 
@@ -57,7 +65,12 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | 
     report = merge_adapter(str(result.adapter_dir), str(out / "merged"), dtype="fp32", log=log)
     log(f"demo: merged into {out / 'merged'}; max |logits(merged) - logits(base+adapter)| = "
         f"{report['max_abs_diff']:.2e}")
-    log(f"demo: done in {time.time() - t0:.0f}s → {out}/eval.json, {out}/adapter, {out}/merged")
+
+    drafter = demo_align(recipe, result.adapter_dir, out / "drafter", log=log, distil_seconds=distil_seconds)
+    log("drafter acceptance (transformers assisted generation):\n" + format_pairings(drafter))
+    log("demo: tokens per target forward " + ", ".join(f"{k} {v:.2f}" for k, v in drafter["figures"].items())
+        + f" → {out}/drafter/report.json")
+    log(f"demo: done in {time.time() - t0:.0f}s → {out}/eval.json, {out}/adapter, {out}/merged, {out}/drafter")
     return scores
 
 

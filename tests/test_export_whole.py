@@ -24,7 +24,10 @@ from finetune.families import GEMMA4_UNIFIED
 from finetune.lora import target_regex
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = {p.stem: p for p in sorted((REPO / "recipes").rglob("*.yaml"))}
+# Every shipped recipe that trains an adapter (a drafter-alignment recipe's result is a drafter:
+# `export --format drafter`, tests/test_drafter.py).
+RECIPES = {p.stem: p for p in sorted((REPO / "recipes").rglob("*.yaml"))
+           if (yaml.safe_load(p.read_text()).get("train") or {}).get("objective") != "drafter"}
 FORMATS = ("vllm", "sglang", "gguf", "ollama", "merged")
 PROJECTIONS = ("model.embed_vision.patch_dense", "model.embed_vision.multimodal_embedder.embedding_projection",
                "model.embed_audio.embedding_projection")

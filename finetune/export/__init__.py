@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-FORMATS = ("vllm", "sglang", "gguf", "ollama", "merged")
+FORMATS = ("vllm", "sglang", "gguf", "ollama", "merged", "drafter")
 
 
 def export_merged(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", base: str | None = None,
@@ -50,6 +50,7 @@ def export(fmt: str, adapter: str | Path, out: str | Path, *, log: Callable[[str
            **opts) -> dict:
     """Dispatch to the writer of `fmt`; `opts` are that writer's keyword arguments."""
     from finetune.errors import UserError
+    from finetune.export.drafter import export_drafter
     from finetune.export.gguf import export_gguf
     from finetune.export.ollama import export_ollama
     from finetune.export.vllm import export_vllm
@@ -60,6 +61,7 @@ def export(fmt: str, adapter: str | Path, out: str | Path, *, log: Callable[[str
         "gguf": export_gguf,
         "ollama": export_ollama,
         "merged": export_merged,
+        "drafter": export_drafter,  # ADAPTER is the aligned drafter's folder here
     }
     if fmt not in writers:
         raise UserError("--format", f"{fmt!r} is not an export format", f"Use one of {', '.join(FORMATS)}")

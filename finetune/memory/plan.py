@@ -38,7 +38,7 @@ def _result(recipe, sk: Skeleton, est: dict, budget_gib: float, device: str) -> 
                 est["compute_bytes"]],
             "tokens_per_micro_batch": est["tokens"],
             "objective": recipe.train.objective,
-            "sequences_per_sample": est["rows_per_sample"],
+            "sequences_per_sample": est.get("rows_per_sample", 1),
             "seq_len": recipe.data.max_seq_len,
             "media_tokens_per_sample": {"image": img, "audio": aud},
             "peak_phase": est["phase"],
@@ -78,7 +78,10 @@ def _candidates(recipe, device: str) -> list[list[str]]:
         out.append(["train.batch_size=1", f"train.grad_accum={t.batch_size * t.grad_accum}"])
     if t.packing:
         out.append(["train.packing=false"])
-    if lo.r > 4:
+    if t.objective == "drafter":  # the target's adapter is trained already: its rank is given
+        if recipe.drafter.method == "full":
+            out.append(["drafter.method=lora"])
+    elif lo.r > 4:
         out.append([f"lora.r={lo.r // 2}"])
     smaller = [x for x in (70, 140, 280, 560, 1120) if x < d.image_tokens]
     if smaller:
@@ -90,7 +93,7 @@ def _candidates(recipe, device: str) -> list[list[str]]:
     return out
 
 
-def _fitting_seq_len(recipe, sk: Skeleton, device: str, budget_gib: float) -> int | None:
+def _fitting_seq_len(recipe, sk: Skeleton, device: str, budget_gib: float, estimate=estimate) -> int | None:
     """The longest max_seq_len (a multiple of 256, below the current one) that fits."""
     lo, hi = 1, recipe.data.max_seq_len // 256  # in units of 256 tokens
     if hi * 256 == recipe.data.max_seq_len:
@@ -106,7 +109,8 @@ def _fitting_seq_len(recipe, sk: Skeleton, device: str, budget_gib: float) -> in
     return best
 
 
-def _suggest(recipe, sk: Skeleton, device: str, budget_gib: float, peak: float) -> tuple[list[str], list[dict]]:
+def _suggest(recipe, sk: Skeleton, device: str, budget_gib: float, peak: float,
+             estimate=estimate) -> tuple[list[str], list[dict]]:
     """Single overrides with what each saves, then one stack of them that fits."""
     def peak_of(r) -> float:
         return sum(estimate(r, sk, device)["items"].values()) / GIB
@@ -118,7 +122,7 @@ def _suggest(recipe, sk: Skeleton, device: str, budget_gib: float, peak: float) 
 
     singles = [entry(ov) for ov in _candidates(recipe, device)]
     singles = sorted((x for x in singles if x["saves_gib"] >= OPT_MIN_SAVING_GIB), key=lambda x: -x["saves_gib"])
-    seq = _fitting_seq_len(recipe, sk, device, budget_gib)
+    seq = _fitting_seq_len(recipe, sk, device, budget_gib, estimate)
     if seq:
         singles.append(entry([f"data.max_seq_len={seq}"]))
     # Shorter samples change what the model learns: when no other single change is enough,
@@ -133,7 +137,7 @@ def _suggest(recipe, sk: Skeleton, device: str, budget_gib: float, peak: float) 
             if peak_of(_with(recipe, combo)) <= budget_gib:
                 break
         if combo and peak_of(_with(recipe, combo)) > budget_gib:
-            seq = _fitting_seq_len(_with(recipe, combo), sk, device, budget_gib)
+            seq = _fitting_seq_len(_with(recipe, combo), sk, device, budget_gib, estimate)
             combo += [f"data.max_seq_len={seq}"] if seq else []
         if len(combo) > 1 and peak_of(_with(recipe, combo)) <= budget_gib:
             out = [entry(combo)] + singles
@@ -148,9 +152,22 @@ def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda") -> dict:
         raise UserError("device", f"{device!r} is not cuda or cpu", "Use cuda or cpu")
     config, source = load_config(recipe.model)
     sk = skeleton(config, source)
-    est = estimate(recipe, sk, device)
+    step = _estimator(recipe, config)
+    est = step(recipe, sk, device)
     out = _result(recipe, sk, est, budget_gib, device)
+    if "drafter" in est:
+        out["assumptions"]["drafter"] = est["drafter"]
     if not out["fits"]:
         out["suggestions"], out["suggested_overrides"] = _suggest(
-            recipe, sk, device, budget_gib, sum(est["items"].values()) / GIB)
+            recipe, sk, device, budget_gib, sum(est["items"].values()) / GIB, step)
     return out
+
+
+def _estimator(recipe, config):
+    """The step to plan: an objective that trains weights of its own (the drafter) has its own."""
+    if recipe.train.objective != "drafter":
+        return estimate
+    from finetune.memory.drafter import drafter_config, drafter_shape, estimate_drafter
+
+    shape = drafter_shape(*drafter_config(recipe.drafter.path))
+    return lambda r, sk, device: estimate_drafter(r, sk, device, config, shape)

@@ -15,7 +15,10 @@ loss and previews. An objective says only what differs:
   `setup(model, family)` turns the loaded base into what trains (default: attach the recipe's
   LoRA), `collate(samples, pad_id)` makes a micro-batch of rendered samples (default: padded,
   tails trimmed), `save(model, out)` writes the result (default: the PEFT adapter), and
-  `previews` says whether greedy previews of held-out answers mean anything for it.
+  `previews` says whether greedy previews of held-out answers mean anything for it;
+- `saves_as`: the folder under `train.output_dir` that `save` writes ("adapter"; "" = the run
+  folder itself), and `trains_model`: whether the model holds trained weights (checkpoints then
+  carry its adapter) or only the objective does (a drafter aligned to a frozen target).
 
 Objectives are `torch.nn.Module`s, so weights one owns (a drafter, say) train, synchronise
 under DDP and checkpoint with the model's. `@register("name")` makes one available to
@@ -33,6 +36,8 @@ class Objective(torch.nn.Module):
     metrics: tuple[str, ...] = ()
     formats: tuple[str, ...] | None = None
     previews: bool = True
+    saves_as: str = "adapter"
+    trains_model: bool = True
 
     def __init__(self, recipe):
         super().__init__()

@@ -1,7 +1,8 @@
 """Checkpoints that load without running code, for exact resume.
 
 `<output_dir>/checkpoints/step-N/` holds:
-- `adapter/`: the PEFT adapter (safetensors), loadable on its own like the final one;
+- `adapter/`: the PEFT adapter (safetensors), loadable on its own like the final one (absent when
+  only the objective trains: `Objective.trains_model`);
 - `trainer_state.safetensors`: every tensor of the optimizer state and the torch/CUDA RNG states;
 - `trainer_state.json`: step, data position, scheduler state, the optimizer's other values and
   the Python/NumPy RNG states, as plain JSON (tensors referenced by name);
@@ -101,7 +102,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, position:
     for stale in ckdir.glob("step-*.tmp"):  # left by a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
-    unwrap_peft(model).save_pretrained(tmp / "adapter")
+    if _trains_model(model):
+        unwrap_peft(model).save_pretrained(tmp / "adapter")
     _test_pause_in_save(step)
     tensors: dict[str, torch.Tensor] = {}
     state = {"step": step, "position": position,
@@ -120,6 +122,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, position:
     for old in sorted(complete_checkpoints(out), key=lambda p: int(p.name[5:]))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _trains_model(model) -> bool:
+    inner = model.module if hasattr(model, "module") else model
+    return not isinstance(inner, LossForward) or inner.objective.trains_model
 
 
 def _objective_state(model) -> dict[str, torch.Tensor]:
@@ -172,8 +179,9 @@ def load_checkpoint(ck: Path, model, optimizer, scheduler) -> tuple[int, int]:
     except (ValueError, OSError) as e:
         raise UserError(str(ck), f"damaged checkpoint ({e})",
                         "Delete this checkpoint folder to resume from the one before") from None
-    weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(unwrap_peft(model), weights)
+    if _trains_model(model):
+        weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
+        set_peft_model_state_dict(unwrap_peft(model), weights)
     if (ck / OBJECTIVE_TENSORS).is_file():
         inner = model.module if hasattr(model, "module") else model
         inner.objective.load_state_dict(load_file(str(ck / OBJECTIVE_TENSORS)))

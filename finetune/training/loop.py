@@ -98,11 +98,13 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     model = objective.setup(model, family)
     if t.mlp_tile_tokens:
         tile_mlp(model, t.mlp_tile_tokens, family.mlp_blocks)
-    main_log("trainable parameters by part:\n" + format_table(trainable_table(model, family)))
+    if objective.trains_model:
+        main_log("trainable parameters by part:\n" + format_table(trainable_table(model, family)))
     model.train()
     dtype = unwrap(model).model.language_model.embed_tokens.weight.dtype
     cdtype = torch.float32 if device == "cpu" else (torch.bfloat16 if m.dtype == "auto" else dtype)
-    optimizer = make_optimizer(model.parameters(), t, device)
+    # weights the objective owns (a drafter) train with the model's
+    optimizer = make_optimizer([*model.parameters(), *objective.parameters()], t, device)
     scheduler = make_scheduler(optimizer, t)
     model, optimizer = acc.prepare(LossForward(model, objective), optimizer)
     step, position = 0, 0
@@ -172,7 +174,7 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
         stop.__exit__(None, None, None)
         bar.close()
     acc.wait_for_everyone()
-    adapter_dir = out / "adapter"
+    adapter_dir = out / objective.saves_as
     if acc.is_main_process:
         metrics.flush()
         objective.save(unwrap_peft(model), adapter_dir)
@@ -320,7 +322,8 @@ def _check_ranks_agree(model, acc, out: Path, log) -> None:
     from accelerate.utils import gather_object
 
     h = hashlib.sha256()
-    for name, p in sorted(unwrap_peft(model).named_parameters(), key=lambda x: x[0]):
+    inner = model.module if hasattr(model, "module") else model  # LossForward: model + objective
+    for name, p in sorted(inner.named_parameters(), key=lambda x: x[0]):
         if p.requires_grad:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
