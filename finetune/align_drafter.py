@@ -78,7 +78,7 @@ def measure_drafters(recipe, adapter: str | None, drafters: dict[str, str], *, l
     from finetune.adapters import load_adapter
     from finetune.drafter import load_drafter
     from finetune.evaluate import eval_items
-    from finetune.model import base_family, load_base, load_processor
+    from finetune.model import base_family, load_processor, load_recipe_base
 
     log = log or _silent
     m = recipe.model
@@ -88,9 +88,7 @@ def measure_drafters(recipe, adapter: str | None, drafters: dict[str, str], *, l
     if not items:
         raise UserError("eval_datasets", "no held-out prompts to measure acceptance on",
                         "Add eval_datasets, or set data.eval_fraction")
-    model = load_base(m.base, quantization=m.quantization, dtype=m.dtype, double_quant=m.double_quant,
-                      quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
-                      allow_pickle=m.allow_pickle)
+    model = load_recipe_base(m)
     loaded = {name: (path, load_drafter(path, model.config, where=f"drafter ({name})"))
               for name, path in drafters.items()}
     args = (processor, family.chat, items, recipe)

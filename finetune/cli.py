@@ -145,15 +145,33 @@ def _lazy(module: str, name: str):
 # ---------------------------------------------------------------- parser
 
 
+OVERRIDES = "key.path=value overrides (paths typed here resolve against the current folder)"
+COMBINE_HELP = """combine adapters of one base into one, with PEFT's add_weighted_adapter
+
+The spec is YAML (relative paths resolve against the spec's folder):
+
+  method: cat            # cat | svd | linear | ties | ties_svd | dare_linear | dare_ties | magnitude_prune
+  adapters:
+    - {path: runs/a/adapter, weight: 0.5}
+    - {path: runs/b/adapter, weight: 0.5}
+  output: runs/ab         # a new folder
+  density: 0.5            # ties / dare / magnitude_prune: share of values kept
+  svd_rank: 16            # svd / ties_svd: rank of the result (default: the largest input rank)
+  base: google/gemma-4-12B-it   # only when the adapters' base_model_name_or_path is stale
+
+cat and svd blend the updates B·A themselves (cat exactly, at the sum of the ranks); linear,
+ties, dare_* and magnitude_prune weight A and B apart and need equal ranks."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="verb", required=True)
 
     def recipe_verb(name, func, help_):
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("recipe")
-        sp.add_argument("overrides", nargs="*", help="key.path=value")
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("recipe", help="the recipe YAML (paths in it resolve against its folder)")
+        sp.add_argument("overrides", nargs="*", help=OVERRIDES)
         sp.set_defaults(func=func)
         return sp
 
@@ -169,34 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-data", action="store_true", help="skip checking data sources and the base")
 
     sp = sub.add_parser("tiny-model", help="write the tiny gemma4_unified test base")
-    sp.add_argument("dir")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("dir", help="folder to write the base into (a drafter goes to DIR/drafter)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     sp.add_argument("--kv-shared", type=int, default=0, help="num_kv_shared_layers")
     sp.add_argument("--layers", type=int, default=4, choices=[2, 4, 6, 8],
                     help="decoder layers, alternating sliding/full")
     sp.set_defaults(func=cmd_tiny_model)
 
     sp = sub.add_parser("demo", help="the bundled end-to-end demo (same as python train.py)")
-    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("overrides", nargs="*", help=OVERRIDES + " of recipes/demo.yaml")
     sp.add_argument("--preference", action="store_true", help="the DPO demo (recipes/preference-demo.yaml)")
     sp.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="inspect the data a recipe makes").add_subparsers(
         dest="data_verb", required=True)
-    sp = data.add_parser("stats", help="what every record became")
-    sp.add_argument("recipe")
-    sp.add_argument("overrides", nargs="*")
-    sp.add_argument("--json", action="store_true")
+    sp = data.add_parser("stats", help="what every record became (exit 2 when a dataset yields nothing)")
+    sp.add_argument("recipe", help="the recipe YAML")
+    sp.add_argument("overrides", nargs="*", help=OVERRIDES)
+    sp.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     sp.set_defaults(func=cmd_data_stats)
     sp = data.add_parser("clear-cache", help="remove this recipe's tokenized-data cache (data.cache_dir)")
-    sp.add_argument("recipe")
-    sp.add_argument("overrides", nargs="*", help="key.path=value")
+    sp.add_argument("recipe", help="the recipe YAML")
+    sp.add_argument("overrides", nargs="*", help=OVERRIDES)
     sp.set_defaults(func=cmd_data_clear_cache)
     sp = data.add_parser("preview", help="a self-contained HTML page of rendered samples")
-    sp.add_argument("recipe")
-    sp.add_argument("overrides", nargs="*")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--n", type=int, default=20)
+    sp.add_argument("recipe", help="the recipe YAML")
+    sp.add_argument("overrides", nargs="*", help=OVERRIDES)
+    sp.add_argument("--out", required=True, help="the HTML file to write")
+    sp.add_argument("--n", type=int, default=20, help="how many records to show (default 20)")
     sp.add_argument("--jsonl", help="also write the samples as JSON lines: {id, text, labels}")
     sp.set_defaults(func=cmd_data_preview)
 
@@ -206,58 +224,63 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check", action="store_true", help="exit 3 when the recipe does not fit the budget")
 
     sp = sub.add_parser("merge", help="merge an adapter into a full-precision base")
-    sp.add_argument("adapter")
-    sp.add_argument("out")
-    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    sp.add_argument("--base")
-    sp.add_argument("--allow-pickle", action="store_true")
+    sp.add_argument("adapter", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
+    sp.add_argument("out", help="a new folder for the merged model")
+    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the saved weights")
+    sp.add_argument("--base", help="the full-precision base (default: the adapter's base_model_name_or_path)")
+    sp.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
     sp.add_argument("--low-memory", action="store_true", default=None,
                     help="merge tensor by tensor from the safetensors files (a few GiB of RAM for a 12B); "
                          "chosen by itself when the fp32 model would not fit")
     sp.set_defaults(func=_lazy("finetune.cli_export", "cmd_merge"))
 
-    sp = sub.add_parser("combine", help="combine adapters (linear/cat/svd/ties/dare…)")
-    sp.add_argument("spec")
+    sp = sub.add_parser("combine", help="combine adapters (linear/cat/svd/ties/dare…)",
+                        description=COMBINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("spec", help="the combine spec YAML (see above)")
     sp.set_defaults(func=_lazy("finetune.cli_export", "cmd_combine"))
 
     sp = sub.add_parser("export", help="export an adapter for a server")
     sp.add_argument("--format", required=True, choices=["vllm", "sglang", "gguf", "ollama", "merged", "drafter"],
                     help="drafter: ADAPTER is a folder from `finetune align-drafter`")
-    sp.add_argument("adapter")
-    sp.add_argument("out")
+    sp.add_argument("adapter", help="the adapter folder (or, for --format drafter, the aligned drafter)")
+    sp.add_argument("out", help="a new folder for the export")
     sp.add_argument("--merge-projections", action="store_true",
                     help="vllm/sglang: a full merged copy of the base instead of the linked model folder")
     sp.add_argument("--link", choices=["hard", "symlink"],
                     help="vllm/sglang: how the linked model folder points at the base's weight files (default hard)")
-    sp.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16")
+    sp.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                    help="gguf/ollama: tensor type of the GGUF files (default f16)")
     sp.add_argument("--base-gguf", help="gguf/ollama: the base model as GGUF, for the serve command / FROM")
-    sp.add_argument("--base")
-    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    sp.add_argument("--allow-pickle", action="store_true")
+    sp.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
+    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                    help="--format merged: dtype of the saved weights")
+    sp.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
     sp.add_argument("--low-memory", action="store_true", default=None, help="--format merged: as in merge")
     sp.set_defaults(func=_lazy("finetune.cli_export", "cmd_export"))
 
     sp = recipe_verb("eval", _lazy("finetune.cli_eval", "cmd_eval"), "base vs adapter, item by item")
-    sp.add_argument("--adapter", required=True)
-    sp.add_argument("--out")
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--max-items", type=int)
+    sp.add_argument("--adapter", required=True, help="the adapter folder to judge against its base")
+    sp.add_argument("--out", help="folder for eval.json and report.html (default: <adapter's run>/eval)")
+    sp.add_argument("--json", action="store_true", help="print eval.json instead of the table")
+    sp.add_argument("--max-items", type=int, help="judge at most this many held-out items")
     sp.add_argument("--drafter", help="an aligned MTP drafter: acceptance next to drafter.path's")
 
     sp = sub.add_parser("generate", help="answer one prompt (streamed)")
-    sp.add_argument("prompt")
-    sp.add_argument("--adapter")
-    sp.add_argument("--base")
-    sp.add_argument("--image", action=_InOrder, default=[])
-    sp.add_argument("--audio", action=_InOrder, default=[])
-    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("prompt", help="the user's message; {image} / {audio} mark where each file goes")
+    sp.add_argument("--adapter", help="an adapter folder (its base is loaded as it was trained: NF4 for QLoRA)")
+    sp.add_argument("--base", help="a model folder or hub id (a merged model, or the base without adapter)")
+    sp.add_argument("--image", action=_InOrder, default=[], help="an image file (repeatable)")
+    sp.add_argument("--audio", action=_InOrder, default=[], help="an audio file (repeatable)")
+    sp.add_argument("--max-new-tokens", type=int, default=64,
+                    help="longest answer (default 64; generation stops earlier at the end of the turn)")
     sp.add_argument("--thinking", action="store_true", help="serve with thinking on (the thought goes to stderr)")
     sp.set_defaults(func=_lazy("finetune.cli_eval", "cmd_generate"), media_order=[])
 
     sp = sub.add_parser("chat", help="interactive chat with /image, /audio, /reset")
-    sp.add_argument("--adapter")
-    sp.add_argument("--base")
-    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--adapter", help="an adapter folder (its base is loaded as it was trained)")
+    sp.add_argument("--base", help="a model folder or hub id (a merged model, or the base without adapter)")
+    sp.add_argument("--max-new-tokens", type=int, default=128,
+                    help="longest answer (default 128; each stops earlier at the end of the turn)")
     sp.add_argument("--thinking", action="store_true", help="serve with thinking on (thoughts go to stderr)")
     sp.set_defaults(func=_lazy("finetune.cli_eval", "cmd_chat"))
     return p

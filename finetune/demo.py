@@ -146,9 +146,14 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
     files = {"eval.jsonl": held}
     for row in train:
         files.setdefault(f"train_{row['id'].split('-')[1]}.jsonl", []).append(row)
+    write_jsonl_files(out, files, rng)
+    return out
+
+
+def write_jsonl_files(out: Path, files: dict[str, list[dict]], rng: random.Random) -> None:
+    """Each {file name: records} as JSON Lines under `out`, its records shuffled (seeded)."""
     for name, rows in files.items():
         rng.shuffle(rows)
         with open(out / name, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    return out

@@ -196,7 +196,7 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
     from finetune.acceptance import pairing_rows, pick_items, report
     from finetune.adapters import load_adapter, open_adapter
     from finetune.generation import generate_items
-    from finetune.model import base_family, load_base, load_processor
+    from finetune.model import base_family, load_processor, load_recipe_base
 
     m = recipe.model
     # A missing, pickled, corrupt or other-base adapter fails now, not after the base's answers.
@@ -207,9 +207,7 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
     if not items:
         raise UserError("eval_datasets", "no usable held-out items (chat records ending in an answer)",
                         "Add eval_datasets, or set data.eval_fraction")
-    model = load_base(m.base, quantization=m.quantization, dtype=m.dtype, double_quant=m.double_quant,
-                      quant_storage=m.quant_storage, trust_remote_code=m.trust_remote_code,
-                      allow_pickle=m.allow_pickle)
+    model = load_recipe_base(m)
     gen = {"max_new_tokens": recipe.eval.max_new_tokens, "image_tokens": recipe.data.image_tokens,
            "batch_size": recipe.eval.batch_size, "progress": progress, "thinking": recipe.data.thinking}
     drafters = _drafters(recipe, drafter, model.config)

@@ -96,6 +96,14 @@ def load_processor(base: str, image_tokens: int | None = None, trust_remote_code
     return proc
 
 
+def load_recipe_base(model_section, device: str | None = None):
+    """`load_base` with a recipe's `model:` section (base, quantization, dtype, storage, trust)."""
+    m = model_section
+    return load_base(m.base, quantization=m.quantization, dtype=m.dtype, device=device,
+                     double_quant=m.double_quant, quant_storage=m.quant_storage,
+                     trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+
+
 def load_base(base: str, *, quantization: str = "none", dtype: str = "auto", device: str | None = None,
               double_quant: bool = True, quant_storage: str = "uint8", trust_remote_code: bool = False,
               allow_pickle: bool = False):

@@ -14,11 +14,20 @@ one and answer it greedily (`finetune.workflows.run_preference_demo`).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from finetune.demo import AUDIO_Q, CAPITALS, COLOURS, IMAGE_Q, SYSTEM, TEXT_Q, write_image, write_tone
+from finetune.demo import (
+    AUDIO_Q,
+    CAPITALS,
+    COLOURS,
+    IMAGE_Q,
+    SYSTEM,
+    TEXT_Q,
+    write_image,
+    write_jsonl_files,
+    write_tone,
+)
 
 PREFERENCE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "preference-demo.yaml"
 
@@ -68,9 +77,5 @@ def make_preference_data(out: str | Path, seed: int = 0, *, n_image: int = 160, 
     held = [p for i in range(n_eval_each) for p in (_image_pair(i, "eval", out, rng), _audio_pair(i, "eval", out, rng))]
     held += [_text_pair(c, q, "eval", str(k), rng) for k, q in enumerate(TEXT_Q) for c in CAPITALS]
     files["eval.jsonl"] = held
-    for name, rows in files.items():
-        rng.shuffle(rows)
-        with open(out / name, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    write_jsonl_files(out, files, rng)
     return out

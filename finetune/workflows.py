@@ -27,25 +27,12 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | 
     from finetune.demo import DEMO_RECIPE, make_demo_data
     from finetune.evaluate import accuracy_table, evaluate_adapter
     from finetune.merge import merge_adapter
-    from finetune.recipe import load_recipe
-    from finetune.tiny import write_tiny_model
     from finetune.tiny_drafter import write_tiny_drafter
     from finetune.training.loop import train
 
     log = log or (lambda *_: None)
     t0 = time.time()
-    recipe = load_recipe(DEMO_RECIPE, overrides)
-    if root is not None:  # the whole runs/demo tree somewhere else (tests)
-        recipe = relocated(recipe, Path(recipe.train.output_dir), Path(root).absolute())
-    out = Path(recipe.train.output_dir)
-    base = Path(recipe.model.base)
-    data_dir = Path(recipe.datasets[0].path).parent
-    _clear_demo_outputs(out, keep=[base, data_dir, Path(recipe.data.cache_dir or out / ".cache")])
-    if not (base / "config.json").exists():
-        # Two layers (one sliding, one full): the demo's 5-minute budget on 2 cores; the test
-        # fixture keeps four.
-        write_tiny_model(base, seed=0, num_layers=2)
-        log(f"demo: tiny gemma4_unified base written to {base}")
+    recipe, out, base, data_dir = demo_setup(DEMO_RECIPE, overrides, root, log)
     if not (base / "drafter" / "config.json").exists():
         write_tiny_drafter(base)
     if not (data_dir / "eval.jsonl").exists():
@@ -74,6 +61,27 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | 
     return scores
 
 
+def demo_setup(recipe_path: Path, overrides, root, log):
+    """(recipe, output folder, base folder, data folder) of a demo: its recipe (moved under `root`
+    when given: tests), its earlier outputs cleared, the tiny base written on first use."""
+    from finetune.recipe import load_recipe
+    from finetune.tiny import write_tiny_model
+
+    recipe = load_recipe(recipe_path, overrides)
+    if root is not None:  # the whole output tree somewhere else
+        recipe = relocated(recipe, Path(recipe.train.output_dir), Path(root).absolute())
+    out = Path(recipe.train.output_dir)
+    base = Path(recipe.model.base)
+    data_dir = Path(recipe.datasets[0].path).parent
+    _clear_demo_outputs(out, keep=[base, data_dir, Path(recipe.data.cache_dir or out / ".cache")])
+    if not (base / "config.json").exists():
+        # Two layers (one sliding, one full): the demo's 5-minute budget on 2 cores; the test
+        # fixture keeps four.
+        write_tiny_model(base, seed=0, num_layers=2)
+        log(f"demo: tiny gemma4_unified base written to {base}")
+    return recipe, out, base, data_dir
+
+
 def relocated(recipe, old: Path, new: Path):
     """`recipe` with every path under `old` moved under `new`."""
     from finetune.recipe import recipe_from_dict
@@ -97,22 +105,11 @@ def run_preference_demo(overrides: list[str] | tuple[str, ...] = (), log=None,
     from finetune.evaluate import accuracy_table, evaluate_adapter
     from finetune.preference_demo import PREFERENCE_RECIPE, make_preference_data
     from finetune.preference_eval import format_table
-    from finetune.recipe import load_recipe
-    from finetune.tiny import write_tiny_model
     from finetune.training.loop import train
 
     log = log or (lambda *_: None)
     t0 = time.time()
-    recipe = load_recipe(PREFERENCE_RECIPE, overrides)
-    if root is not None:  # the whole runs/demo-preference tree somewhere else (tests)
-        recipe = relocated(recipe, Path(recipe.train.output_dir), Path(root).absolute())
-    out = Path(recipe.train.output_dir)
-    base = Path(recipe.model.base)
-    data_dir = Path(recipe.datasets[0].path).parent
-    _clear_demo_outputs(out, keep=[base, data_dir, Path(recipe.data.cache_dir or out / ".cache")])
-    if not (base / "config.json").exists():
-        write_tiny_model(base, seed=0, num_layers=2)  # the SFT demo's base
-        log(f"demo: tiny gemma4_unified base written to {base}")
+    recipe, out, base, data_dir = demo_setup(PREFERENCE_RECIPE, overrides, root, log)
     if not (data_dir / "eval.jsonl").exists():
         make_preference_data(data_dir, seed=0)
         log(f"demo: preference pairs written to {data_dir}")

@@ -227,3 +227,29 @@ def test_plan_check_exits_non_zero_when_it_does_not_fit(capsys):
     assert main(["plan", str(recipe), "--check", "data.max_seq_len=65536"]) == 3
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", str(recipe), "data.max_seq_len=65536"]) == 0  # without --check: a report
+
+
+# ---------------------------------------------------------------- 9. help
+
+
+def test_every_option_of_every_verb_is_described(capsys):
+    import argparse
+
+    from finetune.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sp in a.choices.items():
+                    walk(sp, [*path, name])
+            elif not isinstance(a, argparse._HelpAction) and not (a.help or "").strip():
+                missing.append(f"{' '.join(path)} {a.dest}")
+
+    walk(build_parser(), [])
+    assert missing == []
+    with pytest.raises(SystemExit):
+        main(["combine", "--help"])
+    out = capsys.readouterr().out
+    assert "method: cat" in out and "adapters:" in out and "density:" in out and "output:" in out

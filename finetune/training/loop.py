@@ -53,12 +53,7 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
 
     from finetune import objectives
     from finetune.lora import format_table, trainable_table
-    from finetune.model import (
-        base_family,
-        enable_gradient_checkpointing,
-        load_base,
-        load_processor,
-    )
+    from finetune.model import base_family, enable_gradient_checkpointing, load_processor, load_recipe_base
 
     progress = log is not None if progress is None else progress
     log = log or _silent
@@ -78,9 +73,7 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     data = _prepare_data(recipe, processor, family, acc, out, main_log)
 
     m = recipe.model
-    model = load_base(m.base, quantization=m.quantization, dtype=m.dtype, device=device,
-                      double_quant=m.double_quant, quant_storage=m.quant_storage,
-                      trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
+    model = load_recipe_base(m, device)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     objective = objectives.build(recipe)
