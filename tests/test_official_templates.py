@@ -273,7 +273,7 @@ def test_demo_and_tool_use_data_render_through_the_official_template(official, d
     tools.write_text("".join(json.dumps(r) + "\n" for r in train + held))
     files = sorted(demo_data.glob("*.jsonl")) + [tools]
     recipe = make_recipe([{"path": str(f)} for f in files], data={"image_tokens": 70, "max_seq_len": 512})
-    samples, _, total = collect(recipe.datasets, processor, recipe.data, CHAT, rejects_path=None, progress=False)
+    samples, _, total, _ = collect(recipe.datasets, processor, recipe.data, CHAT, rejects_path=None, progress=False)
     records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
     assert total.rejected == 0 and len(samples) == len(records) == total.records
     for sample, record in zip(samples, records):
