@@ -324,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = args.debug or debug
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return args.func(args) or 0
+        from finetune.model import quiet_loading
+
+        # transformers' own bars, info lines and deprecation warnings say nothing a user acts on
+        with quiet_loading():
+            return args.func(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

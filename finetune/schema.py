@@ -223,7 +223,8 @@ def resolve_path(value: str, kind: str, base_dir: Path) -> str:
     if kind == "local_or_hub" and is_hub_id(value, str(base_dir)):
         return value
     expanded = Path(os.path.expanduser(value))  # not Path.expanduser: "~nobody" raises there
-    return str(expanded if expanded.is_absolute() else (base_dir / expanded).absolute())
+    # normpath: "recipes/../runs/demo" reads as "runs/demo" in every message (lexical: links kept)
+    return os.path.normpath(expanded if expanded.is_absolute() else (base_dir / expanded).absolute())
 
 
 def resolve_paths(cls: type, raw: Any, base_dir: Path) -> None:
