@@ -191,6 +191,7 @@ def data_stats(recipe_path: str, overrides=()) -> dict:
     total["datasets"] = prep.stats["datasets"]
     total["eval"] = prep.stats["eval"]
     total["train_samples_after_mixing"] = len(prep.train)
+    total["rejects_file"] = str(out / "rejects.jsonl")
     return total
 
 
@@ -214,6 +215,8 @@ def format_stats(s: dict) -> str:
     lines = [f"records {s['records']}  used {s['used']}  rejected {s['rejected']}"]
     if s["rejected_by_reason"]:
         lines.append("rejected by reason: " + ", ".join(f"{k} {v}" for k, v in s["rejected_by_reason"].items()))
+    if s.get("rejects_file"):
+        lines.append(f"rejected records: {s['rejects_file']}")
     if s["overflow_actions"]:
         lines.append("overflow actions: " + ", ".join(f"{k} {v}" for k, v in s["overflow_actions"].items()))
     t = s["tokens"]
