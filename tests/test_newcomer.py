@@ -253,3 +253,35 @@ def test_every_option_of_every_verb_is_described(capsys):
         main(["combine", "--help"])
     out = capsys.readouterr().out
     assert "method: cat" in out and "adapters:" in out and "density:" in out and "output:" in out
+
+
+def test_an_empty_answer_is_named_plainly():
+    from data_tools.conversation import BadRecord
+    from data_tools.formats import parse_record
+
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}
+    with pytest.raises(BadRecord) as e:
+        parse_record(record, "messages", "d.jsonl:3", ".")
+    assert (e.value.reason, e.value.detail) == ("no_answer", "the assistant's answer (the last message) is empty")
+    with pytest.raises(BadRecord) as e:
+        parse_record({"messages": record["messages"][:1]}, "messages", "d.jsonl:4", ".")
+    assert e.value.detail == "the last message is from 'user'; a sample ends with the assistant's answer"
+
+
+def test_an_unreachable_hub_id_fails_at_once(tmp_path, capsys, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    recipe = _write_recipe(tmp_path, Path("nobody-here/no-such-model"), [{"path": "d.jsonl"}])
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"]["base"] = "nobody-here/no-such-model"  # a hub id, not a path
+    recipe.write_text(yaml.safe_dump(raw))
+    t0 = time.time()
+    assert main(["validate", str(recipe)]) == 2
+    assert time.time() - t0 < 10
+    assert ("error: model.base: nobody-here/no-such-model is not in this machine's hub cache and the hub can't "
+            "be reached.") in capsys.readouterr().err
