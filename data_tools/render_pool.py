@@ -47,14 +47,22 @@ class RecordWorker:
             return parse_preference(record, origin, base_dir).chosen
         return parse_record(record, fmt, origin, base_dir)
 
-    def load(self, item: Item) -> tuple[Conversation, list, list]:
-        """(conversation, images, audios) of one item; raises BadRecord."""
-        from data_tools.media import load_media
-
+    def parse(self, item: Item) -> Conversation:
+        """The conversation of one item, tagged with its dataset; raises BadRecord."""
         origin, record, base_dir, fmt, dataset = item
         conv = self.conversation(origin, record, base_dir, fmt)
         conv.dataset = dataset
+        return conv
+
+    def with_media(self, conv: Conversation) -> tuple[Conversation, list, list]:
+        """(conversation, images, audios) with its media decoded; raises BadRecord."""
+        from data_tools.media import load_media
+
         return (conv, *load_media(conv, self.data))
+
+    def load(self, item: Item) -> tuple[Conversation, list, list]:
+        """(conversation, images, audios) of one item; raises BadRecord."""
+        return self.with_media(self.parse(item))
 
     def __call__(self, items: list[Item]) -> list[dict]:
         """One result per item, in order: a sample dict, or {'rejected': reason, ...}. Each also
@@ -69,9 +77,9 @@ class RecordWorker:
         files: list[dict] = [{} for _ in items]
         for k, item in enumerate(items):
             try:
-                conv = self.conversation(*item[:4])
+                conv = self.parse(item)  # once: the manifest needs the media a failing record names too
                 files[k] = media_files(conv)
-                todo.append((k, self.load(item)))
+                todo.append((k, self.with_media(conv)))
             except BadRecord as e:
                 out[k] = _reject(e, item)
         rendered = self.renderer.render_many([loaded for _, loaded in todo])

@@ -78,16 +78,21 @@ class EvalItem:
         return self.conv.messages[-1].text().strip()
 
 
-def _held_out_origins(recipe, processor, chat) -> set[str]:
-    """The records the trainer held out (data.eval_fraction): the data pipeline decides, and its
-    cache makes asking it again cheap. Rejects are not written again (the run wrote them)."""
+def prepared_again(recipe, processor, chat):
+    """The run's data as the trainer prepared it (the pipeline decides what was held out, and its
+    cache makes asking again cheap); rejects are not written again (the run wrote them)."""
     import tempfile
 
     from data_tools.pipeline import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
-        ev = prepare(recipe, processor, recipe.model.base, chat=chat, rejects_path=Path(tmp) / "rejects.jsonl",
-                     log=None, streaming=False, use_cache=not recipe.data.streaming).eval
+        return prepare(recipe, processor, recipe.model.base, chat=chat, rejects_path=Path(tmp) / "rejects.jsonl",
+                       log=None, streaming=False, use_cache=not recipe.data.streaming)
+
+
+def _held_out_origins(recipe, processor, chat) -> set[str]:
+    """The records the trainer held out (data.eval_fraction)."""
+    ev = prepared_again(recipe, processor, chat).eval
     return set(ev.table["origin"]) if hasattr(ev, "table") else {s["origin"] for s in ev}
 
 
@@ -231,14 +236,9 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
 
 def _preference(model, recipe, processor, chat, log) -> dict:
     """Held-out preference accuracy (finetune.preference_eval) on the samples training held out."""
-    import tempfile
-
-    from data_tools.pipeline import prepare
     from finetune.preference_eval import preference_report
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = prepare(recipe, processor, recipe.model.base, chat=chat, rejects_path=Path(tmp) / "rejects.jsonl",
-                       log=None, streaming=False, use_cache=not recipe.data.streaming)
+    data = prepared_again(recipe, processor, chat)
     samples = data.eval if len(data.eval) else data.train  # no held-out data: the note above applies
     return preference_report(model, recipe, [samples[i] for i in range(len(samples))],
                              processor.tokenizer.pad_token_id, log=log)

@@ -118,54 +118,54 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
                disable=not (progress and acc.is_main_process))
     t0, real_tokens, losses = time.time(), 0, []
     watch = EvalWatch(t.early_stopping_patience)
-    stop = StopRequest()
-    try:
-        stop.__enter__()
-        while step < t.max_steps:
-            micro = [to_device(plan.micro_batch(position + i), acc.device, cdtype) for i in range(t.grad_accum)]
-            position += t.grad_accum
-            loss, weight, values = optimizer_step(model, optimizer, scheduler, micro, acc, objective,
-                                                  t.max_grad_norm)
-            step += 1
-            real_tokens += sum(int(b["input_ids"].ne(pad_id).sum()) for b in micro) * acc.num_processes
-            losses.append(loss)
-            elapsed = time.time() - t0
-            row = {"step": step, "loss": loss, **values, "lr": scheduler.get_last_lr()[0], "tokens": weight,
-                   "tokens_per_s": real_tokens / max(1e-9, elapsed), "elapsed": elapsed}
-            early_stop = False
-            if t.eval_every and step % t.eval_every == 0 and len(data.eval):
-                row.update(eval_loss(model, objective, data.eval, pad_id, cdtype, acc.device))
-                improved, early_stop = watch.update(step, row["eval_loss"])
-                if improved and t.keep_best and acc.is_main_process:
-                    objective.save(unwrap_peft(model), out / "best")
-                    (out / "best" / "best.json").write_text(json.dumps({"step": step, "eval_loss": row["eval_loss"]}))
-                main_log(f"step {step}: eval_loss {row['eval_loss']:.4f} (best {watch.best:.4f} at step "
-                         f"{watch.best_step})" + (f"; no better for {watch.since} evals: stopping early"
-                                                  if early_stop else ""))
-            metrics.write(row)
-            if t.preview_every and step % t.preview_every == 0 and acc.is_main_process and objective.previews:
-                _preview(model, processor, family.chat, recipe, data.eval, out, step, main_log, acc)
-            bar.set_postfix(_postfix(row))
-            bar.update(1)
-            stopping = _agreed(stop.requested, acc)
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopping or early_stop:
-                acc.wait_for_everyone()
-                ck = out / "checkpoints" / f"step-{step}"
-                if acc.is_main_process:
-                    metrics.flush()
-                    ck = save_checkpoint(out, step, model, optimizer, scheduler, position, t.keep_checkpoints)
-                if stopping and step < t.max_steps:
-                    raise TrainingStopped(step, ck)
-            if early_stop:
-                break
-    except torch.cuda.OutOfMemoryError:
-        raise UserError("train", f"CUDA out of memory at step {step + 1}",
-                        "Lower data.max_seq_len or train.batch_size, set train.chunked_ce=true, "
-                        "train.gradient_checkpointing=true or train.optimizer=adamw8bit; "
-                        "`finetune plan RECIPE` predicts what fits") from None
-    finally:
-        stop.__exit__(None, None, None)
-        bar.close()
+    with StopRequest() as stop:
+        try:
+            while step < t.max_steps:
+                micro = [to_device(plan.micro_batch(position + i), acc.device, cdtype)
+                         for i in range(t.grad_accum)]
+                position += t.grad_accum
+                loss, weight, values = optimizer_step(model, optimizer, scheduler, micro, acc, objective,
+                                                      t.max_grad_norm)
+                step += 1
+                real_tokens += sum(int(b["input_ids"].ne(pad_id).sum()) for b in micro) * acc.num_processes
+                losses.append(loss)
+                elapsed = time.time() - t0
+                row = {"step": step, "loss": loss, **values, "lr": scheduler.get_last_lr()[0], "tokens": weight,
+                       "tokens_per_s": real_tokens / max(1e-9, elapsed), "elapsed": elapsed}
+                early_stop = False
+                if t.eval_every and step % t.eval_every == 0 and len(data.eval):
+                    row.update(eval_loss(model, objective, data.eval, pad_id, cdtype, acc.device))
+                    improved, early_stop = watch.update(step, row["eval_loss"])
+                    if improved and t.keep_best and acc.is_main_process:
+                        objective.save(unwrap_peft(model), out / "best")
+                        best = {"step": step, "eval_loss": row["eval_loss"]}
+                        (out / "best" / "best.json").write_text(json.dumps(best))
+                    main_log(f"step {step}: eval_loss {row['eval_loss']:.4f} (best {watch.best:.4f} at step "
+                             f"{watch.best_step})" + (f"; no better for {watch.since} evals: stopping early"
+                                                      if early_stop else ""))
+                metrics.write(row)
+                if t.preview_every and step % t.preview_every == 0 and acc.is_main_process and objective.previews:
+                    _preview(model, processor, family.chat, recipe, data.eval, out, step, main_log, acc)
+                bar.set_postfix(_postfix(row))
+                bar.update(1)
+                stopping = _agreed(stop.requested, acc)
+                if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopping or early_stop:
+                    acc.wait_for_everyone()
+                    ck = out / "checkpoints" / f"step-{step}"
+                    if acc.is_main_process:
+                        metrics.flush()
+                        ck = save_checkpoint(out, step, model, optimizer, scheduler, position, t.keep_checkpoints)
+                    if stopping and step < t.max_steps:
+                        raise TrainingStopped(step, ck)
+                if early_stop:
+                    break
+        except torch.cuda.OutOfMemoryError:
+            raise UserError("train", f"CUDA out of memory at step {step + 1}",
+                            "Lower data.max_seq_len or train.batch_size, set train.chunked_ce=true, "
+                            "train.gradient_checkpointing=true or train.optimizer=adamw8bit; "
+                            "`finetune plan RECIPE` predicts what fits") from None
+        finally:
+            bar.close()
     acc.wait_for_everyone()
     adapter_dir = out / objective.saves_as
     if acc.is_main_process:
