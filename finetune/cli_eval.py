@@ -65,18 +65,19 @@ def _summary_table(result: dict) -> str:
 
 
 def _media(kind: str, path: str):
-    from data_tools.media import load_audio, load_image
+    """One file from the command line, decoded by the data pipeline's loader under a recipe's
+    default caps (data: section)."""
+    from data_tools.media import load_media
+    from finetune.recipe import DataSection
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"--{kind} {path}", "file not found" if not p.exists() else "not a file",
                         "Check the path")
-    part = Part(kind, ref=str(p.resolve()), ref_kind="path")
+    conv = Conversation([Message("user", [Part(kind, ref=str(p.resolve()), ref_kind="path")])])
     try:
-        if kind == "image":
-            return load_image(part, ".", max_pixels=50_000_000, max_bytes=100_000_000, allow_network=False)
-        return load_audio(part, ".", max_seconds=30.0, policy="trim", max_bytes=100_000_000,
-                          allow_network=False)
+        images, audios = load_media(conv, DataSection())
+        return (images or audios)[0]
     except BadRecord as e:
         raise UserError(f"--{kind} {path}", e.detail, f"Pass a readable {kind} file") from None
 

@@ -36,12 +36,14 @@ def _flat(d, prefix: str = "") -> dict:
 
 def check_resume(recipe, out: Path, log) -> None:
     """Refuse shape-changing edits since the run began (exit 2 naming them); warn about the rest."""
-    from finetune.recipe import load_recipe
+    from finetune.schema import read_yaml
 
     lock = Path(out) / "recipe.lock.yaml"
     if not lock.is_file():
         return
-    before, now = _flat(load_recipe(lock).to_dict()), _flat(recipe.to_dict())
+    # The lock is `recipe.to_dict()` as the run began: compared as written, not loaded again
+    # (loading would resolve relative paths against the run folder and report them as edits).
+    before, now = _flat(read_yaml(lock) or {}), _flat(recipe.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     refused = [k for k in changed if k in REFUSED]
     if refused:
