@@ -51,16 +51,24 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.
                    cap: float | None, chunk_size: int | None = None) -> torch.Tensor:
     """Summed CE over label positions, `chunk_size` positions at a time (None: `ce_chunk_rows`)."""
     h, t = shifted_targets(hidden, labels)
-    chunk_size = chunk_size or ce_chunk_rows(lm_weight.shape[0])
     # An empty sum still hangs off the graph: a window without labels backpropagates zeros.
     total = h[:0].sum().float()
+    for piece in _by_chunk(_chunk_loss, h, t, lm_weight, cap, chunk_size):
+        total = total + piece
+    return total
+
+
+def _by_chunk(fn, h: torch.Tensor, t: torch.Tensor, lm_weight: torch.Tensor, cap: float | None,
+              chunk_size: int | None):
+    """`fn(hidden, weight, targets, cap)` over `chunk_size` label positions at a time (None:
+    `ce_chunk_rows`), each chunk recomputed in backward so one chunk's logits exist at a time."""
+    chunk_size = chunk_size or ce_chunk_rows(lm_weight.shape[0])
     for start in range(0, len(t), chunk_size):
         hs, ts = h[start:start + chunk_size], t[start:start + chunk_size]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, hs, lm_weight, ts, cap, use_reentrant=False)
+            yield checkpoint(fn, hs, lm_weight, ts, cap, use_reentrant=False)
         else:
-            total = total + _chunk_loss(hs, lm_weight, ts, cap)
-    return total
+            yield fn(hs, lm_weight, ts, cap)
 
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -79,14 +87,8 @@ def chunked_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.T
     keep = labels[:, 1:].to(hidden.device) != IGNORE
     row_of = keep.nonzero()[:, 0]  # the row of each selected position, in `shifted_targets` order
     h, t = shifted_targets(hidden, labels)
-    chunk_size = chunk_size or ce_chunk_rows(lm_weight.shape[0])
     pieces = [h[:0].sum(-1).float()]  # keeps an empty selection on the graph
-    for start in range(0, len(t), chunk_size):
-        hs, ts = h[start:start + chunk_size], t[start:start + chunk_size]
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logps, hs, lm_weight, ts, cap, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logps(hs, lm_weight, ts, cap))
+    pieces += _by_chunk(_chunk_logps, h, t, lm_weight, cap, chunk_size)
     per_token = torch.cat(pieces)
     sums = per_token.new_zeros(rows).index_add(0, row_of, per_token)
     return sums, keep.sum(1).to(sums.dtype)
