@@ -1,0 +1,1 @@
+"""GRPO with verifiable rewards (`train.objective: grpo`): rollouts, rewards, the policy loss."""

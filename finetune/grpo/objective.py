@@ -1,0 +1,261 @@
+"""GRPO on the shared engine: sampled groups, verifiable rewards, the clipped policy-ratio loss.
+
+A micro-batch is `batch_size` prompts (`collate`: each sample's served prompt and its reference
+answer). Before the loss, `group_size` completions per prompt are sampled from the current
+policy (finetune.grpo.rollout) and scored (finetune.grpo.rewards); advantages are normalised
+within each prompt's group: (r - mean) / (std + 1e-4), std with Bessel's correction as TRL's
+`scale_rewards="group"` (or r - mean with `scale_rewards: none`, Dr. GRPO's choice).
+
+The loss over completion tokens follows TRL 1.16's `GRPOTrainer._compute_loss` (checked in
+tests/test_grpo.py): per token -min(ρ·A, clip(ρ, 1-ε_low, 1+ε_high)·A) with ρ = π/π_old, plus
+β·ρ·KL(π‖π_ref) by the k3 estimator when `grpo.beta` > 0 (π_ref: the base with the adapter off,
+one no-grad forward per rollout). Log-probabilities are those of the sampling distribution:
+soft-capped logits divided by the temperature. `loss_type` normalises as TRL does:
+grpo = each completion's token mean, averaged over completions (weight: completions);
+dr_grpo = token sums / max_new_tokens over completions (weight: completions); dapo = token sum
+over all the window's completion tokens (weight: completion tokens, hence rollouts run when
+the loop asks for the weight). With `iterations` = 1 the old policy is the current one (ρ = 1 in
+value, its gradient the policy gradient); with more, π_old's log-probs are kept from the rollout
+and the loop presents the same prompts `iterations` steps in a row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from finetune.objectives.base import Objective, register, transformers_model
+
+CHAT_FORMATS = ("messages", "sharegpt", "instruction")
+ROLLOUT = "_rollout"  # the key a micro-batch carries its rollout under, from weight() to loss()
+STD_EPS = 1e-4  # TRL's
+
+
+def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _chunk_logps(h, weight, targets, cap, temperature):
+    logits = _softcap(F.linear(h, weight).float(), cap) / temperature
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def completion_logps(model, rows: dict, temperature: float, chunk: int = 64) -> torch.Tensor:
+    """(N, T) log-probabilities of each completion token under `model` at `temperature` (0 off
+    the completion mask). Only completion positions are projected onto the vocabulary, `chunk`
+    at a time and recomputed in backward."""
+    cg = transformers_model(model)
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids", "pixel_values",
+            "image_position_ids", "input_features", "input_features_mask")
+    hidden = cg.model(**{k: rows[k] for k in keys if k in rows}, use_cache=False).last_hidden_state
+    p, mask = rows["prompt_len"], rows["completion_mask"].bool()
+    t = mask.shape[1]
+    h = hidden[:, p - 1: p - 1 + t][mask]  # position j predicts completion token j
+    targets = rows["completion_ids"][mask]
+    cap = cg.config.get_text_config().final_logit_softcapping
+    pieces = [h[:0].sum(-1).float()]  # keeps an empty selection on the graph
+    for s in range(0, len(targets), chunk):
+        args = (h[s:s + chunk], cg.lm_head.weight, targets[s:s + chunk], cap, temperature)
+        pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else _chunk_logps(*args))
+    return torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, torch.cat(pieces))
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """Advantages of (P·G,) rewards ordered group by group."""
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+        adv = adv / (std + STD_EPS)
+    return adv.reshape(-1)
+
+
+def policy_loss(logps, old, advantages, mask, *, eps_low: float, eps_high: float, beta: float = 0.0,
+                ref=None, loss_type: str = "grpo", max_new_tokens: int = 1):
+    """(summed loss of the micro-batch, per-token clipped mask, per-token KL or None); see the
+    module docstring for the normalisations."""
+    mask = mask.float()
+    a = advantages.unsqueeze(1)
+    coef1 = torch.exp(logps - old)
+    coef2 = torch.clamp(coef1, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(coef1 * a, coef2 * a)
+    kl = None
+    if beta:
+        # k3, times the ratio: the unbiased reverse-KL gradient off-policy too (TRL's default
+        # `use_bias_correction_kl`; its gradient differs from plain k3 even where ρ = 1)
+        kl = (torch.exp(ref - logps) - (ref - logps) - 1) * coef1
+        per_token = per_token + beta * kl
+    summed = (per_token * mask).sum(-1)
+    if loss_type == "grpo":
+        total = (summed / mask.sum(-1).clamp(min=1.0)).sum()
+    elif loss_type == "dr_grpo":
+        total = summed.sum() / max_new_tokens
+    else:  # dapo: the token sum; the loop divides by the window's tokens
+        total = summed.sum()
+    clipped = ((coef1 < 1 - eps_low) & (a < 0)) | ((coef1 > 1 + eps_high) & (a > 0))
+    return total, clipped, kl
+
+
+@register("grpo")
+class GRPO(Objective):
+    """Group relative policy optimisation with verifiable rewards, online, on the one loop."""
+
+    formats = CHAT_FORMATS
+    previews = False
+    packs = False  # a micro-batch is prompts: `collate` makes it
+    uses_reference = False  # the reference is the adapter-off base (train.reference_adapter is DPO's)
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        g = recipe.grpo
+        self.g = g
+        self.eps_low = g.epsilon
+        self.eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
+        self.grad_accum = recipe.train.grad_accum
+        self.metrics = ("reward", "reward_std", "completion_length", "clip_ratio", "kl",
+                        "rollout/tokens_per_s", "rollout/tokens_per_forward",
+                        *(f"rewards/{r.name}/{s}" for r in g.rewards for s in ("mean", "std")))
+        self._calls = 0  # rollouts asked for (with iterations > 1: which are fresh)
+        self._cycle: dict[int, dict] = {}  # the window's rollouts, reused for `iterations` steps
+
+    # ------------------------------------------------------------ hooks
+
+    def setup(self, model, family):
+        from finetune.generation import stop_ids, suppressed_ids
+        from finetune.grpo.rewards import Rewards
+        from finetune.grpo.rollout import Sampling
+        from finetune.model import load_processor
+
+        r = self.recipe
+        model = super().setup(model, family)
+        self.processor = load_processor(r.model.base, r.data.image_tokens, r.model.trust_remote_code)
+        self.chat = family.chat
+        tok = self.processor.tokenizer
+        thinking = r.data.thinking == "on"
+        self.sampling = Sampling(self.g.group_size, self.g.max_new_tokens, self.g.temperature, self.g.top_p,
+                                 stop_ids(self.processor, family.chat),
+                                 suppressed_ids(self.processor, family.chat, thinking), tok.pad_token_id)
+        self.rewards = Rewards(self.g.rewards, family.chat)
+        self.drafter = None
+        if r.drafter.path:
+            from finetune.drafter import load_drafter
+
+            lm = transformers_model(model)
+            d = load_drafter(r.drafter.path, lm.config, device=lm.device).eval()
+            d.generation_config.num_assistant_tokens = r.drafter.num_tokens
+            d.generation_config.num_assistant_tokens_schedule = "constant"
+            self.__dict__["drafter"] = d  # not a submodule: frozen, never trained or checkpointed
+        self.__dict__["policy"] = model  # the model weight() rolls out with (no registration)
+        return model
+
+    def collate(self, samples: list[dict], pad_id: int) -> dict:
+        from data_tools.preference import answer_span
+        from finetune.drafting import served_prompts
+
+        batch = served_prompts(samples, pad_id)  # input_ids: what the loop counts as tokens
+        spans = [answer_span(s["labels"]) for s in samples]
+        batch.update(prompts=[served_prompts([s], pad_id) for s in samples],
+                     solution_ids=[list(s["input_ids"][a:b]) for s, (a, b) in zip(samples, spans)],
+                     modality=[s.get("modality", "text") for s in samples],
+                     origin=[s.get("origin", "data") for s in samples])
+        return batch
+
+    def weight(self, batch: dict) -> int:
+        ro = self.rollout(self.policy, batch)
+        if self.g.loss_type == "dapo":
+            return int(ro["rows"]["completion_mask"].sum())
+        return ro["rows"]["completion_ids"].shape[0]
+
+    def loss(self, model, batch: dict):
+        ro = self.rollout(model, batch)
+        rows, adv = ro["rows"], ro["advantages"]
+        mask = rows["completion_mask"]
+        logps = completion_logps(model, rows, self.g.temperature)
+        old = ro.get("old_logps", logps.detach())
+        total, clipped, kl = policy_loss(logps, old, adv, mask, eps_low=self.eps_low, eps_high=self.eps_high,
+                                         beta=self.g.beta, ref=ro.get("ref_logps"), loss_type=self.g.loss_type,
+                                         max_new_tokens=self.g.max_new_tokens)
+        m = mask.float()
+        stats = dict(ro["stats"])
+        stats["clip_ratio"] = float((clipped.float() * m).sum() / m.sum().clamp(min=1))
+        stats["kl"] = float((kl.detach() * m).sum() / m.sum().clamp(min=1)) if kl is not None else 0.0
+        # The loop divides metric sums by the window's weight: scale each mean by this batch's weight.
+        w = float(self.weight(batch))
+        return total, {k: torch.tensor(v * w) for k, v in stats.items()}
+
+    # ------------------------------------------------------------ rollouts
+
+    def rollout(self, model, batch: dict) -> dict:
+        """The micro-batch's rollout (made once, kept on the batch; with `iterations` > 1 reused
+        from the window `iterations` steps long)."""
+        if ROLLOUT in batch:
+            return batch[ROLLOUT]
+        slot = self._calls % self.grad_accum
+        fresh = (self._calls // self.grad_accum) % self.g.iterations == 0
+        self._calls += 1
+        if fresh or slot not in self._cycle:
+            ro = self._make_rollout(model, batch)
+            if self.g.iterations > 1:
+                self._cycle[slot] = ro
+        else:
+            ro = self._cycle[slot]
+        batch[ROLLOUT] = ro
+        return ro
+
+    @torch.no_grad()
+    def _make_rollout(self, model, batch: dict) -> dict:
+        from finetune.grpo.rollout import roll_out, rows
+        from finetune.objectives.preference import reference_policy
+
+        core = transformers_model(model)
+        device, dtype = core.device, core.get_input_embeddings().weight.dtype
+        prompts = [{k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in p.items()}
+                   for p in batch["prompts"]]
+        groups, fig = roll_out(model, prompts, self.sampling, self.drafter)
+        g = self.g.group_size
+        completions, raw = [], []
+        for grp in groups:
+            for ids in grp.ids.tolist():
+                completions.append(self._answer(ids))
+                raw.append(self._decode(ids, raw=True))
+        rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731 - one value per completion
+        prompt_text = rep([self._decode(p["input_ids"][0].tolist(), raw=False) for p in batch["prompts"]])
+        columns = {"solution": rep([self._answer(s) for s in batch["solution_ids"]]),
+                   "raw_solution": rep([self._decode(s, raw=True) for s in batch["solution_ids"]]),
+                   "raw_completions": raw, "modality": rep(batch["modality"])}
+        total, each = self.rewards.score(prompt_text, completions, columns, rep(batch["origin"]))
+        rewards = torch.tensor(total, dtype=torch.float32, device=device)
+        out = {"rows": rows(prompts, groups, self.sampling.pad_id), "completions": completions,
+               "rewards": rewards, "advantages": group_advantages(rewards, g, self.g.scale_rewards)}
+        if self.g.iterations > 1:
+            out["old_logps"] = completion_logps(model, out["rows"], self.g.temperature)
+        if self.g.beta:
+            with reference_policy(model):
+                out["ref_logps"] = completion_logps(model, out["rows"], self.g.temperature)
+        lengths = out["rows"]["completion_mask"].sum(1).float()
+        stats = {"reward": float(rewards.mean()), "completion_length": float(lengths.mean()),
+                 "reward_std": float(rewards.view(-1, g).std(1).mean()) if g > 1 else 0.0,
+                 "rollout/tokens_per_s": fig["tokens"] / max(fig["seconds"], 1e-9),
+                 "rollout/tokens_per_forward": fig["tokens"] / max(fig["forwards"], 1)}
+        for name, values in each.items():
+            v = torch.tensor(values)
+            stats[f"rewards/{name}/mean"] = float(v.mean())
+            stats[f"rewards/{name}/std"] = float(v.std()) if len(v) > 1 else 0.0
+        out["stats"] = stats
+        return out
+
+    def _decode(self, ids: list[int], raw: bool) -> str:
+        tok = self.processor.tokenizer
+        ids = [t for t in ids if t != tok.pad_token_id]
+        return tok.decode(ids, skip_special_tokens=not raw)
+
+    def _answer(self, ids: list[int]) -> str:
+        """The answer as served: what follows the thought channel, special tokens dropped."""
+        tok = self.processor.tokenizer
+        close = tok.convert_tokens_to_ids(self.chat.channel_close)
+        ids = [t for t in ids if t != tok.pad_token_id]
+        if close in ids:
+            ids = ids[len(ids) - ids[::-1].index(close):]
+        return tok.decode(ids, skip_special_tokens=True).strip()
