@@ -105,7 +105,7 @@ class GRPO(Objective):
     formats = CHAT_FORMATS
     previews = False
     packs = False  # a micro-batch is prompts: `collate` makes it
-    uses_reference = False  # the reference is the adapter-off base (train.reference_adapter is DPO's)
+    uses_reference = True  # allows train.reference_adapter: the start (and with beta > 0 the reference)
 
     def __init__(self, recipe):
         super().__init__(recipe)
@@ -129,7 +129,7 @@ class GRPO(Objective):
         from finetune.model import load_processor
 
         r = self.recipe
-        model = super().setup(model, family)
+        model = self._policy(model, family)
         self.processor = load_processor(r.model.base, r.data.image_tokens, r.model.trust_remote_code)
         self.chat = family.chat
         tok = self.processor.tokenizer
@@ -149,6 +149,15 @@ class GRPO(Objective):
             self.__dict__["drafter"] = d  # not a submodule: frozen, never trained or checkpointed
         self.__dict__["policy"] = model  # the model weight() rolls out with (no registration)
         return model
+
+    def _policy(self, model, family):
+        """The recipe's LoRA, or with `train.reference_adapter` that adapter (GRPO after SFT),
+        trainable; with `grpo.beta` > 0 also loaded frozen as the reference policy."""
+        if not self.recipe.train.reference_adapter:
+            return super().setup(model, family)
+        from finetune.objectives.preference import start_from_adapter
+
+        return start_from_adapter(model, self.recipe, reference=bool(self.g.beta))
 
     def collate(self, samples: list[dict], pad_id: int) -> dict:
         from data_tools.preference import answer_span

@@ -118,6 +118,23 @@ def reference_policy(model):
         model.train(was_training)
 
 
+def start_from_adapter(model, recipe, reference: bool = True):
+    """`train.reference_adapter` on the base, trainable (in fp32 over any base, as `attach_lora`
+    trains); with `reference`, loaded a second time, frozen, as the adapter named `ref`."""
+    from finetune.adapters import load_adapter, open_adapter
+
+    path, m = recipe.train.reference_adapter, recipe.model
+    open_adapter(path, base=m.base, allow_pickle=m.allow_pickle)  # the adapter fits this base
+    peft = load_adapter(model, path, is_trainable=True, allow_pickle=m.allow_pickle)
+    if reference:
+        peft.load_adapter(path, adapter_name=REFERENCE, is_trainable=False)
+        peft.set_adapter(TRAINED)
+    for p in peft.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft
+
+
 def reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
     """Sums over pairs (the loop divides by the window's pairs): TRL's reward metrics."""
     margins = chosen_rewards - rejected_rewards
@@ -157,20 +174,9 @@ class PairObjective(Objective):
     def setup(self, model, family):
         """The recipe's LoRA; with `train.reference_adapter`, that adapter twice: trainable, and
         frozen as the reference."""
-        path = self.recipe.train.reference_adapter
-        if not path:
+        if not self.recipe.train.reference_adapter:
             return super().setup(model, family)
-        from finetune.adapters import load_adapter, open_adapter
-
-        m = self.recipe.model
-        open_adapter(path, base=m.base, allow_pickle=m.allow_pickle)  # the adapter fits this base
-        peft = load_adapter(model, path, is_trainable=True, allow_pickle=m.allow_pickle)
-        peft.load_adapter(path, adapter_name=REFERENCE, is_trainable=False)
-        peft.set_adapter(TRAINED)
-        for p in peft.parameters():  # train in fp32 over any base, as `attach_lora` does
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-        return peft
+        return start_from_adapter(model, self.recipe)
 
     def save(self, model, out) -> None:
         """Only the trained adapter: the reference is the folder it came from."""
