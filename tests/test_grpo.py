@@ -27,9 +27,9 @@ TRL_ARGS = {"use_cpu": True, "bf16": False, "report_to": []}  # fp32 (see tests/
 def image_prompts(demo_data, tiny_base, processor, tmp):
     """Two served image prompts of one length (TRL derives positions from none, we from the mask)."""
     from data_tools.pipeline import prepare
-    from finetune.drafting import served_prompts
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.recipe import recipe_from_dict
+    from finetune.drafter.unrolling import served_prompts
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.config.recipe import recipe_from_dict
 
     r = recipe_from_dict({"model": {"base": str(tiny_base), "quantization": "none"},
                           "datasets": [{"path": str(demo_data / "train_image.jsonl")}],
@@ -68,7 +68,7 @@ def trl_trainer(tiny_base, processor, tmp, loss_type, beta, max_new_tokens):
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from finetune.model import load_base
+    from finetune.model.load import load_base
 
     torch.manual_seed(0)
     args = GRPOConfig(output_dir=str(tmp / "trl"), **TRL_ARGS, per_device_train_batch_size=4, num_generations=2,

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from finetune.errors import UserError
-from finetune.families import GEMMA4_UNIFIED
+from finetune.model.families import GEMMA4_UNIFIED
 from finetune.grpo.rewards import Rewards, check_spec
 
 CHAT = GEMMA4_UNIFIED.chat

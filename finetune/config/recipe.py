@@ -97,8 +97,9 @@ class LoraSection:
 @dataclass
 class TrainSection:
     objective: str = _f("sft", "what to train: sft (next-token cross-entropy on the answers); dpo, orpo "
-                        "or kto (preference tuning on `format: preference` data)")
-    reference_adapter: str | None = _f(None, "dpo/kto: an adapter folder (usually SFT) that is the "
+                        "or kto (preference tuning on `format: preference` data); grpo (online RL with "
+                        "the `grpo` section's rewards); drafter (align the MTP drafter)")
+    reference_adapter: str | None = _f(None, "dpo/kto/grpo: an adapter folder (usually SFT) that is the "
                                        "reference policy and the policy's start (default: the base "
                                        "with the adapter switched off)", path="local")
     output_dir: str = _f("runs/train", "where adapter, checkpoints and logs go", path="local")
@@ -178,6 +179,37 @@ class DrafterSection:
 
 
 @dataclass
+class RewardSpec:
+    name: str = _f(doc="a built-in (exact_match, contains, regex, numeric, tool_call, format) or a user function "
+                   "module:function(prompts, completions, **columns) -> list[float]")
+    weight: float = _f(1.0, "its share of the reward (rewards are summed with these weights)")
+    pattern: str | None = _f(None, "regex: the pattern the whole answer must match")
+    tolerance: float = _f(1e-6, "numeric: the largest |answer - reference| that still scores 1", lo=0.0)
+
+
+@dataclass
+class GrpoSection:
+    """Online RL with verifiable rewards (`train.objective: grpo`); see finetune.grpo.objective."""
+    group_size: int = _f(8, "completions sampled per prompt; advantages are normalised within each group", lo=2, hi=1024)
+    max_new_tokens: int = _f(256, "longest completion", lo=1, hi=65536)
+    temperature: float = _f(1.0, "sampling temperature (the loss scores tokens at the same temperature)", lo=1e-3)
+    top_p: float = _f(1.0, "nucleus sampling", lo=1e-3, hi=1.0)
+    beta: float = _f(0.0, "weight of KL(policy ‖ reference) (the base with the adapter off, or "
+                     "train.reference_adapter); 0 = no reference forward", lo=0.0)
+    iterations: int = _f(1, "optimizer steps on each batch of rollouts (μ); > 1 keeps the sampling policy's "
+                         "log-probs for the clipped ratio", lo=1, hi=64)
+    epsilon: float = _f(0.2, "clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high]", lo=0.0, hi=1.0)
+    epsilon_high: float | None = _f(None, "upper clip (DAPO's clip-higher, e.g. 0.28); null = epsilon", lo=0.0)
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = _f(
+        "grpo", "normalisation: grpo = each completion's token mean, averaged; dapo = over all completion "
+        "tokens of the step; dr_grpo = token sums / max_new_tokens")
+    scale_rewards: Literal["group", "none"] = _f("group", "divide advantages by the group's reward std "
+                                                 "(none: Dr. GRPO)")
+    rewards: list[RewardSpec] = _f(factory=lambda: [RewardSpec(name="exact_match")],
+                                   doc="what a completion scores: [{name, weight, ...}]")
+
+
+@dataclass
 class Recipe:
     model: ModelSection
     datasets: list[DatasetSpec]
@@ -188,6 +220,7 @@ class Recipe:
     preference: PreferenceSection = _f(factory=PreferenceSection)
     eval: EvalSection = _f(factory=EvalSection)
     drafter: DrafterSection = _f(factory=DrafterSection)
+    grpo: GrpoSection = _f(factory=GrpoSection)
     source: str = field(default="<recipe>", metadata={"internal": True})
 
     def to_dict(self) -> dict:

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from finetune.objectives.base import Objective, register, transformers_model
+from finetune.model.load import unwrap
+from finetune.objectives.base import Objective, register
 
 CHAT_FORMATS = ("messages", "sharegpt", "instruction")
 ROLLOUT = "_rollout"  # the key a micro-batch carries its rollout under, from weight() to loss()
@@ -45,7 +46,7 @@ def completion_logps(model, rows: dict, temperature: float, chunk: int = 64) -> 
     """(N, T) log-probabilities of each completion token under `model` at `temperature` (0 off
     the completion mask). Only completion positions are projected onto the vocabulary, `chunk`
     at a time and recomputed in backward."""
-    cg = transformers_model(model)
+    cg = unwrap(model)
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids", "pixel_values",
             "image_position_ids", "input_features", "input_features_mask")
     hidden = cg.model(**{k: rows[k] for k in keys if k in rows}, use_cache=False).last_hidden_state
@@ -114,6 +115,7 @@ class GRPO(Objective):
         self.eps_low = g.epsilon
         self.eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
         self.grad_accum = recipe.train.grad_accum
+        self.steps_per_batch = g.iterations
         self.metrics = ("reward", "reward_std", "completion_length", "clip_ratio", "kl",
                         "rollout/tokens_per_s", "rollout/tokens_per_forward",
                         *(f"rewards/{r.name}/{s}" for r in g.rewards for s in ("mean", "std")))
@@ -122,11 +124,35 @@ class GRPO(Objective):
 
     # ------------------------------------------------------------ hooks
 
+    @classmethod
+    def check(cls, recipe) -> list:
+        from finetune.errors import UserError
+        from finetune.grpo.rewards import check_spec
+
+        g, errors = recipe.grpo, []
+        if not g.rewards:
+            errors.append(UserError("grpo.rewards", "is empty", "List at least one reward, e.g. [{name: exact_match}]"))
+        for i, spec in enumerate(g.rewards):
+            errors += check_spec(spec, f"grpo.rewards[{i}]")
+        if recipe.train.eval_every:
+            errors.append(UserError("train.eval_every", "GRPO has no eval loss (each batch's rewards are logged; "
+                                    "`finetune eval` reports the mean reward by modality)", "Set train.eval_every: 0"))
+        if g.epsilon_high is not None and g.epsilon_high < g.epsilon:
+            errors.append(UserError("grpo.epsilon_high", f"{g.epsilon_high} is below grpo.epsilon ({g.epsilon})",
+                                    "Give an upper clip >= epsilon, or null"))
+        return errors
+
+    @classmethod
+    def plan_step(cls, recipe, config):
+        from finetune.grpo.plan import estimate_grpo
+
+        return lambda r, sk, device: estimate_grpo(r, sk, device, config)
+
     def setup(self, model, family):
-        from finetune.generation import stop_ids, suppressed_ids
+        from finetune.model.generate import stop_ids, suppressed_ids
         from finetune.grpo.rewards import Rewards
         from finetune.grpo.rollout import Sampling
-        from finetune.model import load_processor
+        from finetune.model.load import load_processor
 
         r = self.recipe
         model = self._policy(model, family)
@@ -140,9 +166,9 @@ class GRPO(Objective):
         self.rewards = Rewards(self.g.rewards, family.chat)
         self.drafter = None
         if r.drafter.path:
-            from finetune.drafter import load_drafter
+            from finetune.drafter.model import load_drafter
 
-            lm = transformers_model(model)
+            lm = unwrap(model)
             d = load_drafter(r.drafter.path, lm.config, device=lm.device).eval()
             d.generation_config.num_assistant_tokens = r.drafter.num_tokens
             d.generation_config.num_assistant_tokens_schedule = "constant"
@@ -161,7 +187,7 @@ class GRPO(Objective):
 
     def collate(self, samples: list[dict], pad_id: int) -> dict:
         from data_tools.preference import answer_span
-        from finetune.drafting import served_prompts
+        from finetune.drafter.unrolling import served_prompts
 
         batch = served_prompts(samples, pad_id)  # input_ids: what the loop counts as tokens
         spans = [answer_span(s["labels"]) for s in samples]
@@ -194,6 +220,25 @@ class GRPO(Objective):
         w = float(self.weight(batch))
         return total, {k: torch.tensor(v * w) for k, v in stats.items()}
 
+    # ------------------------------------------------------------ state
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """With `iterations` > 1, what a checkpoint needs to resume mid-cycle exactly: the rollouts
+        being reused (`objective.safetensors`); nothing otherwise."""
+        from finetune.grpo.rollout import cycle_tensors
+
+        out = destination if destination is not None else {}
+        if self.g.iterations > 1:
+            out.update({prefix + k: v for k, v in cycle_tensors(self._calls, self._cycle).items()})
+        return out
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        from finetune.grpo.rollout import cycle_from_tensors
+
+        if state:
+            self._calls, self._cycle = cycle_from_tensors(dict(state))
+        return None
+
     # ------------------------------------------------------------ rollouts
 
     def rollout(self, model, batch: dict) -> dict:
@@ -218,7 +263,7 @@ class GRPO(Objective):
         from finetune.grpo.rollout import roll_out, rows
         from finetune.objectives.preference import reference_policy
 
-        core = transformers_model(model)
+        core = unwrap(model)
         device, dtype = core.device, core.get_input_embeddings().weight.dtype
         prompts = [{k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in p.items()}
                    for p in batch["prompts"]]

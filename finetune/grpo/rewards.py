@@ -67,7 +67,7 @@ def make_numeric(tolerance: float) -> Callable:
 def make_tool_call(chat) -> Callable:
     """1 when the completion's calls parse in the family's call syntax and equal the reference's
     (names and arguments, in order); 0 for a malformed call or none where one was due."""
-    from finetune.generation import read_calls
+    from finetune.model.generate import read_calls
 
     def tool_call(prompts, completions, raw_completions, raw_solution, **_) -> list[float]:
         out = []

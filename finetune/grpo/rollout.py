@@ -153,3 +153,37 @@ def _cat_media(parts: list[torch.Tensor]) -> torch.Tensor:
             p = torch.nn.functional.pad(p.long() if p.dtype == torch.bool else p, spec, value=fill).to(p.dtype)
         out.append(p)
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------- checkpointed rollouts
+
+_NESTED = ("rows", "stats")
+
+
+def cycle_tensors(calls: int, cycle: dict[int, dict]) -> dict[str, torch.Tensor]:
+    """The rollouts reused across `grpo.iterations` steps as flat tensors (safetensors holds no
+    strings): `slot.key` and `slot.rows.key` / `slot.stats.name`."""
+    out = {"calls": torch.tensor(calls)}
+    for slot, ro in cycle.items():
+        for key, value in ro.items():
+            if key in _NESTED:
+                for k, v in value.items():
+                    out[f"{slot}.{key}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+            elif torch.is_tensor(value):
+                out[f"{slot}.{key}"] = value.detach().cpu().contiguous()
+    return out
+
+
+def cycle_from_tensors(state: dict[str, torch.Tensor]) -> tuple[int, dict[int, dict]]:
+    """The inverse of `cycle_tensors` (scalars back to Python numbers)."""
+    calls = int(state.pop("calls"))
+    cycle: dict[int, dict] = {}
+    for name, v in state.items():
+        slot, _, key = name.partition(".")
+        ro = cycle.setdefault(int(slot), {})
+        head, _, sub = key.partition(".")
+        if head in _NESTED:
+            ro.setdefault(head, {})[sub] = v.item() if v.dim() == 0 else v
+        else:
+            ro[key] = v
+    return calls, cycle

@@ -47,6 +47,9 @@ class Objective(torch.nn.Module):
     objective's own parameters train (a drafter aligned to a frozen target)."""
     saves_as: str = "adapter"
     """The folder under `train.output_dir` that `save` writes ("" = the run folder itself)."""
+    steps_per_batch: int = 1
+    """Optimizer steps each window of micro-batches is presented for (GRPO's `iterations`: several
+    updates on one batch of rollouts); the data position advances after the last of them."""
 
     def __init__(self, recipe):
         super().__init__()

@@ -155,8 +155,9 @@ def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda") -> dict:
     step = _estimator(recipe, config)
     est = step(recipe, sk, device)
     out = _result(recipe, sk, est, budget_gib, device)
-    if "drafter" in est:
-        out["assumptions"]["drafter"] = est["drafter"]
+    for feature in ("drafter", "grpo"):  # what an objective's own estimator planned
+        if feature in est:
+            out["assumptions"][feature] = est[feature]
     if not out["fits"]:
         out["suggestions"], out["suggested_overrides"] = _suggest(
             recipe, sk, device, budget_gib, sum(est["items"].values()) / GIB, step)

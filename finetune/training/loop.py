@@ -208,10 +208,11 @@ class _Run:
         t, acc = self.t, self.acc
         micro = [to_device(self.plan.micro_batch(self.position + i), acc.device, self.cdtype)
                  for i in range(t.grad_accum)]
-        self.position += t.grad_accum
         loss, weight, values = optimizer_step(self.model, self.optimizer, self.scheduler, micro, acc,
                                               self.objective, t.max_grad_norm)
         self.step += 1
+        if self.step % self.objective.steps_per_batch == 0:  # else the same window again (GRPO iterations)
+            self.position += t.grad_accum
         self.real_tokens += sum(int(b["input_ids"].ne(self.pad_id).sum()) for b in micro) * acc.num_processes
         self.losses.append(loss)
         elapsed = time.time() - self.t0

@@ -1,0 +1,124 @@
+"""GRPO on the shared engine: a run logs its metrics, resumes exactly (mid-way through a batch
+of rollouts reused for `iterations` steps, the sampling RNG and the reference's log-probs
+included), the recipe's mistakes come all at once, and the 12B plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.config.recipe import recipe_from_dict
+from finetune.errors import RecipeErrors
+
+
+def raw(demo_data, root: Path, name: str, grpo=None, **train) -> dict:
+    return {"model": {"base": str(root.parent / "base"), "quantization": "none"},
+            "datasets": [{"path": str(demo_data / f"train_{m}.jsonl")} for m in ("image", "audio", "text")],
+            "data": {"max_seq_len": 256, "image_tokens": 70, "cache_dir": str(root / "cache")},
+            "lora": {"r": 8, "alpha": 16, "targets": ["attention", "mlp", "vision", "audio"]},
+            "train": {"objective": "grpo", "output_dir": str(root / name), "batch_size": 2, "lr": 5e-3, "seed": 0,
+                      "max_steps": 3, "group_by_length": False, "scheduler": "constant", **train},
+            # a random base is never right: the length bonus (a user function) gives the groups a spread
+            "grpo": {"group_size": 4, "max_new_tokens": 5, "rewards": [
+                {"name": "exact_match"}, {"name": "tests.grpo_rewards_user:length_bonus", "weight": 0.5}],
+                     **(grpo or {})}}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_base):
+    r = tmp_path_factory.mktemp("grpo-train") / "runs"
+    r.mkdir()
+    (r.parent / "base").symlink_to(tiny_base)
+    return r
+
+
+def metrics_of(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_mid_iterations_equals_straight(root, demo_data):
+    """iterations 2, two micro-batches a step, KL on: stopped after step 1 (its rollouts still to
+    be reused by step 2), resumed to step 3, equal to the straight run."""
+    from safetensors.torch import load_file
+
+    from finetune.training.loop import train
+
+    kw = {"grad_accum": 2, "save_every": 1}
+    g = {"iterations": 2, "beta": 0.04}
+    straight = train(recipe_from_dict(raw(demo_data, root, "straight", g, **kw)))
+    out = root / "resumed"
+    train(recipe_from_dict(raw(demo_data, root, out.name, g, **(kw | {"max_steps": 1}))))
+    resumed = train(recipe_from_dict(raw(demo_data, root, out.name, g, **kw)), resume=True)
+    assert resumed.losses == pytest.approx(straight.losses[1:], abs=1e-7)
+    a, b = metrics_of(root / "straight"), metrics_of(out)
+    for key in ("reward", "completion_length", "kl", "clip_ratio", "rewards/exact_match/mean"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=1e-7), key
+    # step 2 reused step 1's rollouts: the same rewards, while the policy moved (KL > 0)
+    assert a[1]["reward"] == a[0]["reward"] and a[1]["completion_length"] == a[0]["completion_length"]
+    assert a[1]["kl"] > 0
+    sa = load_file(str(root / "straight" / "adapter" / "adapter_model.safetensors"))
+    sb = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_metrics_of_a_run(root, demo_data):
+    from finetune.training.loop import train
+
+    train(recipe_from_dict(raw(demo_data, root, "metrics", max_steps=1)))
+    (row,) = metrics_of(root / "metrics")
+    for key in ("reward", "reward_std", "rewards/exact_match/mean", "rewards/exact_match/std",
+                "rewards/tests.grpo_rewards_user:length_bonus/mean", "completion_length", "clip_ratio", "kl", "rollout/tokens_per_s",
+                "rollout/tokens_per_forward"):
+        assert key in row, key
+    assert 1 <= row["completion_length"] <= 5  # at most max_new_tokens
+    assert row["tokens"] == 2 * 4  # weight: the step's completions (loss_type grpo)
+    assert 0 < row["rollout/tokens_per_forward"] <= 1  # batched sampling: one token per row-forward at best
+    assert row["clip_ratio"] == 0 and row["kl"] == 0  # one update per rollout, no KL term
+
+
+def test_recipe_mistakes_come_at_once(root, demo_data):
+    bad = raw(demo_data, root, "bad", {"group_size": 1, "epsilon": 0.3, "epsilon_high": 0.2,
+                                       "rewards": [{"name": "regex"}, {"name": "exactmatch"},
+                                                   {"name": "regex", "pattern": "(a"}]}, eval_every=5)
+    with pytest.raises(RecipeErrors) as e:
+        recipe_from_dict(bad)
+    where = sorted(x.where for x in e.value.errors)
+    assert where == ["grpo.group_size"], where  # type/range errors first; the objective's checks need a valid recipe
+    bad["grpo"]["group_size"] = 2
+    with pytest.raises(RecipeErrors) as e:
+        recipe_from_dict(bad)
+    assert sorted(x.where for x in e.value.errors) == ["grpo.epsilon_high", "grpo.rewards[0].pattern",
+                                                       "grpo.rewards[1].name", "grpo.rewards[2].pattern",
+                                                       "train.eval_every"]
+
+
+def test_the_12b_plan_fits_16_gib():
+    """recipes/gemma4-12b/grpo.yaml: group 8 × 512 new tokens after a 1k-token prompt. The rollout
+    KV cache by hand: 40 sliding layers keep their 1024-token window, 8 kv heads of 256 (k and v,
+    bf16): 8 rows × 1024 × 2 × 8 × 256 × 2 B = 64 MiB each; 8 full layers every one of the 1536
+    tokens, 1 kv head of 512: 8 × 1536 × 2 × 512 × 2 B = 24 MiB each; 2,752 MiB in all."""
+    from finetune.config.recipe import load_recipe
+    from finetune.plan.report import plan
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "gemma4-12b" / "grpo.yaml")
+    p = plan(recipe, budget_gib=16.0)
+    assert p["fits"] and p["peak_gib"] <= 16.0
+    g = p["assumptions"]["grpo"]
+    assert (g["rows"], g["seq_len"]) == (8, 1536) and set(g["phases_gib"]) == {"rollouts", "policy step"}
+    with_kl = plan(recipe_from_dict({**recipe.to_dict(), "grpo": {**recipe.to_dict()["grpo"], "beta": 0.04}}))
+    assert "reference forward" in with_kl["assumptions"]["grpo"]["phases_gib"]
+    from finetune.grpo.plan import estimate_grpo
+    from finetune.plan.skeleton import load_config, skeleton
+
+    config, source = load_config(recipe.model)
+    est = estimate_grpo(recipe, skeleton(config, source), "cuda", config)
+    phases = est["grpo"]["phases_gib"]
+    assert phases["rollouts"] < phases["policy step"]
+    from finetune.plan.estimate import GIB
+
+    # the rollout phase's own items are not in the peak's breakdown (the policy step is larger)
+    assert "rollout_kv_cache" not in p["breakdown"]
+    assert round(phases["rollouts"] * GIB) > 2752 * 2**20
