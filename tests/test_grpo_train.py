@@ -17,6 +17,7 @@ from finetune.errors import RecipeErrors
 def raw(demo_data, root: Path, name: str, grpo=None, **train) -> dict:
     return {"model": {"base": str(root.parent / "base"), "quantization": "none"},
             "datasets": [{"path": str(demo_data / f"train_{m}.jsonl")} for m in ("image", "audio", "text")],
+            "eval_datasets": [{"path": str(demo_data / "eval.jsonl")}],
             "data": {"max_seq_len": 256, "image_tokens": 70, "cache_dir": str(root / "cache")},
             "lora": {"r": 8, "alpha": 16, "targets": ["attention", "mlp", "vision", "audio"]},
             "train": {"objective": "grpo", "output_dir": str(root / name), "batch_size": 2, "lr": 5e-3, "seed": 0,
@@ -77,6 +78,24 @@ def test_metrics_of_a_run(root, demo_data):
     assert row["tokens"] == 2 * 4  # weight: the step's completions (loss_type grpo)
     assert 0 < row["rollout/tokens_per_forward"] <= 1  # batched sampling: one token per row-forward at best
     assert row["clip_ratio"] == 0 and row["kl"] == 0  # one update per rollout, no KL term
+
+
+def test_eval_reports_the_mean_reward_by_modality(root, demo_data):
+    """The rewards of the greedy answers: their exact-match part is `finetune eval`'s exact match."""
+    from finetune.eval.evaluate import evaluate_adapter
+    from finetune.training.loop import train
+
+    r = recipe_from_dict(raw(demo_data, root, "eval", max_steps=1))
+    train(r)
+    result, items = evaluate_adapter(r, root / "eval" / "adapter")
+    rewards = result["rewards"]
+    assert set(rewards["adapter"]) == {"image", "audio", "text", "all"}
+    for side in ("base", "adapter"):
+        for m, g in result["by_modality"].items():
+            got = rewards[side][m]
+            assert got["n"] == g["n"] and got["exact_match"] == g["metrics"]["exact_match"][side]
+            bonus = [min(len(it[side]), 10) / 10 for it in result["items"] if it["modality"] == m]
+            assert got["reward"] == pytest.approx(got["exact_match"] + 0.5 * sum(bonus) / len(bonus), abs=1e-4)
 
 
 def test_recipe_mistakes_come_at_once(root, demo_data):

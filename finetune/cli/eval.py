@@ -36,6 +36,8 @@ def cmd_eval(args) -> int:
             from finetune.eval.preference import format_table
 
             print(format_table(result["preference"]))
+        if "rewards" in result:
+            print("mean reward of the greedy answers (the recipe's grpo.rewards):\n" + _reward_table(result["rewards"]))
         if "drafter" in result:
             from finetune.drafter.alignment import format_pairings
 
@@ -59,6 +61,12 @@ def _summary_table(result: dict) -> str:
                          f"{metric:<12}{m['base']:>6.3f}{m['adapter']:>9.3f}")
     return "\n".join(lines)
 
+
+def _reward_table(rewards: dict) -> str:
+    lines = [f"{'modality':<12}{'n':>5}{'base':>10}{'adapter':>10}"]
+    for m, a in rewards["adapter"].items():
+        lines.append(f"{m:<12}{a['n']:>5}{rewards['base'][m]['reward']:>10.3f}{a['reward']:>10.3f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- generate / chat

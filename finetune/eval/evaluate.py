@@ -226,6 +226,11 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
     if drafters:
         rows += pairing_rows(model, "adapted", drafters, processor, family.chat, *measured)
     result = score(items, base_out, adapter_out)
+    if recipe.train.objective == "grpo":  # the recipe's rewards on the greedy answers, by modality
+        from finetune.grpo.rewards import reward_by_modality
+
+        result["rewards"] = reward_by_modality(recipe.grpo.rewards, family.chat, items,
+                                               {"base": base_out, "adapter": adapter_out})
     result["summary"].update(skipped=skipped, adapter=str(adapter), base=m.base)
     if drafters:
         result["drafter"] = report(rows, recipe, len(measured[0]))

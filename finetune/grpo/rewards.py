@@ -29,8 +29,9 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def _norm(text: str) -> str:
-    """Case, surrounding space and runs of whitespace do not make an answer wrong."""
-    return " ".join(str(text).split()).casefold()
+    """Case, punctuation (but commas) and spacing do not make an answer wrong: what `finetune
+    eval`'s exact match ignores too, so the reward trains what the eval measures."""
+    return " ".join(re.sub(r"[^\w\s,]", "", str(text).casefold()).split())
 
 
 def _last_number(text: str) -> float | None:
@@ -202,3 +203,26 @@ def _failing_item(r: Reward, prompts, completions, columns, first: Exception) ->
         except Exception as e:  # noqa: BLE001
             return k, e
     return 0, first
+
+
+def reward_by_modality(specs, chat, items, answers: dict[str, list[str]]) -> dict:
+    """`finetune eval` on a GRPO recipe: {side: {modality: {reward, n, by reward name}}} of the
+    greedy answers of each side ("base", "adapter") to held-out items (`.id`, `.reference`,
+    `.conv`). Greedy answers are the served text (special tokens dropped), so `tool_call` and
+    `format` read that text."""
+    rewards = Rewards(specs, chat)
+    mods = [it.conv.modality() for it in items]
+    columns = {"solution": [it.reference for it in items], "raw_solution": [it.reference for it in items],
+               "modality": mods}
+    prompts = [" ".join(m.text() for m in it.conv.messages[:-1]) for it in items]
+    out = {}
+    for side, completions in answers.items():
+        total, each = rewards.score(prompts, completions, {**columns, "raw_completions": completions},
+                                    [it.id for it in items])
+        table: dict[str, dict] = {}
+        for m in sorted(set(mods)) + ["all"]:
+            idx = [k for k, x in enumerate(mods) if m in ("all", x)]
+            table[m] = {"reward": round(sum(total[k] for k in idx) / len(idx), 4), "n": len(idx),
+                        **{name: round(sum(v[k] for k in idx) / len(idx), 4) for name, v in each.items()}}
+        out[side] = table
+    return out
