@@ -27,9 +27,9 @@ TRL_ARGS = {"use_cpu": True, "bf16": False, "report_to": []}  # fp32 (see tests/
 def image_prompts(demo_data, tiny_base, processor, tmp):
     """Two served image prompts of one length (TRL derives positions from none, we from the mask)."""
     from data_tools.pipeline import prepare
+    from finetune.config.recipe import recipe_from_dict
     from finetune.drafter.unrolling import served_prompts
     from finetune.model.families import GEMMA4_UNIFIED
-    from finetune.config.recipe import recipe_from_dict
 
     r = recipe_from_dict({"model": {"base": str(tiny_base), "quantization": "none"},
                           "datasets": [{"path": str(demo_data / "train_image.jsonl")}],

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from finetune.errors import UserError
-from finetune.model.families import GEMMA4_UNIFIED
 from finetune.grpo.rewards import Rewards, check_spec
+from finetune.model.families import GEMMA4_UNIFIED
 
 CHAT = GEMMA4_UNIFIED.chat
 

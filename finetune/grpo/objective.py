@@ -149,9 +149,9 @@ class GRPO(Objective):
         return lambda r, sk, device: estimate_grpo(r, sk, device, config)
 
     def setup(self, model, family):
-        from finetune.model.generate import stop_ids, suppressed_ids
         from finetune.grpo.rewards import Rewards
         from finetune.grpo.rollout import Sampling
+        from finetune.model.generate import stop_ids, suppressed_ids
         from finetune.model.load import load_processor
 
         r = self.recipe

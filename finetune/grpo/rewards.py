@@ -19,9 +19,9 @@ import importlib
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from finetune.errors import UserError
 
