@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-preference test test-llamacpp lint bench gpu-wheels clean
+.PHONY: setup demo demo-preference demo-grpo test test-llamacpp lint bench gpu-wheels clean
 
 # torch/torchvision are pinned to one matching pair (the image processor needs torchvision).
 # On a GPU machine, install the CUDA torch you want into .venv first; pip keeps it.
@@ -21,6 +21,9 @@ demo: setup
 
 demo-preference: setup
 	$(BIN)/python -m finetune.cli demo --preference
+
+demo-grpo: setup
+	$(BIN)/python -m finetune.cli demo --grpo
 
 test: setup
 	$(BIN)/python -m pytest -q -x --durations=15

@@ -141,3 +141,16 @@ def test_the_12b_plan_fits_16_gib():
     # the rollout phase's own items are not in the peak's breakdown (the policy step is larger)
     assert "rollout_kv_cache" not in p["breakdown"]
     assert round(phases["rollouts"] * GIB) > 2752 * 2**20
+
+
+def test_rollouts_with_a_drafter(root, demo_data, tiny_base):
+    """`drafter.path` set: each completion is sampled with assisted generation (one row at a time),
+    so a target forward yields at least one token; batched sampling yields at most one per row."""
+    from finetune.demo.tiny_drafter import write_tiny_drafter
+    from finetune.training.loop import train
+
+    drafter = write_tiny_drafter(tiny_base, root / "tiny-drafter")
+    train(recipe_from_dict({**raw(demo_data, root, "assisted", max_steps=1),
+                            "drafter": {"path": str(drafter), "num_tokens": 3}}))
+    (row,) = metrics_of(root / "assisted")
+    assert row["rollout/tokens_per_forward"] >= 1 and 1 <= row["completion_length"] <= 5

@@ -76,6 +76,11 @@ def cmd_tiny_model(args) -> int:
 def cmd_demo(args) -> int:
     from finetune.workflows.demo import run_demo, run_preference_demo
 
+    if args.grpo:
+        from finetune.workflows.grpo import run_grpo_demo
+
+        run_grpo_demo(args.overrides, log=print)
+        return 0
     (run_preference_demo if args.preference else run_demo)(args.overrides, log=print)
     return 0
 
@@ -198,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="the bundled end-to-end demo (same as python train.py)")
     sp.add_argument("overrides", nargs="*", help=OVERRIDES + " of recipes/demo.yaml")
-    sp.add_argument("--preference", action="store_true", help="the DPO demo (recipes/preference-demo.yaml)")
+    kind = sp.add_mutually_exclusive_group()
+    kind.add_argument("--preference", action="store_true", help="the DPO demo (recipes/preference-demo.yaml)")
+    kind.add_argument("--grpo", action="store_true", help="the GRPO demo: online RL after a brief SFT "
+                      "(recipes/grpo-demo.yaml)")
     sp.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="inspect the data a recipe makes").add_subparsers(

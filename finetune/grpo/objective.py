@@ -236,7 +236,8 @@ class GRPO(Objective):
         from finetune.grpo.rollout import cycle_from_tensors
 
         if state:
-            self._calls, self._cycle = cycle_from_tensors(dict(state))
+            device = next(self.policy.parameters()).device  # setup ran before the checkpoint loads
+            self._calls, self._cycle = cycle_from_tensors({k: v.to(device) for k, v in state.items()})
         return None
 
     # ------------------------------------------------------------ rollouts
