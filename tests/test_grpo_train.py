@@ -154,3 +154,16 @@ def test_rollouts_with_a_drafter(root, demo_data, tiny_base):
                             "drafter": {"path": str(drafter), "num_tokens": 3}}))
     (row,) = metrics_of(root / "assisted")
     assert row["rollout/tokens_per_forward"] >= 1 and 1 <= row["completion_length"] <= 5
+
+
+@pytest.mark.slow
+def test_the_grpo_demo_runs(tmp_path):
+    """The whole demo, shortened: SFT, eval, drafter distil and align, rollout speed, GRPO, eval."""
+    from finetune.workflows.grpo import run_grpo_demo
+
+    scores = run_grpo_demo(["train.max_steps=1", "train.batch_size=2", "grpo.group_size=2"],
+                           root=tmp_path / "runs/demo-grpo")
+    assert set(scores["exact_match"]["grpo"]) == {"image", "audio", "text"}
+    speed = scores["rollout_speed"]
+    assert speed["prompts"] == 12 and speed["plain"]["tokens"] > 0 and speed["drafter"]["tokens"] > 0
+    assert json.loads((tmp_path / "runs/demo-grpo/eval.json").read_text()) == scores
