@@ -62,9 +62,10 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | 
     return scores
 
 
-def demo_setup(recipe_path: Path, overrides, root, log):
+def demo_setup(recipe_path: Path, overrides, root, log, make_data=None):
     """(recipe, output folder, base folder, data folder) of a demo: its recipe (moved under `root`
-    when given: tests), its earlier outputs cleared, the tiny base written on first use."""
+    when given: tests), its earlier outputs cleared, the tiny base written on first use, and the
+    data (`make_data(folder, seed=0)`, when given) too."""
     from finetune.config.recipe import load_recipe
     from finetune.demo.tiny_model import write_tiny_model
 
@@ -80,6 +81,9 @@ def demo_setup(recipe_path: Path, overrides, root, log):
         # fixture keeps four.
         write_tiny_model(base, seed=0, num_layers=2)
         log(f"demo: tiny gemma4_unified base written to {base}")
+    if make_data is not None and not (data_dir / "eval.jsonl").exists():
+        make_data(data_dir, seed=0)
+        log(f"demo: data written to {data_dir}")
     return recipe, out, base, data_dir
 
 
@@ -110,10 +114,7 @@ def run_preference_demo(overrides: list[str] | tuple[str, ...] = (), log=None,
 
     log = log or (lambda *_: None)
     t0 = time.time()
-    recipe, out, base, data_dir = demo_setup(PREFERENCE_RECIPE, overrides, root, log)
-    if not (data_dir / "eval.jsonl").exists():
-        make_preference_data(data_dir, seed=0)
-        log(f"demo: preference pairs written to {data_dir}")
+    recipe, out, base, data_dir = demo_setup(PREFERENCE_RECIPE, overrides, root, log, make_preference_data)
 
     result = train(recipe, log=log)
     log(f"demo: {recipe.train.objective} trained {result.steps} steps in {result.seconds:.0f}s")

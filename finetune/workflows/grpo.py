@@ -53,10 +53,7 @@ def run_grpo_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: s
 
     log = log or (lambda *_: None)
     t0 = time.time()
-    recipe, out, base, data_dir = demo_setup(GRPO_RECIPE, overrides, root, log)
-    if not (data_dir / "eval.jsonl").exists():
-        make_demo_data(data_dir, seed=0)
-        log(f"demo: dataset written to {data_dir}")
+    recipe, out, base, _ = demo_setup(GRPO_RECIPE, overrides, root, log, make_demo_data)
     sft = sft_recipe(recipe)
     result = train(sft, log=log)
     adapter = Path(recipe.train.reference_adapter)
