@@ -119,7 +119,7 @@ class GRPO(Objective):
         self.metrics = ("reward", "reward_std", "completion_length", "clip_ratio", "kl",
                         "rollout/tokens_per_s", "rollout/tokens_per_forward",
                         *(f"rewards/{r.name}/{s}" for r in g.rewards for s in ("mean", "std")))
-        self._calls = 0  # rollouts asked for (with iterations > 1: which are fresh)
+        self._calls = 0  # rollouts asked for: seeds the next ones; with iterations > 1, which are fresh
         self._cycle: dict[int, dict] = {}  # the window's rollouts, reused for `iterations` steps
 
     # ------------------------------------------------------------ hooks
@@ -223,13 +223,12 @@ class GRPO(Objective):
     # ------------------------------------------------------------ state
 
     def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
-        """With `iterations` > 1, what a checkpoint needs to resume mid-cycle exactly: the rollouts
-        being reused (`objective.safetensors`); nothing otherwise."""
+        """What a checkpoint needs to resume exactly (`objective.safetensors`): the count of
+        rollouts (it seeds the next ones), and with `iterations` > 1 the rollouts being reused."""
         from finetune.grpo.rollout import cycle_tensors
 
         out = destination if destination is not None else {}
-        if self.g.iterations > 1:
-            out.update({prefix + k: v for k, v in cycle_tensors(self._calls, self._cycle).items()})
+        out.update({prefix + k: v for k, v in cycle_tensors(self._calls, self._cycle).items()})
         return out
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
@@ -249,26 +248,28 @@ class GRPO(Objective):
             return batch[ROLLOUT]
         slot = self._calls % self.grad_accum
         fresh = (self._calls // self.grad_accum) % self.g.iterations == 0
-        self._calls += 1
         if fresh or slot not in self._cycle:
             ro = self._make_rollout(model, batch)
             if self.g.iterations > 1:
                 self._cycle[slot] = ro
         else:
             ro = self._cycle[slot]
+        self._calls += 1
         batch[ROLLOUT] = ro
         return ro
 
     @torch.no_grad()
     def _make_rollout(self, model, batch: dict) -> dict:
-        from finetune.grpo.rollout import roll_out, rows
+        from finetune.grpo.rollout import prompt_seed, roll_out, rows
         from finetune.objectives.preference import reference_policy
 
         core = unwrap(model)
         device, dtype = core.device, core.get_input_embeddings().weight.dtype
         prompts = [{k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in p.items()}
                    for p in batch["prompts"]]
-        groups, fig = roll_out(model, prompts, self.sampling, self.drafter)
+        window = self._calls // self.grad_accum  # the same for every micro-batch and rank of a step
+        seeds = [prompt_seed(self.recipe.train.seed, window, o) for o in batch["origin"]]
+        groups, fig = roll_out(model, prompts, self.sampling, self.drafter, seeds)
         g = self.g.group_size
         completions, raw = [], []
         for grp in groups:

@@ -4,8 +4,9 @@ A prompt is the served prompt of a rendered sample (cut where its last answer st
 included: `finetune.drafting.served_prompts`). Its group is sampled with transformers
 `generate` on the LoRA model in eval mode, the prompt repeated `group_size` times in one batch
 (its media repeated with it); with a drafter, assisted generation runs one completion at a
-time (transformers drafts for batch 1 only). Sampling draws from torch's global generator,
-which every checkpoint stores, so a resumed run samples what the straight run sampled.
+time (transformers drafts for batch 1 only). Each prompt samples under its own seed
+(`prompt_seed`: the run's seed, the rollout batch, the record), so neither the split over
+processes nor a resume changes what is sampled.
 
 `rows` lays the completions of all prompts out as TRL's GRPO trainer does: the prompt
 left-padded, the completion right-padded after it, so one forward gives every completion
@@ -14,6 +15,7 @@ token's log-probability; `completion_mask` is 1 up to and including each complet
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -92,16 +94,30 @@ class Group:
     forwards: int
 
 
-def roll_out(model, prompts: list[dict], s: Sampling, drafter=None) -> tuple[list[Group], dict]:
-    """Groups for `prompts` (served prompts, batch 1 each, on the model's device) and rollout
-    figures: new tokens, target forwards, seconds."""
+def prompt_seed(seed: int, batch: int, origin: str) -> int:
+    """The sampling seed of one prompt: its record (`origin`), the run's seed and which batch of
+    rollouts this is. Independent of the rank and the micro-batch the prompt lands in, so a run
+    split over processes samples what one process would, and a resumed run what a straight one did."""
+    digest = hashlib.sha256(f"{seed}:{batch}:{origin}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def roll_out(model, prompts: list[dict], s: Sampling, drafter=None, seeds: list[int] | None = None
+             ) -> tuple[list[Group], dict]:
+    """Groups for `prompts` (served prompts, batch 1 each, on the model's device), each sampled
+    under its seed in `seeds` (torch's global generator is left as it was), and rollout figures:
+    new tokens, target forwards, seconds."""
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     groups = []
+    device = next(model.parameters()).device
     try:
-        for p in prompts:
-            ids, forwards = sample_group(model, p, s, drafter)
+        for k, p in enumerate(prompts):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if seeds is not None:
+                    torch.manual_seed(seeds[k])
+                ids, forwards = sample_group(model, p, s, drafter)
             ids, mask = _trim(ids, s.stop_ids, s.pad_id)
             groups.append(Group(ids, mask, forwards))
     finally:

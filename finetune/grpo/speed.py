@@ -4,12 +4,10 @@ The same prompts are rolled out twice from the recipe's policy (`train.reference
 the base), as GRPO samples them: batched without a drafter, one completion at a time with
 `drafter.path` as transformers' assistant. Target forwards are counted per row
 (finetune.grpo.rollout.ForwardCounter), so a batched forward over 8 rows counts 8: both ways
-are measured per sequence, what a row costs the target. Sampling is seeded the same for both.
+are measured per sequence, what a row costs the target. Both sample under the same seeds.
 """
 
 from __future__ import annotations
-
-import torch
 
 
 def rollout_speed(recipe, samples: list[dict], *, seed: int = 0) -> dict:
@@ -26,9 +24,9 @@ def rollout_speed(recipe, samples: list[dict], *, seed: int = 0) -> dict:
     prompts = objective.collate(samples, objective.sampling.pad_id)["prompts"]
     prompts = [{k: v.to(core.device) for k, v in p.items()} for p in prompts]
     out = {}
+    seeds = [seed + k for k in range(len(prompts))]
     for name, drafter in (("plain", None), ("drafter", objective.drafter)):
-        torch.manual_seed(seed)
-        _, fig = roll_out(model, prompts, objective.sampling, drafter)
+        _, fig = roll_out(model, prompts, objective.sampling, drafter, seeds)
         out[name] = {**fig, "seconds": round(fig["seconds"], 2),
                      "tokens_per_forward": round(fig["tokens"] / max(fig["forwards"], 1), 4)}
     out["speedup"] = round(out["drafter"]["tokens_per_forward"] / max(out["plain"]["tokens_per_forward"], 1e-9), 3)
