@@ -165,7 +165,9 @@ def test_the_grpo_demo_runs(tmp_path):
                            root=tmp_path / "runs/demo-grpo")
     assert set(scores["exact_match"]["grpo"]) == {"image", "audio", "text"}
     speed = scores["rollout_speed"]
-    assert speed["prompts"] == 12 and speed["plain"]["tokens"] > 0 and speed["drafter"]["tokens"] > 0
+    assert speed["prompts"] == 12
+    for setting in ("served", "fixed"):
+        assert all(0 < speed[setting][k]["tokens"] <= 12 * 2 * 16 for k in ("plain", "drafter"))
     assert json.loads((tmp_path / "runs/demo-grpo/eval.json").read_text()) == scores
 
 

@@ -69,8 +69,11 @@ def run_grpo_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: s
     align_drafter(aligning, str(adapter), out / "drafter" / "aligned", log=log, progress=False)
     drafted = with_overrides(recipe, [f"drafter.path={out / 'drafter' / 'aligned'}"])
     speed = rollout_speed(drafted, _held_out_prompts(recipe, ROLLOUT_PROMPTS), seed=recipe.train.seed)
-    log(f"demo: rollouts {speed['plain']['tokens_per_forward']:.2f} tokens per target forward, "
-        f"{speed['drafter']['tokens_per_forward']:.2f} with the aligned drafter ({speed['speedup']:.2f}x)")
+    for setting, what in (("served", "stopping at the end of turn"),
+                          ("fixed", f"{recipe.drafter.continuation_tokens} tokens, past any stop")):
+        s = speed[setting]
+        log(f"demo: rollouts ({what}): {s['plain']['tokens_per_forward']:.2f} tokens per target forward, "
+            f"{s['drafter']['tokens_per_forward']:.2f} with the aligned drafter ({s['speedup']:.2f}x)")
 
     result = train(recipe, log=log)
     log(f"demo: GRPO {result.steps} steps in {result.seconds:.0f}s")
