@@ -187,10 +187,11 @@ class GRPO(Objective):
 
     def collate(self, samples: list[dict], pad_id: int) -> dict:
         from data_tools.preference import answer_span
-        from finetune.drafter.unrolling import served_prompts
+        from finetune.drafter.unrolling import served_length, served_prompts
 
         batch = served_prompts(samples, pad_id)  # input_ids: what the loop counts as tokens
-        spans = [answer_span(s["labels"]) for s in samples]
+        # the reference: the last answer (the served prompt ends where it starts)
+        spans = [(served_length(s["labels"]), answer_span(s["labels"])[1]) for s in samples]
         batch.update(prompts=[served_prompts([s], pad_id) for s in samples],
                      solution_ids=[list(s["input_ids"][a:b]) for s, (a, b) in zip(samples, spans)],
                      modality=[s.get("modality", "text") for s in samples],
