@@ -71,3 +71,25 @@ def make_recipe(tiny_base, tmp_path):
         return recipe_from_dict(raw)
 
     return make
+
+
+@pytest.fixture
+def train_on_two_ranks():
+    """`train_on_two_ranks(recipe_path)`: `finetune train` under torchrun on 2 CPU ranks (gloo);
+    asserts it succeeded with the same adapter on both ranks and returns its output."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(path: Path) -> str:
+        env = dict(os.environ, PYTHONPATH=str(repo), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "finetune.cli", "train", str(path)]
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        assert "adapter identical on 2 ranks" in out
+        return out
+
+    return run

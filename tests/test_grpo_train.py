@@ -172,27 +172,17 @@ def test_the_grpo_demo_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(root, demo_data):
+def test_two_process_ddp_equals_one_process(root, demo_data, train_on_two_ranks):
     """torchrun, 2 ranks × 1 prompt vs one process × 2 prompts: each prompt samples under its own
     seed whatever rank it lands on and its group's advantages stay on that rank, so the losses
     agree and both ranks end with the same adapter."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
 
     from finetune.training.loop import train
 
-    repo = Path(__file__).resolve().parents[1]
     path = root / "ddp.yaml"
     path.write_text(yaml.safe_dump(raw(demo_data, root, "ddp", batch_size=1, max_steps=2, lr=1e-3)))
-    env = dict(os.environ, PYTHONPATH=str(repo), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "finetune.cli", "train", str(path)]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "adapter identical on 2 ranks" in proc.stdout + proc.stderr
+    train_on_two_ranks(path)
     one = train(recipe_from_dict(raw(demo_data, root, "ddp-one", batch_size=2, max_steps=2, lr=1e-3)))
     ddp, single = metrics_of(root / "ddp"), metrics_of(root / "ddp-one")
     # (on-policy the loss's value is -mean(advantage) = 0; what step 2 samples shows the update)

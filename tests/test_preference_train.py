@@ -200,18 +200,13 @@ def test_the_preference_demo_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_dpo_with_a_reference_adapter(assets):
+def test_two_process_ddp_dpo_with_a_reference_adapter(assets, train_on_two_ranks):
     """torchrun, 2 ranks × 1 pair vs one process × 2 pairs: same losses; both ranks end with the
     same adapter (the reference adapter switches in and out inside DDP's forward)."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
 
     from finetune.training.loop import train
 
-    root = Path(__file__).resolve().parents[1]
     sft = assets.root / "golden-dpo" / "adapter"
     if not sft.is_dir():
         train(recipe_from_dict(raw(assets, "golden-dpo")))
@@ -220,12 +215,7 @@ def test_two_process_ddp_dpo_with_a_reference_adapter(assets):
     ddp_raw = raw(assets, "ddp", reference_adapter=str(sft), batch_size=1, max_steps=3, lr=1e-3)
     path = assets.root / "ddp.yaml"
     path.write_text(yaml.safe_dump(ddp_raw))
-    env = dict(os.environ, PYTHONPATH=str(root), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "finetune.cli", "train", str(path)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "adapter identical on 2 ranks" in proc.stdout + proc.stderr
+    train_on_two_ranks(path)
     one = train(recipe_from_dict(raw(assets, "ddp-one", reference_adapter=str(sft), batch_size=2, max_steps=3,
                                      lr=1e-3)))
     ddp = [r["loss"] for r in metrics_of(assets.root / "ddp")]
