@@ -109,10 +109,10 @@ def test_the_recipes_cover_the_projection_cases():
     LoRA on the projections (the case this export exists for), one doesn't."""
     targets = {name: yaml.safe_load(p.read_text())["lora"]["targets"] for name, p in RECIPES.items()}
     assert set(targets) == {"demo", "image-qa", "audio-tasks", "mixed-image-audio-text", "text-domain-adaptation",
-                            "preference-demo", "preference-dpo"}
+                            "preference-demo", "preference-dpo", "grpo-demo", "grpo"}
     with_projections = {n for n, t in targets.items() if {"vision", "audio", "all"} & set(t)}
     assert with_projections == {"demo", "image-qa", "audio-tasks", "mixed-image-audio-text", "preference-demo",
-                                "preference-dpo"}
+                                "preference-dpo", "grpo-demo", "grpo"}
 
 
 @pytest.fixture(scope="module")

@@ -69,5 +69,5 @@ def estimate_grpo(recipe, sk: Skeleton, device: str, config) -> dict:
         out["allocator_slack"] = ALLOCATOR_SLACK * allocated
         out["cuda_context"] = CUDA_CONTEXT_GIB * GIB
     return {**step, "items": out, "allocated": allocated, "phase": name,
-            "grpo": {"rows": rows, "seq_len": S, "group_size": G, "new_tokens": N,
+            "grpo": {"rows": rows, "seq_len": S, "group_size": G, "new_tokens": N, "rollout_kv_cache_bytes": cache,
                      "phases_gib": {k: round(sum(v.values()) / GIB, 3) for k, v in phases.items()}}}
