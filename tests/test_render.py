@@ -18,7 +18,7 @@ from data_tools.conversation import BadRecord
 from data_tools.render import IGNORE, Renderer, RenderSettings
 from data_tools.render_pool import RecordWorker
 from data_tools.steps import main_length, step_ids
-from finetune.families import GEMMA4_UNIFIED
+from finetune.model.families import GEMMA4_UNIFIED
 
 CHAT = GEMMA4_UNIFIED.chat
 

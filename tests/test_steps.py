@@ -19,7 +19,7 @@ from data_tools.collate import collate
 from data_tools.formats import parse_record
 from data_tools.render import IGNORE, Renderer, RenderSettings
 from data_tools.steps import main_length, step_ids, step_spans, tree_mask
-from finetune.families import GEMMA4_UNIFIED
+from finetune.model.families import GEMMA4_UNIFIED
 from tests.tool_data import TOOLS, tool_use_data
 
 CHAT = GEMMA4_UNIFIED.chat
