@@ -26,6 +26,7 @@ class BatchPlan:
         # packing for objectives that don't pack
         self.pack = pack_fn or (lambda rows, pad, sliding, types: collate_packed(rows, pad, sliding, types,
                                                                                  trim_tail=True))
+        self.collate = branch_aware(self.collate, self.pack, text_cfg)
         self.lengths = data.lengths if hasattr(data, "lengths") else [len(s["input_ids"]) for s in data]
         self.world, self.rank, self.max_len = world, rank, max_len
         self.sliding = text_cfg.sliding_window
@@ -69,6 +70,18 @@ class BatchPlan:
             return self.pack([[self.data[j] for j in row] for row in mine], self.pad_id,
                              self.sliding, self.layer_types)
         return self.collate([self.data[j] for j in mine], self.pad_id)
+
+
+def branch_aware(collate_fn, pack_fn, text_cfg):
+    """`collate_fn` for samples that may be branched (data_tools.steps: earlier steps served apart).
+    Those need 4-D masks, so a micro-batch holding one goes one sample per row through `pack_fn`."""
+    sliding, types = text_cfg.sliding_window, list(text_cfg.layer_types)
+
+    def make(samples: list[dict], pad_id: int) -> dict:
+        if any("position_ids" in s for s in samples):
+            return pack_fn([[s] for s in samples], pad_id, sliding, types)
+        return collate_fn(samples, pad_id)
+    return make
 
 
 class StreamPlan:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from finetune.model.load import unwrap
+from finetune.training.batches import branch_aware
 from finetune.training.step import forward_loss
 from finetune.training.wrappers import to_device
 
@@ -17,12 +18,13 @@ def eval_loss(model, objective, data, pad_id, dtype, device) -> dict:
     One sample per forward: the per-modality sums need per-sample losses, and the eval set
     is small. Runs on every rank (no gradients, so no DDP involvement)."""
     peft_model = unwrap(model, peft=True)
+    make = branch_aware(objective.collate, objective.pack, unwrap(model).config.get_text_config())
     sums: dict[str, list[float]] = {}
     peft_model.eval()
     with torch.no_grad():
         for j in range(len(data)):
             s = data[j]
-            b = to_device(objective.collate([s], pad_id), device, dtype)
+            b = to_device(make([s], pad_id), device, dtype)
             ls, _ = forward_loss(peft_model, objective, b)
             acc = sums.setdefault(s["modality"], [0.0, 0])
             acc[0] += float(ls)

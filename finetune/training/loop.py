@@ -28,7 +28,7 @@ from finetune.config.recipe import Recipe, dump_recipe
 from finetune.errors import TrainingStopped, UserError
 from finetune.model.load import unwrap
 from finetune.model.memory_tricks import tile_mlp
-from finetune.training.batches import BatchPlan, StreamPlan
+from finetune.training.batches import BatchPlan, StreamPlan, branch_aware
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.training.evaluation import eval_loss, preview
 from finetune.training.metrics import EvalWatch, MetricsLog
@@ -142,7 +142,8 @@ class _Run:
         """The order of micro-batches; with `train.epochs`, the step count it implies."""
         t, acc, o = self.t, self.acc, self.objective
         if self.data.streaming:
-            return StreamPlan(self.data.train, t, self.pad_id, acc.num_processes, acc.process_index, o.collate)
+            return StreamPlan(self.data.train, t, self.pad_id, acc.num_processes, acc.process_index,
+                              branch_aware(o.collate, o.pack, text_cfg))
         plan = BatchPlan(self.data.train, t, self.pad_id, text_cfg, acc.num_processes, acc.process_index,
                          self.recipe.data.max_seq_len, o.collate, o.pack)
         if t.epochs is not None:  # known only now: the batches an epoch makes
