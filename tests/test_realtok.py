@@ -82,7 +82,7 @@ def test_converted_tokenizer_reproduces_llama_cpp_vectors(vocab, real_tokenizer)
 @pytest.fixture(scope="module")
 def real_base(vocab, tmp_path_factory) -> Path:
     """`finetune tiny-model DIR --tokenizer GGUF`, as a user builds it."""
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     out = tmp_path_factory.mktemp("realtok") / "base"
     assert main(["tiny-model", str(out), "--tokenizer", str(vocab)]) == 0
@@ -177,7 +177,7 @@ def test_tool_use_data_renders_and_trains_with_the_real_tokenizer(real_base, tmp
                   "gradient_checkpointing": False},
         "eval": {"max_new_tokens": 8}})
     train(recipe)
-    stats = json.loads((tmp_path / "out" / "data_stats.json").read_text())
+    stats = json.loads((tmp_path / "out" / "data_stats.json").read_text())["total"]
     assert stats["rejected"] == 0 and stats["used"] == len(train_records)
     result, items = evaluate_adapter(recipe, tmp_path / "out" / "adapter")
     assert len(items) == 4 and result["summary"]
