@@ -1,5 +1,6 @@
-"""Branched rows: one conversation's main row plus the branches of its earlier served steps, laid
-out in one token row whose position ids alone define which tokens each token sees.
+"""Branched rows: a conversation's main row plus a branch per earlier served step, in one row.
+
+The row's position ids alone define which tokens each token sees.
 
 The row is the main sequence (position ids 0..n-1) followed by the branches, deepest branch
 point first; a branch's position ids continue from its branch point. Read in that order the row

@@ -177,3 +177,15 @@ def test_served_exact_overhead(processor):
                "ten_turns": overhead(processor, [ten_turns()])}
     print(json.dumps(figures))
     assert figures["tool_use"] <= figures["flows"] <= 0.15 < figures["ten_turns"]
+
+
+def test_preview_rows_show_each_step(processor):
+    """`finetune data preview --jsonl` rows: `steps` = each served prompt and what it writes."""
+    from data_tools.preview import sample_view
+
+    record = RECORDS["calls-then-answer"]
+    sample, _ = render(processor, record)
+    view = sample_view(sample, processor)
+    assert view["steps"] == [{"prompt": p, "completion": w}
+                             for p, w in zip(served_prompts(processor, record), WRITTEN["calls-then-answer"])]
+    assert view["labels"] == WRITTEN["calls-then-answer"] and view["text"].endswith("Snowy.<turn|>\n")

@@ -1,6 +1,8 @@
-"""The real tokenizer for a tiny base: a tokenizer folder or a llama.cpp vocab GGUF (Gemma 4's
-`ggml-vocab-gemma-4.gguf` from llama-cpp-python's source archive) as a fast tokenizer with
-Gemma 4's named special tokens, so a tiny `gemma4_unified` trains on the real vocabulary.
+"""The real Gemma 4 tokenizer for a tiny base, from a tokenizer folder or llama.cpp's vocab GGUF.
+
+The folder, or the GGUF (Gemma 4's `ggml-vocab-gemma-4.gguf` from llama-cpp-python's source
+archive), becomes a fast tokenizer with Gemma 4's named special tokens, so a tiny
+`gemma4_unified` trains on the real vocabulary.
 
 The GGUF goes through transformers' own converter (`get_gguf_tokenizer` +
 `convert_gguf_tokenizer`: `AutoTokenizer.from_pretrained(dir, gguf_file=…)` builds a model config
