@@ -15,29 +15,28 @@ from finetune.errors import UserError
 from finetune.eval.agent import is_agent_item, python_responder, recorded_responder, run_agent
 from finetune.eval.evaluate import exact_match
 from finetune.model.families import GEMMA4_UNIFIED
-from tests.tool_data import TOOLS
+from tests.tool_data import TOOLS, parallel_flow
 
 CHAT = GEMMA4_UNIFIED.chat
 CALL = '<|tool_call>call:{}{{city:<|"|>{}<|"|>}}<tool_call|>'
 
 
-def call(name, city, id_):
-    return {"id": id_, "type": "function", "function": {"name": name, "arguments": json.dumps({"city": city})}}
+def _record() -> dict:
+    """A greeting, then one question answered in three steps: two parallel calls, one more call,
+    the answer."""
+    first = parallel_flow("Halden", "Weather and time in Halden, then the weather in Mirovo?", 0)["messages"]
+    mirovo = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Mirovo"}'}}
+    return {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, *first[:4],
+        {"role": "assistant", "content": None, "tool_calls": [mirovo]},
+        {"role": "tool", "tool_call_id": "c", "content": "rainy"},
+        {"role": "assistant", "content": "Sunny at 0:00 in Halden, rainy in Mirovo."}]}
 
 
-RECORD = {"tools": TOOLS, "messages": [
-    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-    {"role": "user", "content": "Weather and time in Halden, then the weather in Mirovo?"},
-    {"role": "assistant", "content": None, "tool_calls": [call("get_weather", "Halden", "a"),
-                                                          call("get_time", "Halden", "b")]},
-    {"role": "tool", "tool_call_id": "a", "content": "sunny"},
-    {"role": "tool", "tool_call_id": "b", "content": "9:00"},
-    {"role": "assistant", "content": None, "tool_calls": [call("get_weather", "Mirovo", "c")]},
-    {"role": "tool", "tool_call_id": "c", "content": "rainy"},
-    {"role": "assistant", "content": "Sunny at 9:00 in Halden, rainy in Mirovo."}]}
+RECORD = _record()
 GOOD = [CALL.format("get_weather", "Halden") + CALL.format("get_time", "Halden") + "<|tool_response>",
         CALL.format("get_weather", "Mirovo") + "<|tool_response>",
-        "Sunny at 9:00 in Halden, rainy in Mirovo.<turn|>"]
+        "Sunny at 0:00 in Halden, rainy in Mirovo.<turn|>"]
 
 
 def scripted(processor, conv, script: list[str], seen: list[str]):
@@ -75,12 +74,12 @@ def test_wrong_calls_and_answers_are_scored_per_step(processor):
     seen = []
     out = run_agent(conv, scripted(processor, conv, script, seen), CHAT, recorded_responder(conv), exact_match)
     assert out["call_accuracy"] == 0.5 and out["final_exact"] == 0.0
-    assert 'response:get_time{value:<|"|>9:00<|"|>}' in seen[1]  # answered by name and arguments
+    assert 'response:get_time{value:<|"|>0:00<|"|>}' in seen[1]  # answered by name and arguments
     assert out["final"] == "It is rainy."
     # The unrecorded call got an error as its response, as a real tool would answer it.
     assert recorded_responder(conv)("get_weather", {"city": "Tessel"}).startswith("error:")
     # A model that never calls answers at once: no call step right, its answer compared.
-    out = run_agent(conv, scripted(processor, conv, ["Sunny at 9:00 in Halden, rainy in Mirovo.<turn|>"], []),
+    out = run_agent(conv, scripted(processor, conv, [GOOD[2]], []),
                     CHAT, recorded_responder(conv), exact_match)
     assert out["call_accuracy"] == 0.0 and out["final_exact"] == 1.0 and len(out["steps"]) == 1
     # An unreadable call ends the loop as a (wrong) answer.
@@ -91,7 +90,7 @@ def test_wrong_calls_and_answers_are_scored_per_step(processor):
 
 def weather(name: str, arguments: dict) -> str:
     """A tool implementation for `eval.tool_responder: tests.test_agent:weather`."""
-    return {"get_weather": "sunny", "get_time": "9:00"}[name] if arguments["city"] == "Halden" else "rainy"
+    return {"get_weather": "sunny", "get_time": "0:00"}[name] if arguments["city"] == "Halden" else "rainy"
 
 
 def test_a_named_function_answers_the_calls(processor):
