@@ -257,9 +257,9 @@ class ChatText:
         """Step `i` as served: (served prompt, what the model writes, ids, labels on the written part)."""
         prompt = self.render(msgs[:i], True, conv.tools, thinking, conv.origin)
         written = self._written(conv, msgs, i, thinking)
-        ids = self.encode(prompt + written)
-        n = len(self.encode(prompt))
-        if ids[:n] != self.encode(prompt):
+        ids, prompt_ids = self.encode(prompt + written), self.encode(prompt)
+        n = len(prompt_ids)
+        if ids[:n] != prompt_ids:
             raise BadRecord("render_failed", "the generation prompt is not a token prefix of the "
                             "rendered step (the answer merges with the prompt's last token)", conv.origin)
         if ids[-1] not in self.stop_ids:
@@ -268,9 +268,9 @@ class ChatText:
         return prompt, written, ids, [IGNORE] * n + ids[n:]
 
     def _branch(self, conv, msgs, i, thinking, ids, labels) -> list[Branch]:
-        """Step `i` against the main row: its labels go onto the shared part; what differs becomes
-        a branch that repeats the last shared token (so the loss of its first written token is
-        computed from that token's logits, as in its own sequence)."""
+        """Step `i` against the main row: labelled there when it is a token prefix of it, else a
+        branch from its served prompt's last shared token, which the branch repeats (so the loss
+        of its first written token is computed from that token's logits, as in its own sequence)."""
         _, _, step, step_labels = self._step(conv, msgs, i, thinking)
         n = next((k for k, (a, b) in enumerate(zip(step, ids)) if a != b), min(len(step), len(ids)))
         if n == len(step):  # served as the conversation has it: label it there

@@ -101,3 +101,15 @@ def test_a_named_function_answers_the_calls(processor):
     with pytest.raises(UserError) as e:
         python_responder("tests.test_agent:nothing")
     assert e.value.where == "eval.tool_responder"
+
+
+def test_report_shows_the_agent_loop(tmp_path):
+    from finetune.eval.report import write_report
+
+    empty = {"n": 0, "wins": 0, "losses": 0, "ties": 0, "metrics": {}}
+    result = {"summary": empty, "by_modality": {}, "by_dataset": {}, "items": [],
+              "agent": {"base": {"n": 2, "call_accuracy": 0.0, "final_exact": None},
+                        "adapter": {"n": 2, "call_accuracy": 1.0, "final_exact": 0.5}}}
+    text = write_report(tmp_path / "r.html", result, [], "t").read_text()
+    assert "<tr><td>base</td><td>2</td><td>0.000</td><td>–</td></tr>" in text
+    assert "<tr><td>adapter</td><td>2</td><td>1.000</td><td>0.500</td></tr>" in text

@@ -243,7 +243,7 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
         result["drafter"] = report(rows, recipe, len(measured[0]))
     if any(s.format == "preference" for s in recipe.eval_datasets or recipe.datasets):
         result["preference"] = _preference(model, recipe, processor, family.chat, log)
-    return result, items
+    return result, plain + agents  # result["items"] pairs with the plain items, first
 
 
 def _preference(model, recipe, processor, chat, log) -> dict:
