@@ -35,6 +35,17 @@ def attach(sample: dict, branches: list[Branch], where: list[int]) -> dict:
     return sample
 
 
+def main_row(sample: dict) -> dict:
+    """`sample` without its branches: the conversation as its last step is served."""
+    if "position_ids" not in sample:
+        return sample
+    n = main_length(sample)
+    out = {k: v for k, v in sample.items() if k != "position_ids"}
+    for key in ("input_ids", "labels", "mm_token_type_ids"):
+        out[key] = list(sample[key][:n])
+    return out
+
+
 def positions(sample: dict) -> list[int]:
     return list(sample.get("position_ids") or range(len(sample["input_ids"])))
 

@@ -189,3 +189,23 @@ def test_preview_rows_show_each_step(processor):
     assert view["steps"] == [{"prompt": p, "completion": w}
                              for p, w in zip(served_prompts(processor, record), WRITTEN["calls-then-answer"])]
     assert view["labels"] == WRITTEN["calls-then-answer"] and view["text"].endswith("Snowy.<turn|>\n")
+
+
+def test_micro_batches_of_branched_samples(processor):
+    """Training collates a branched sample with its tree mask (objectives that pack), or keeps its
+    main row (objectives that don't, e.g. the drafter's served prompts)."""
+    from types import SimpleNamespace
+
+    from data_tools.collate import collate_packed
+    from finetune.training.batches import branch_aware
+
+    sample, _ = render(processor, RECORDS["ten-turns"])
+    n = len(sample["input_ids"])
+    cfg = SimpleNamespace(sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    batch = branch_aware(collate, collate_packed, cfg)([sample], 0)
+    assert batch["position_ids"][0].tolist() == sample["position_ids"]
+    assert torch.equal(batch["attention_mask"]["full_attention"][0, 0], tree_mask(batch["position_ids"])[0])
+    assert batch["attention_mask"]["sliding_attention"].shape == (1, 1, n, n)
+    plain = branch_aware(collate, None, cfg)([sample], 0)
+    assert plain["input_ids"][0].tolist() == sample["input_ids"][: main_length(sample)]
+    assert "position_ids" not in plain

@@ -18,7 +18,8 @@ def eval_loss(model, objective, data, pad_id, dtype, device) -> dict:
     One sample per forward: the per-modality sums need per-sample losses, and the eval set
     is small. Runs on every rank (no gradients, so no DDP involvement)."""
     peft_model = unwrap(model, peft=True)
-    make = branch_aware(objective.collate, objective.pack, unwrap(model).config.get_text_config())
+    make = branch_aware(objective.collate, objective.pack if objective.packs else None,
+                        unwrap(model).config.get_text_config())
     sums: dict[str, list[float]] = {}
     peft_model.eval()
     with torch.no_grad():
