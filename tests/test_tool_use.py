@@ -12,7 +12,7 @@ from data_tools.formats import parse_record
 from data_tools.render import Renderer, RenderSettings
 from finetune.model.families import GEMMA4_UNIFIED
 from finetune.model.generate import read_calls, stop_ids
-from tests.tool_data import expected_call, tool_use_data
+from tests.tool_data import tool_use_data
 
 CHAT = GEMMA4_UNIFIED.chat
 
