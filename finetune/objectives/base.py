@@ -55,9 +55,10 @@ class Objective(torch.nn.Module):
 
         return collate(samples, pad_id, trim_tail=True)
 
-    def save(self, model, out) -> None:
-        """Write what was trained to `out` (default: the PEFT adapter folder)."""
-        model.save_pretrained(out)
+    def save(self, model, out, state_dict: dict | None = None) -> None:
+        """Write what was trained to `out` (default: the PEFT adapter folder); `state_dict`: the
+        adapter's weights gathered whole when the model is sharded (FSDP)."""
+        model.save_pretrained(out, state_dict=state_dict)
 
     def weight(self, batch: dict) -> int:
         raise NotImplementedError

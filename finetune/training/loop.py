@@ -29,6 +29,8 @@ from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, sav
 from finetune.training.metrics import EvalWatch, MetricsLog, available_trackers
 from finetune.training.optim import make_optimizer, make_scheduler
 from finetune.training.resume import StopRequest, check_resume
+from finetune.training.sharding import fsdp_plugin, gather_for_save, is_sharded, refuse_short_launch, shard, \
+    sharding_problems
 from finetune.training.step import forward_loss, optimizer_step
 from finetune.training.wrappers import LossForward, to_device, unwrap, unwrap_peft
 
@@ -61,6 +63,10 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     out = Path(t.output_dir)
     if resume:
         check_resume(recipe, out, log)
+    refuse_short_launch()
+    fsdp = fsdp_plugin()
+    if fsdp is not None:
+        sharding_problems(recipe)
     out.mkdir(parents=True, exist_ok=True)
     acc = _accelerator(t, out)
     main_log = log if acc.is_main_process else _silent
@@ -96,10 +102,14 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
     model.train()
     dtype = unwrap(model).model.language_model.embed_tokens.weight.dtype
     cdtype = torch.float32 if device == "cpu" else (torch.bfloat16 if m.dtype == "auto" else dtype)
-    # weights the objective owns (a drafter) train with the model's
-    optimizer = make_optimizer([*model.parameters(), *objective.parameters()], t, device)
+    if fsdp is not None:  # sharded first: the optimizer holds (and its state follows) the shards
+        model = LossForward(model, objective)
+        shard(model, fsdp, unwrap(model)._no_split_modules)
+        optimizer = make_optimizer(model.parameters(), t, device)
+    else:  # weights the objective owns (a drafter) train with the model's
+        optimizer = make_optimizer([*model.parameters(), *objective.parameters()], t, device)
+        model, optimizer = acc.prepare(LossForward(model, objective), optimizer)
     scheduler = make_scheduler(optimizer, t)
-    model, optimizer = acc.prepare(LossForward(model, objective), optimizer)
     step, position = 0, 0
     if resume:
         ck = latest_checkpoint(out)
@@ -136,10 +146,12 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
                 if t.eval_every and step % t.eval_every == 0 and len(data.eval):
                     row.update(eval_loss(model, objective, data.eval, pad_id, cdtype, acc.device))
                     improved, early_stop = watch.update(step, row["eval_loss"])
-                    if improved and t.keep_best and acc.is_main_process:
-                        objective.save(unwrap_peft(model), out / "best")
-                        best = {"step": step, "eval_loss": row["eval_loss"]}
-                        (out / "best" / "best.json").write_text(json.dumps(best))
+                    if improved and t.keep_best:
+                        full = gather_for_save(model, None) if is_sharded(model) else None
+                        if acc.is_main_process:
+                            objective.save(unwrap_peft(model), out / "best", **_state(full))
+                            best = {"step": step, "eval_loss": row["eval_loss"]}
+                            (out / "best" / "best.json").write_text(json.dumps(best))
                     main_log(f"step {step}: eval_loss {row['eval_loss']:.4f} (best {watch.best:.4f} at step "
                              f"{watch.best_step})" + (f"; no better for {watch.since} evals: stopping early"
                                                       if early_stop else ""))
@@ -152,9 +164,11 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
                 if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopping or early_stop:
                     acc.wait_for_everyone()
                     ck = out / "checkpoints" / f"step-{step}"
+                    full = gather_for_save(model, optimizer) if is_sharded(model) else None
                     if acc.is_main_process:
                         metrics.flush()
-                        ck = save_checkpoint(out, step, model, optimizer, scheduler, position, t.keep_checkpoints)
+                        ck = save_checkpoint(out, step, model, optimizer, scheduler, position, t.keep_checkpoints,
+                                             full=full)
                     if stopping and step < t.max_steps:
                         raise TrainingStopped(step, ck)
                 if early_stop:
@@ -168,12 +182,15 @@ def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | No
             bar.close()
     acc.wait_for_everyone()
     adapter_dir = out / objective.saves_as
+    full = gather_for_save(model, None) if is_sharded(model) else None
     if acc.is_main_process:
         metrics.flush()
-        objective.save(unwrap_peft(model), adapter_dir)
+        objective.save(unwrap_peft(model), adapter_dir, **_state(full))
         metrics.plot(out)
         _finish_data_stats(data, out)
-    if acc.num_processes > 1:
+    if is_sharded(model):
+        main_log(f"adapter gathered from {acc.num_processes} shards (FSDP2)")
+    elif acc.num_processes > 1:
         _check_ranks_agree(model, acc, out, main_log)
     acc.end_training()
     if acc.num_processes > 1 and torch.distributed.is_initialized():
@@ -226,6 +243,11 @@ def _finish_data_stats(data, out: Path) -> None:
         (out / "data_stats.json").write_text(json.dumps(data.stats, indent=1))
 
 
+def _state(full: dict | None) -> dict:
+    """`objective.save`'s keyword for a gathered (FSDP) adapter; nothing otherwise."""
+    return {"state_dict": full["adapter"]} if full else {}
+
+
 def _agreed(flag: bool, acc) -> bool:
     """Whether any process was asked to stop (all stop at the same step)."""
     if acc.num_processes == 1:
@@ -245,15 +267,17 @@ def eval_loss(model, objective, data, pad_id, dtype, device) -> dict:
     """Mean loss (per the objective's weight) on the eval set, overall and by sample modality.
 
     One sample per forward: the per-modality sums need per-sample losses, and the eval set
-    is small. Runs on every rank (no gradients, so no DDP involvement)."""
+    is small. Runs on every rank (no gradients, so no DDP involvement; sharded, through the root
+    module, which gathers the weights)."""
     peft_model = unwrap_peft(model)
+    run = model if is_sharded(model) else peft_model
     sums: dict[str, list[float]] = {}
     peft_model.eval()
     with torch.no_grad():
         for j in range(len(data)):
             s = data[j]
             b = to_device(objective.collate([s], pad_id), device, dtype)
-            ls, _ = forward_loss(peft_model, objective, b)
+            ls, _ = forward_loss(run, objective, b)
             acc = sums.setdefault(s["modality"], [0.0, 0])
             acc[0] += float(ls)
             acc[1] += objective.weight(b)
