@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from finetune.errors import UserError
+from finetune.model.load import unwrap
 from finetune.training.sharding import SHARDED_OPTIMIZER, is_sharded, load_adapter_state, load_optimizer_state
-from finetune.training.wrappers import LossForward, unwrap_peft
+from finetune.training.wrappers import LossForward
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -107,7 +108,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, position:
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     if _trains_model(model):
-        unwrap_peft(model).save_pretrained(tmp / "adapter", **({"state_dict": full["adapter"]} if full else {}))
+        unwrap(model, peft=True).save_pretrained(tmp / "adapter", **({"state_dict": full["adapter"]} if full else {}))
     _test_pause_in_save(step)
     tensors: dict[str, torch.Tensor] = {}
     state = {"step": step, "position": position, "optimizer_format": SHARDED_OPTIMIZER if full else "index",
@@ -193,9 +194,9 @@ def load_checkpoint(ck: Path, model, optimizer, scheduler) -> tuple[int, int]:
     if _trains_model(model):
         weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
         if sharded:
-            load_adapter_state(model, weights, unwrap_peft(model).active_adapter)
+            load_adapter_state(model, weights, unwrap(model, peft=True).active_adapter)
         else:
-            set_peft_model_state_dict(unwrap_peft(model), weights)
+            set_peft_model_state_dict(unwrap(model, peft=True), weights)
     if (ck / OBJECTIVE_TENSORS).is_file():
         inner = model.module if hasattr(model, "module") else model
         inner.objective.load_state_dict(load_file(str(ck / OBJECTIVE_TENSORS)))

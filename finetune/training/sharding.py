@@ -185,35 +185,6 @@ def load_adapter_state(model, weights: dict[str, torch.Tensor], adapter: str = "
 # ---------------------------------------------------------------- refusals
 
 
-def refuse_short_launch() -> None:
-    """`accelerate launch --num_processes N` without `--multi_gpu` (or an FSDP/DDP config) runs
-    ONE process: accelerate's simple launcher sets the rendezvous address for N but starts no
-    others, and says nothing. Seen as: launched by accelerate's simple launcher (which alone sets
-    ACCELERATE_USE_CPU), an address for several processes, and no WORLD_SIZE."""
-    env = os.environ
-    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
-        asked = _asked_processes()
-        raise UserError("accelerate launch", f"asked for {asked or 'several'} processes but started one "
-                        "(without --multi_gpu accelerate runs a single process)",
-                        "Launch with --multi_gpu --num_processes N, or --config_file "
-                        "configs/accelerate/ddp.yaml (or fsdp2.yaml), or torchrun --nproc_per_node N")
-
-
-def _asked_processes() -> int | None:
-    """--num_processes of the `accelerate launch` that started this process (Linux), if readable."""
-    try:
-        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode().split("\0")
-    except OSError:
-        return None
-    for i, arg in enumerate(argv):
-        for flag in ("--num_processes", "--num-processes"):
-            if arg == flag and i + 1 < len(argv) and argv[i + 1].isdigit():
-                return int(argv[i + 1])
-            if arg.startswith(flag + "=") and arg.split("=", 1)[1].isdigit():
-                return int(arg.split("=", 1)[1])
-    return None
-
-
 def sharding_problems(recipe) -> None:
     """Raise every recipe setting FSDP2 can't run (each with its fix), all at once."""
     from finetune import objectives
