@@ -296,3 +296,17 @@ def test_accelerate_launch_without_multi_gpu_is_refused(tmp_path, tiny_base, dem
     assert ("error: accelerate launch: asked for 2 processes but started one (without --multi_gpu accelerate "
             "runs a single process).") in proc.stderr
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_merge_under_fsdp_or_several_processes_is_refused(monkeypatch, tmp_path, capsys):
+    from finetune.cli.main import main
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: merge: started under FSDP: merge runs in one process") and "torchrun" in err
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2
+    assert "started under 2 processes" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()

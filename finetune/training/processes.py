@@ -1,4 +1,4 @@
-"""The processes a run is made of: the accelerator, CPU threads per process, ranks that must agree."""
+"""The processes a run is made of: the accelerator, wrong launches refused, CPU threads, ranks that agree."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ def refuse_short_launch() -> None:
                         "(without --multi_gpu accelerate runs a single process)",
                         "Launch with --multi_gpu --num_processes N, or --config_file "
                         "configs/accelerate/ddp.yaml (or fsdp2.yaml), or torchrun --nproc_per_node N")
+
+
+def refuse_several_processes(verb: str) -> None:
+    """A one-process verb (merge) started under FSDP or several processes: each would load the
+    whole base (FSDP's sharding applies to training only) and write the same files."""
+    env = os.environ
+    world, fsdp = int(env.get("WORLD_SIZE", "1")), env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if world > 1 or fsdp:
+        how = "FSDP" if fsdp else f"{world} processes"
+        raise UserError(verb, f"started under {how}: {verb} runs in one process, on the full-precision "
+                        "base (sharding is for training)", f"Run `finetune {verb} ...` directly, without "
+                        "accelerate launch or torchrun")
 
 
 def _asked_processes() -> int | None:
