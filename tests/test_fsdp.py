@@ -94,8 +94,8 @@ def one_process(raw: dict, world: int = 2):
 
     from data_tools.pipeline import prepare
     from finetune import objectives
-    from finetune.model.load import base_family, load_processor, load_recipe_base
     from finetune.config.recipe import recipe_from_dict
+    from finetune.model.load import base_family, load_processor, load_recipe_base
     from finetune.training.batches import BatchPlan
     from finetune.training.optim import make_optimizer, make_scheduler
     from finetune.training.step import optimizer_step

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from finetune.config.recipe import load_recipe
-from finetune.plan.estimate import GIB, quant_tensor_bytes
+from finetune.plan.estimate import quant_tensor_bytes
 from finetune.plan.report import plan
 
 RECIPE = "recipes/gemma4-12b/image-qa.yaml"
@@ -86,3 +86,22 @@ def test_cli_prints_the_per_gpu_figure(capsys):
     assert "longest data.max_seq_len that fits 16 GiB: " in out and "fsdp_gathered_root" in out
     assert main(["plan", RECIPE, "--gpus", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --gpus: 0 is not a number of GPUs")
+
+
+def test_the_12b_recipes_state_their_plan_at_32k():
+    """Each shipped 12B recipe's comment "N × 16 GB, FSDP2: X GiB per GPU (...)" is the plan's figure."""
+    import re
+    from pathlib import Path
+
+    recipes = sorted(Path("recipes/gemma4-12b").glob("*.yaml"))
+    assert len(recipes) == 5
+    pattern = re.compile(r"^#   (\d) × 16 GB, FSDP2: ([\d.]+) GiB per GPU \((fits|does not fit; ([\d,]+) tokens do)\)$",
+                         re.M)
+    for path in recipes:
+        stated = pattern.findall(path.read_text())
+        assert [int(n) for n, *_ in stated] == [2, 4], path
+        r = load_recipe(str(path), ["data.max_seq_len=32768"])
+        for n, gib, verdict, longest in stated:
+            p = plan(r, gpus=int(n), strategy="fsdp")
+            assert f"{p['peak_gib']:.2f}" == gib and p["fits"] == (verdict == "fits"), (path, n)
+            assert p["fits"] or int(longest.replace(",", "")) == p["longest_seq_len"], (path, n)
