@@ -35,7 +35,14 @@ from finetune.training.metrics import EvalWatch, MetricsLog
 from finetune.training.optim import make_optimizer, make_scheduler
 from finetune.training.processes import accelerator, check_ranks_agree, set_cpu_threads
 from finetune.training.resume import StopRequest, check_resume
-from finetune.training.sharding import fsdp_plugin, gather_for_save, is_sharded, shard, sharding_problems
+from finetune.training.sharding import (
+    describe,
+    fsdp_plugin,
+    gather_for_save,
+    is_sharded,
+    shard,
+    sharding_problems,
+)
 from finetune.training.step import optimizer_step
 from finetune.training.wrappers import LossForward, to_device
 
@@ -160,6 +167,7 @@ class _Run:
         if self.fsdp is not None:  # sharded first: the optimizer holds (and its state follows) the shards
             self.model = LossForward(self.model, self.objective)
             shard(self.model, self.fsdp, unwrap(self.model)._no_split_modules)
+            self.main_log(describe(self.model))
             self.optimizer = make_optimizer(self.model.parameters(), self.t, device)
         else:  # weights the objective owns (a drafter) train with the model's
             optimizer = make_optimizer([*self.model.parameters(), *self.objective.parameters()], self.t, device)

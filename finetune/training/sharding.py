@@ -115,6 +115,21 @@ class Usage:
         self.step_ran = [False] * len(self.modules)
 
 
+def describe(model) -> str:
+    """What this process holds of the sharded weights, for the log (4-bit weights counted apart)."""
+    total = local = four_bit = 0
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if hasattr(p, "to_local"):
+                size = p.numel() * p.element_size()
+                total += size
+                local += p.to_local().numel() * p.element_size()
+                four_bit += size if type(m).__name__ == "Linear4bit" and p is m.weight else 0
+    mib = 2**20
+    return (f"fsdp: {total / mib:,.1f} MiB of weights sharded ({four_bit / mib:,.1f} MiB of them 4-bit), "
+            f"{local / mib:,.1f} MiB on this process")
+
+
 def set_gradient_sync(model, sync: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of a step (FSDP's no_sync)."""
     model.set_requires_gradient_sync(sync)
