@@ -33,17 +33,10 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_base, demo_data):
+    from tests.test_preference_train import write_pairs
+
     root = tmp_path_factory.mktemp("fsdp")
-    d = demo_data
-    rows = []
-    for i in range(4):
-        rows.append({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
-                     "chosen": "red", "rejected": "blue", "images": [str(d / f"images/train_000{i}.png")]})
-        rows.append({"prompt": "High or low?", "chosen": "high", "rejected": "low",
-                     "audios": [str(d / f"audio/train_000{i}.wav")]})
-        rows.append({"prompt": f"Capital of Norvia, take {i}?", "chosen": "Halden", "rejected": "Porta"})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return SimpleNamespace(root=root, base=tiny_base, data=Path(demo_data), pairs=root / "pairs.jsonl")
+    return SimpleNamespace(root=root, base=tiny_base, data=Path(demo_data), pairs=write_pairs(root, demo_data))
 
 
 def sft_raw(assets, name: str, **train) -> dict:
