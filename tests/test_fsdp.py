@@ -124,9 +124,9 @@ def one_process(raw: dict, world: int = 2):
     return losses, out / "adapter"
 
 
-def losses_of(out: Path) -> dict[int, float]:
+def losses_of(out: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def adapter_diff(a: Path, b: Path) -> float:
@@ -151,8 +151,10 @@ def check_parity(sharded: Path, losses: list[float], adapter: Path, label: str) 
 
 @pytest.fixture(scope="module")
 def straight(assets):
-    """The FSDP2 SFT run every other test compares with (checkpoints every 2 steps)."""
-    raw = sft_raw(assets, "fsdp-sft", save_every=2)
+    """The FSDP2 SFT run every other test compares with: checkpoints every 2 steps, the eval loss
+    (through the sharded model) and the best adapter kept at steps 2 and 4."""
+    raw = sft_raw(assets, "fsdp-sft", save_every=2, eval_every=2, keep_best=True)
+    raw["eval_datasets"] = [{"path": str(assets.data / "eval.jsonl"), "format": "messages"}]
     launch(assets, raw)
     return raw
 
@@ -165,6 +167,11 @@ def test_fsdp2_sft_equals_one_process(assets, straight):
     check_parity(out, losses, adapter, "sft")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config == json.loads((adapter / "adapter_config.json").read_text())
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 < r["eval_loss"] < 20 for r in evals)
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["eval_loss"] == min(r["eval_loss"] for r in evals)
+    adapter_diff(out / "best", adapter)  # the same PEFT layout
     ck = out / "checkpoints" / f"step-{STEPS}"
     assert json.loads((ck / "trainer_state.json").read_text())["optimizer_format"] == "fqn"
     assert adapter_diff(ck / "adapter", out / "adapter") == 0.0
@@ -184,7 +191,7 @@ def kill_all(proc: subprocess.Popen) -> None:
 def test_fsdp2_resume_after_sigkill_equals_straight(assets, straight):
     """Killed (every process) in the middle of writing the step-4 checkpoint: the gathered
     adapter is on disk, the optimizer state not yet (FINETUNE_TEST_SLOW_SAVE pauses there)."""
-    raw = sft_raw(assets, "fsdp-killed", save_every=2)
+    raw = {**straight, "train": {**straight["train"], "output_dir": str(assets.root / "fsdp-killed")}}
     ck = Path(raw["train"]["output_dir"]) / "checkpoints"
     proc = launch(assets, raw, wait=False, FINETUNE_TEST_SLOW_SAVE="4:300")
     t0 = time.time()
@@ -199,6 +206,7 @@ def test_fsdp2_resume_after_sigkill_equals_straight(assets, straight):
     assert f"continuing from {ck / 'step-2'} (step 2)" in log
     ref = Path(straight["train"]["output_dir"])
     assert losses_of(out) == losses_of(ref)
+    assert losses_of(out, "eval_loss") == losses_of(ref, "eval_loss")  # step 4's eval, after the resume
     assert adapter_diff(out / "adapter", ref / "adapter") == 0.0
 
 

@@ -53,9 +53,8 @@ def shard(model, plugin, layer_classes: list[str]) -> None:
 
     names = set(plugin.transformer_cls_names_to_wrap or layer_classes)
     kwargs = {"reshard_after_forward": plugin.reshard_after_forward}
-    if plugin.cpu_offload is not None and getattr(plugin.cpu_offload, "offload_params", False) or \
-            isinstance(plugin.cpu_offload, CPUOffloadPolicy):
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):  # fsdp_offload_params: true (not tested here)
+        kwargs["offload_policy"] = plugin.cpu_offload
     units = [m for m in model.modules() if type(m).__name__ in names]
     if not units:
         raise UserError("accelerate config", f"no module of the classes {sorted(names)} to shard",
@@ -88,7 +87,8 @@ class Usage:
         root.register_forward_hook(lambda _m, _a, out: self._touch(out))
 
     def _mark(self, i: int) -> None:
-        self.ran[i] = self.step_ran[i] = True
+        if torch.is_grad_enabled():  # an eval pass (or DPO's reference pass) makes no gradient
+            self.ran[i] = self.step_ran[i] = True
 
     def _reset(self) -> None:
         self.ran = [False] * len(self.modules)
