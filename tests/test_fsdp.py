@@ -60,22 +60,22 @@ def dpo_raw(assets, name: str, **train) -> dict:
                       "seed": 0, "max_steps": 3, "group_by_length": False, "max_grad_norm": 0.0, **train}}
 
 
-def launch(assets, raw: dict, *args: str, wait: bool = True, **env):
+def launch(assets, raw: dict, *args: str, wait: bool = True, config: Path = FSDP2, **env):
     """`accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 -m
-    finetune.cli train RECIPE` in its own process group (so a test can kill all of it)."""
+    finetune.cli train RECIPE` (or another shipped `config`)."""
     path = assets.root / f"{Path(raw['train']['output_dir']).name}.yaml"
     path.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2), "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
            "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "finetune.cli", "train", str(path), *args]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                     HF_HOME=str(assets.root / "hf"), **env)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True)
     if not wait:
         return proc
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-4000:]
-    assert "adapter gathered from 2 shards (FSDP2)" in out
+    assert ("adapter gathered from 2 shards (FSDP2)" if config == FSDP2 else "adapter identical on 2 ranks") in out
     return out
 
 
@@ -226,6 +226,21 @@ def test_fsdp2_qlora_with_bf16_storage_equals_one_process(assets):
     launch(assets, {**sft_raw(assets, "fsdp-qlora", max_steps=2), "model": model})
     losses, adapter = one_process({**sft_raw(assets, "one-qlora", max_steps=2), "model": model})
     check_parity(assets.root / "fsdp-qlora", losses, adapter, "qlora")
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulation_equals_ddp(assets):
+    """`train.grad_accum: 2`: FSDP2 skips the reduce-scatter until the window's last micro-batch,
+    as DDP skips its all-reduce (each rank sums its own micro-batches, then the ranks' sums are
+    added): the same sums in the same order, so the same adapter bit for bit. The DDP run is
+    launched with the shipped configs/accelerate/ddp.yaml."""
+    launch(assets, sft_raw(assets, "fsdp-accum", max_steps=2, grad_accum=2))
+    launch(assets, sft_raw(assets, "ddp-accum", max_steps=2, grad_accum=2), config=FSDP2.parent / "ddp.yaml")
+    fsdp, ddp = assets.root / "fsdp-accum", assets.root / "ddp-accum"
+    assert losses_of(fsdp) == pytest.approx(losses_of(ddp), abs=1e-5)  # float32-reduced metrics, as above
+    diff = adapter_diff(fsdp / "adapter", ddp / "adapter")
+    assert diff == 0.0, diff
+    print("accumulation: fsdp vs ddp adapter diff", diff)
 
 
 @pytest.mark.slow
