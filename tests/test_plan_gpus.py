@@ -84,6 +84,8 @@ def test_cli_prints_the_per_gpu_figure(capsys):
     line = next(x for x in out.splitlines() if x.strip().startswith("peak "))
     assert "GiB per GPU of 4 (FSDP2: sharded)  of a 16 GiB budget" in line
     assert "longest data.max_seq_len that fits 16 GiB: " in out and "fsdp_gathered_root" in out
+    # the recipe stores its 4-bit weights as uint8: the plan says what training would refuse
+    assert "  under FSDP train refuses model.quant_storage: uint8 storage under FSDP" in out
     assert main(["plan", RECIPE, "--gpus", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --gpus: 0 is not a number of GPUs")
 
@@ -100,7 +102,8 @@ def test_the_12b_recipes_state_their_plan_at_32k():
     for path in recipes:
         stated = pattern.findall(path.read_text())
         assert [int(n) for n, *_ in stated] == [2, 4], path
-        r = load_recipe(str(path), ["data.max_seq_len=32768"])
+        r = load_recipe(str(path), ["data.max_seq_len=32768", "train.optimizer=adamw", "model.quant_storage=bf16"])
+        assert "train.optimizer=adamw\n# model.quant_storage=bf16 --gpus N --strategy fsdp`" in path.read_text()
         for n, gib, verdict, longest in stated:
             p = plan(r, gpus=int(n), strategy="fsdp")
             assert f"{p['peak_gib']:.2f}" == gib and p["fits"] == (verdict == "fits"), (path, n)

@@ -161,6 +161,14 @@ def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda", gpus: int = 
     out = _result(recipe, sk, est, budget_gib, device)
     out["assumptions"]["gpus"], out["assumptions"]["strategy"] = gpus, strategy if gpus > 1 else "one GPU"
     out["longest_seq_len"] = longest_seq_len(recipe, sk, device, budget_gib, step)
+    if gpus > 1 and strategy == "fsdp":  # what `train` would refuse under FSDP, said up front
+        from finetune.errors import RecipeErrors
+        from finetune.training.sharding import sharding_problems
+
+        try:
+            sharding_problems(recipe)
+        except RecipeErrors as e:
+            out["assumptions"]["fsdp_refuses"] = e.lines()
     if "drafter" in est:
         out["assumptions"]["drafter"] = est["drafter"]
     if not out["fits"]:
