@@ -266,7 +266,7 @@ def test_clipping_across_shards(assets):
 
 
 def test_fsdp_refuses_what_it_cannot_shard(make_recipe):
-    from finetune.training.sharding import sharding_problems
+    from finetune.plan.checks import sharding_problems
 
     recipe = make_recipe([{"path": "x.jsonl"}], model={"quantization": "nf4"},
                          train={"optimizer": "paged_adamw8bit", "preview_every": 5})

@@ -163,7 +163,7 @@ def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda", gpus: int = 
     out["longest_seq_len"] = longest_seq_len(recipe, sk, device, budget_gib, step)
     if gpus > 1 and strategy == "fsdp":  # what `train` would refuse under FSDP, said up front
         from finetune.errors import RecipeErrors
-        from finetune.training.sharding import sharding_problems
+        from finetune.plan.checks import sharding_problems
 
         try:
             sharding_problems(recipe)

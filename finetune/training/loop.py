@@ -28,6 +28,7 @@ from finetune.config.recipe import Recipe, dump_recipe
 from finetune.errors import TrainingStopped, UserError
 from finetune.model.load import unwrap
 from finetune.model.memory_tricks import tile_mlp
+from finetune.plan.checks import sharding_problems
 from finetune.training.batches import BatchPlan, StreamPlan
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.training.evaluation import eval_loss, preview
@@ -35,14 +36,7 @@ from finetune.training.metrics import EvalWatch, MetricsLog
 from finetune.training.optim import make_optimizer, make_scheduler
 from finetune.training.processes import accelerator, check_ranks_agree, set_cpu_threads
 from finetune.training.resume import StopRequest, check_resume
-from finetune.training.sharding import (
-    describe,
-    fsdp_plugin,
-    gather_for_save,
-    is_sharded,
-    shard,
-    sharding_problems,
-)
+from finetune.training.sharding import describe, fsdp_plugin, gather_for_save, is_sharded, shard
 from finetune.training.step import optimizer_step
 from finetune.training.wrappers import LossForward, to_device
 
