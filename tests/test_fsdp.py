@@ -326,3 +326,20 @@ def test_merge_under_fsdp_or_several_processes_is_refused(monkeypatch, tmp_path,
     assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2
     assert "started under 2 processes" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_sharded_checkpoint_resumes_only_under_fsdp(tmp_path):
+    """Its optimizer state is keyed by parameter name: refused (with the fix) without FSDP."""
+    from safetensors.torch import save_file
+
+    from finetune.training.checkpoint import STATE_JSON, STATE_TENSORS, load_checkpoint
+
+    ck = tmp_path / "step-2"
+    ck.mkdir()
+    (ck / STATE_JSON).write_text(json.dumps({"step": 2, "position": 2, "optimizer_format": "fqn"}))
+    save_file({"x": torch.zeros(1)}, str(ck / STATE_TENSORS))
+    with pytest.raises(UserError) as e:
+        load_checkpoint(ck, torch.nn.Linear(2, 2), None, None)
+    assert e.value.line() == (f"{ck}: written by a run launched with FSDP, resumed launched without FSDP: its "
+                              "optimizer state is laid out for that. Resume it the way it was launched (the "
+                              "adapter in it loads anywhere).")

@@ -189,7 +189,7 @@ def load_checkpoint(ck: Path, model, optimizer, scheduler) -> tuple[int, int]:
     if written != (SHARDED_OPTIMIZER if sharded else "index"):
         how = ("launched with FSDP", "launched without FSDP")
         raise UserError(str(ck), f"written by a run {how[written != SHARDED_OPTIMIZER]}, resumed "
-                        f"{how[sharded]}: its optimizer state is laid out for that", "Resume it the way it "
+                        f"{how[not sharded]}: its optimizer state is laid out for that", "Resume it the way it "
                         "was launched (the adapter in it loads anywhere)")
     if _trains_model(model):
         weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
