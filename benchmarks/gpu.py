@@ -101,7 +101,8 @@ class Run:
         self.base = load_recipe(RECIPE, self.common)
         self.config, source = load_config(self.base.model)
         from finetune.model.families import family_for
-        from finetune.model.load import attach_lora, enable_gradient_checkpointing
+        from finetune.model.load import enable_gradient_checkpointing
+        from finetune.model.lora import attach_lora
 
         self.family = family_for(self.config.model_type)
         t0 = time.time()

@@ -92,7 +92,8 @@ def child(args) -> int:
     from data_tools.collate import collate
     from finetune.config.recipe import load_recipe
     from finetune.model.families import family_for
-    from finetune.model.load import attach_lora, enable_gradient_checkpointing, load_base
+    from finetune.model.load import enable_gradient_checkpointing, load_base
+    from finetune.model.lora import attach_lora
 
     device = "cpu" if args.dry_run else "cuda"
     recipe = load_recipe(args.recipe, [f"model.base={args.load}", *args.overrides])

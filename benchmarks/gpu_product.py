@@ -91,8 +91,12 @@ def grpo_step(model, family, config, common: list[str], device: str, dtype, prom
     """A GRPO step (group 8, 256 new tokens) if this commit has a `grpo` objective; else why not."""
     from finetune.objectives import get
 
-    if get("grpo") is None:
-        return {"skipped": "no grpo objective in this commit (finetune.objectives has none registered)"}
+    try:
+        found = get("grpo")
+    except ModuleNotFoundError as e:  # the registry names it; its package isn't in this commit
+        found, why = None, str(e)
+    if found is None:
+        return {"skipped": f"no grpo objective in this commit ({why if 'why' in locals() else 'none registered'})"}
     from finetune.config.recipe import load_recipe
     from finetune.objectives import build
 

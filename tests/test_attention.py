@@ -20,9 +20,9 @@ TOL = 1e-10
 def samples(tmp_path_factory, tiny_base, demo_data):
     """Rendered demo samples by modality (image, audio, text, mixed)."""
     from data_tools.pipeline import prepare
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.model import load_processor
-    from finetune.recipe import recipe_from_dict
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.load import load_processor
+    from finetune.config.recipe import recipe_from_dict
 
     root = tmp_path_factory.mktemp("attention")
     recipe = recipe_from_dict({
@@ -40,7 +40,7 @@ def samples(tmp_path_factory, tiny_base, demo_data):
 
 @pytest.fixture(scope="module")
 def model(tiny_base):
-    from finetune.model import load_base
+    from finetune.model.load import load_base
 
     m = load_base(str(tiny_base), quantization="none", device="cpu").double().train()
     return m.requires_grad_(True)
@@ -91,13 +91,13 @@ def batches(model, samples) -> dict[str, dict]:
 @pytest.mark.parametrize("kind", ["padded", "packed"])
 @pytest.mark.parametrize("name", ["blocked", "sdpa_gqa"])
 def test_attention_without_repeated_kv_equals_stock(model, samples, kind, name):
-    from finetune.training.attention import set_attention
+    from finetune.model.attention import set_attention
 
     batch = batches(model, samples)[kind]
     S = batch["input_ids"].shape[1]
     text = model.config.get_text_config()
     if kind == "packed":  # the blocks' own recompute nested in the layers' (the training setting)
-        from finetune.model import enable_gradient_checkpointing
+        from finetune.model.load import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
     set_attention(model, "sdpa")
@@ -134,7 +134,7 @@ def test_attention_without_repeated_kv_equals_stock(model, samples, kind, name):
 
 
 def test_key_spans_follow_the_mask():
-    from finetune.training.attention import _key_spans
+    from finetune.model.attention import _key_spans
 
     S, W, C = 10, 3, 4
     i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
