@@ -92,11 +92,14 @@ class Run:
         self.common = [f"data.image_tokens={build.IMAGE_TOKENS}", f"data.max_audio_seconds={build.AUDIO_SECONDS}",
                        "train.batch_size=1", "train.grad_accum=1"]
         self.processor_from = None
+        self.media = build.DRY_MEDIA if args.dry_run else {}
         if args.dry_run:
+            torch.set_num_threads(1)  # tiny ops on a shared CPU: threads spin against each other
             from finetune.demo.tiny_model import write_tiny_model
 
             self.processor_from = str(write_tiny_model(self.tmp / "tiny"))
-            self.common += [f"model.base={self.processor_from}", "data.image_tokens=70",
+            self.common += [f"model.base={self.processor_from}", f"data.image_tokens={build.DRY_MEDIA['image_tokens']}",
+                            f"data.max_audio_seconds={build.DRY_MEDIA['audio_s']}",
                             f"train.mlp_tile_tokens={DRY['seq'][0] // 2}", "train.attention_block_rows=64"]
         self.base = load_recipe(RECIPE, self.common)
         self.config, source = load_config(self.base.model)
@@ -142,7 +145,7 @@ class Run:
         from finetune.plan.report import plan
 
         recipe = with_overrides(self.base, [f"data.max_seq_len={seq}", *overrides])
-        row = collate([build.full_row(self.config, seq)], self.pad)
+        row = collate([build.full_row(self.config, seq, **self.media)], self.pad)
         result = self.guarded(run_ours, self.model, recipe, self.family, [row, row], self.device, self.dtype)
         p = plan(recipe, device="cuda")
         entry = {"label": label, "seq_len": seq, "overrides": overrides, **result, "planned_gib": p["peak_gib"],
@@ -172,7 +175,7 @@ def part_train(run: Run, skip: list[str]) -> None:
                       ("sdpa_gqa attention", ["train.attention=sdpa_gqa"]),
                       ("blocked attention, no MLP tiles", [*ATTENTION, "train.mlp_tile_tokens=0"])]:
         rec["ablations"].append(run.measure(short, ov, label))
-    hf_rows = [build.full_row(run.config, short, seed=s) for s in range(run.scale["hf_steps"] + 1)]
+    hf_rows = [build.full_row(run.config, short, seed=s, **run.media) for s in range(run.scale["hf_steps"] + 1)]
     from benchmarks.gpu_peers import UNSLOTH, run_hf, run_trl
 
     rec["hf_baseline"] = {"seq_len": short, **run.guarded(run_hf, m, hf_rows, run.pad, run.device, run.dtype, run.tmp),
@@ -180,7 +183,7 @@ def part_train(run: Run, skip: list[str]) -> None:
                                  "adamw_bnb_8bit, the model's own loss (full logits), no autocast"}
     run.save()
     # mixed data: ours packed against each peer
-    samples = build.mixed_samples(run.config, run.scale["mixed_samples"], short)
+    samples = build.mixed_samples(run.config, run.scale["mixed_samples"], short, **run.media)
     batches, rows = run.packed(samples, short)
     tp = {"samples": len(samples), "real_tokens": sum(len(s["input_ids"]) for s in samples), "packed_rows": len(rows)}
     rec["throughput"] = tp
@@ -197,7 +200,7 @@ def part_train(run: Run, skip: list[str]) -> None:
     peers["hf_trainer_prepacked_rows"] = run.guarded(run_hf, m, prepacked, run.pad, run.device, run.dtype, run.tmp,
                                                      real_tokens=real)
     run.save()
-    text = [s for s in samples if not any(k in s for k in ("pixel_values", "input_features"))]
+    text = build.text_samples(run.config, run.scale["mixed_samples"] // 2, short)
     trl = run.guarded(run_trl, m, text, run.pad, short, run.device, run.tmp)
     if "skipped" not in trl and "error" not in trl:
         text_batches, _ = run.packed(text, short)
@@ -213,7 +216,8 @@ def part_train(run: Run, skip: list[str]) -> None:
     if "profile" not in skip:
         recipe = with_overrides(run.base, [f"data.max_seq_len={short}", *ATTENTION])
         rec["profile"] = run.guarded(profile_step, m, recipe, run.family,
-                                     collate([build.full_row(run.config, short)], run.pad), run.device, run.dtype)
+                                     collate([build.full_row(run.config, short, **run.media)], run.pad), run.device,
+                                     run.dtype)
     run.save()
 
 
@@ -224,7 +228,7 @@ def part_product(run: Run, skip: list[str]) -> None:
     common = [*run.common, *ATTENTION]
     objectives = rec["objectives"] = {}
     objectives["dpo"] = run.guarded(gpu_product.dpo_step, run.model, run.family, run.config, common, s["dpo_seq"],
-                                    run.device, run.dtype)
+                                    run.device, run.dtype, run.media)
     run.save()
     if run.processor_from is None:  # a processor for the drafter's stop ids (text prompts only)
         from finetune.demo.tiny_model import write_tiny_model

@@ -20,6 +20,7 @@ from finetune.plan.skeleton import model_class, not_quantized
 
 IMAGE_TOKENS = 280
 AUDIO_SECONDS = 10.0
+DRY_MEDIA = {"image_tokens": 70, "audio_s": 1.0}  # the CPU dry run's tiny rows: a 14 × 5 image, 1 s
 
 
 # ---------------------------------------------------------------- the model
@@ -92,20 +93,20 @@ def _materialize_buffers(model, device: str) -> None:
 # ---------------------------------------------------------------- samples
 
 
-def make_sample(config, rng: random.Random, *, text: int, answer: int, image: bool, audio_s: float) -> dict:
+def make_sample(config, rng: random.Random, *, text: int, answer: int, image_tokens: int, audio_s: float) -> dict:
     """One rendered sample as `data_tools` holds it: prompt text, [image], [audio], answer."""
     vocab_hi = min(getattr(config, a) for a in ("image_token_id", "boi_token_id", "audio_token_id"))
     ids, types, media = [], [], {}
     words = lambda n: [rng.randrange(3, vocab_hi) for _ in range(n)]  # noqa: E731
     ids += words(text)
-    if image:
-        ids += [config.boi_token_id] + [config.image_token_id] * IMAGE_TOKENS + [config.eoi_token_id]
+    if image_tokens:
+        ids += [config.boi_token_id] + [config.image_token_id] * image_tokens + [config.eoi_token_id]
         v = config.vision_config
         patch_dim = (v.patch_size * v.pooling_kernel_size) ** 2 * 3
         side = 14  # a 14 × 20 grid of 48-px patches = 280 soft tokens
-        pos = np.stack(np.meshgrid(np.arange(side), np.arange(IMAGE_TOKENS // side), indexing="xy"), -1)
+        pos = np.stack(np.meshgrid(np.arange(side), np.arange(image_tokens // side), indexing="xy"), -1)
         media["pixel_values"] = [np.random.default_rng(rng.randrange(1 << 30)).integers(
-            0, 256, (IMAGE_TOKENS, patch_dim), dtype=np.uint8)]
+            0, 256, (image_tokens, patch_dim), dtype=np.uint8)]
         media["image_position_ids"] = [pos.reshape(-1, 2).astype(np.int32)]
     if audio_s:
         frames = int(audio_s * AUDIO_TOKENS_PER_S)
@@ -119,37 +120,47 @@ def make_sample(config, rng: random.Random, *, text: int, answer: int, image: bo
     return {"input_ids": ids, "labels": labels, "mm_token_type_ids": types, **media}
 
 
-def full_row(config, seq_len: int, seed: int = 0) -> dict:
+def full_row(config, seq_len: int, seed: int = 0, image_tokens: int = IMAGE_TOKENS,
+             audio_s: float = AUDIO_SECONDS) -> dict:
     """`seq_len` tokens: an image, 10 s of audio, text, and an answer of a quarter (≤ 1024)."""
-    media = IMAGE_TOKENS + 2 + int(AUDIO_SECONDS * AUDIO_TOKENS_PER_S) + 2
+    media = image_tokens + 2 + int(audio_s * AUDIO_TOKENS_PER_S) + 2
     answer = min(1024, seq_len // 4)
+    assert seq_len - media - answer > 0, "the row is shorter than its media"
     return make_sample(config, random.Random(seed), text=seq_len - media - answer, answer=answer,
-                       image=True, audio_s=AUDIO_SECONDS)
+                       image_tokens=image_tokens, audio_s=audio_s)
 
 
-def mixed_samples(config, n: int, max_len: int, seed: int = 0) -> list[dict]:
+def mixed_samples(config, n: int, max_len: int, seed: int = 0, image_tokens: int = IMAGE_TOKENS,
+                  audio_s: float = AUDIO_SECONDS) -> list[dict]:
     """The mixed recipe's kinds in its weights (0.4 image QA, 0.3 audio, 0.3 text chat), at
     lengths such data has; `max_len` scales the text (4096: ~720 tokens a sample on average)."""
     rng, out, k = random.Random(seed), [], max_len / 4096
+    a = audio_s / AUDIO_SECONDS
     for _ in range(n):
         kind = rng.choices(["image", "audio", "text"], [0.4, 0.3, 0.3])[0]
         if kind == "image":
             s = make_sample(config, rng, text=int(rng.randint(20, 80) * k) + 1, answer=int(rng.randint(10, 60) * k) + 1,
-                            image=True, audio_s=0)
+                            image_tokens=image_tokens, audio_s=0)
         elif kind == "audio":
             s = make_sample(config, rng, text=int(20 * k) + 1, answer=int(rng.randint(20, 150) * k) + 1,
-                            image=False, audio_s=rng.uniform(3, 30) * k)
+                            image_tokens=0, audio_s=rng.uniform(3, 30) * a)
         else:
-            s = make_sample(config, rng, text=int(rng.randint(100, 1700) * k) + 1,
-                            answer=int(rng.randint(100, 800) * k) + 1, image=False, audio_s=0)
+            s = text_samples(config, 1, max_len, rng.randrange(1 << 30))[0]
         out.append(s)
     return out
 
 
-def preference_pair(config, seq_len: int, seed: int = 0) -> dict:
+def text_samples(config, n: int, max_len: int, seed: int = 0) -> list[dict]:
+    """`n` text chats of the mixed recipe's lengths (for peers that carry no media)."""
+    rng, k = random.Random(seed), max_len / 4096
+    return [make_sample(config, rng, text=int(rng.randint(100, 1700) * k) + 1,
+                        answer=int(rng.randint(100, 800) * k) + 1, image_tokens=0, audio_s=0) for _ in range(n)]
+
+
+def preference_pair(config, seq_len: int, seed: int = 0, **media) -> dict:
     """A DPO pair as `data_tools.preference` renders it: one full row whose answer is the chosen
     side, `rejected_ids` the other answer (same length: both rows fill `seq_len`)."""
-    s = full_row(config, seq_len, seed)
+    s = full_row(config, seq_len, seed, **media)
     rng = random.Random(seed + 1)
     answer = sum(1 for x in s["labels"] if x != IGNORE)
     vocab_hi = min(getattr(config, a) for a in ("image_token_id", "boi_token_id", "audio_token_id"))

@@ -87,7 +87,7 @@ def measure_in_child(path: Path, recipe: Path, overrides: list[str], out: Path, 
 
 def child(args) -> int:
     """Load as `finetune train` does, attach LoRA, one step; write what was measured."""
-    from benchmarks.gpu_build import full_row
+    from benchmarks.gpu_build import DRY_MEDIA, full_row
     from benchmarks.gpu_steps import run_ours
     from data_tools.collate import collate
     from finetune.config.recipe import load_recipe
@@ -96,6 +96,8 @@ def child(args) -> int:
     from finetune.model.lora import attach_lora
 
     device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        torch.set_num_threads(1)
     recipe = load_recipe(args.recipe, [f"model.base={args.load}", *args.overrides])
     t0 = time.time()
     m = recipe.model
@@ -115,7 +117,8 @@ def child(args) -> int:
     pad = config.get_text_config().pad_token_id or 0
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     t1 = time.time()
-    step = run_ours(model, recipe, family, [collate([full_row(config, recipe.data.max_seq_len)], pad)], device, dtype)
+    row = full_row(config, recipe.data.max_seq_len, **(DRY_MEDIA if args.dry_run else {}))
+    step = run_ours(model, recipe, family, [collate([row], pad)], device, dtype)
     result["first_step_seconds"] = round(time.time() - t1, 1)
     result["first_step"] = {k: v for k, v in step.items() if k != "tokens_per_s"}
     # the whole process's peak: loading, LoRA, the step (kilobytes on Linux)

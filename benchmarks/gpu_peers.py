@@ -106,7 +106,7 @@ def run_trl(model, samples: list[dict], pad_id: int, seq_len: int, device: str, 
     rows = Dataset.from_list([{"input_ids": list(s["input_ids"]), "labels": list(s["labels"])} for s in samples])
     lora = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     args = SFTConfig(
-        output_dir=str(tmp / "trl"), per_device_train_batch_size=1, max_steps=10**6, num_train_epochs=1,
+        output_dir=str(tmp / "trl"), per_device_train_batch_size=1, max_steps=-1, num_train_epochs=1,
         learning_rate=1e-4, padding_free=True, packing=True, packing_strategy="bfd", max_length=seq_len,
         optim="adamw_bnb_8bit" if device == "cuda" else "adamw_torch", bf16=False,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},

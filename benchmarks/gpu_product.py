@@ -29,7 +29,7 @@ def _planned(recipe) -> dict:
             "planned_reserved_gib": p["reserved_gib"]}
 
 
-def dpo_step(model, family, config, common: list[str], seq: int, device: str, dtype) -> dict:
+def dpo_step(model, family, config, common: list[str], seq: int, device: str, dtype, media: dict) -> dict:
     """DPO with the base as reference (adapter off), one pair a step, two steps (the first warms)."""
     from finetune.config.recipe import load_recipe
     from finetune.objectives import build
@@ -38,7 +38,7 @@ def dpo_step(model, family, config, common: list[str], seq: int, device: str, dt
                                       "train.batch_size=1", "train.grad_accum=1"])
     objective = build(recipe)
     pad = config.get_text_config().pad_token_id or 0
-    batches = [objective.collate([preference_pair(config, seq, seed=s)], pad) for s in range(2)]
+    batches = [objective.collate([preference_pair(config, seq, seed=s, **media)], pad) for s in range(2)]
     out = run_ours(model, recipe, family, batches, device, dtype, objective=objective)
     return {"seq_len": seq, "rows": 2, **out, **_planned(recipe)}
 
@@ -79,7 +79,7 @@ def drafter_step(model, family, config, common: list[str], processor_from: str, 
     objective.to(device)
     pad = config.get_text_config().pad_token_id or 0
     rng = random.Random(0)
-    batches = [objective.collate([make_sample(config, rng, text=prompt_tokens - 64, answer=64, image=False,
+    batches = [objective.collate([make_sample(config, rng, text=prompt_tokens - 64, answer=64, image_tokens=0,
                                               audio_s=0)], pad) for _ in range(2)]
     out = run_ours(model, recipe, family, batches, device, dtype, objective=objective)
     del objective
@@ -91,12 +91,13 @@ def grpo_step(model, family, config, common: list[str], device: str, dtype, prom
     """A GRPO step (group 8, 256 new tokens) if this commit has a `grpo` objective; else why not."""
     from finetune.objectives import get
 
+    found, why = None, "none registered"
     try:
         found = get("grpo")
     except ModuleNotFoundError as e:  # the registry names it; its package isn't in this commit
-        found, why = None, str(e)
+        why = str(e)
     if found is None:
-        return {"skipped": f"no grpo objective in this commit ({why if 'why' in locals() else 'none registered'})"}
+        return {"skipped": f"no grpo objective in this commit ({why})"}
     from finetune.config.recipe import load_recipe
     from finetune.objectives import build
 
@@ -113,7 +114,7 @@ def grpo_step(model, family, config, common: list[str], device: str, dtype, prom
     objective = build(recipe)
     pad = config.get_text_config().pad_token_id or 0
     rng = random.Random(0)
-    samples = [make_sample(config, rng, text=prompt_tokens, answer=16, image=False, audio_s=0) for _ in range(2)]
+    samples = [make_sample(config, rng, text=prompt_tokens, answer=16, image_tokens=0, audio_s=0) for _ in range(2)]
     batches = [objective.collate([s], pad) for s in samples]
     out = run_ours(model, recipe, family, batches, device, dtype, objective=objective)
     return {"recipe": str(recipes[0].relative_to(ROOT)), **GRPO, **out, **_planned(recipe)}

@@ -45,9 +45,9 @@ def run_ours(model, recipe, family, batches: list[dict], device: str, dtype, obj
     warm-up (kernels, allocator) and is not timed."""
     from accelerate import Accelerator
 
-    from finetune.objectives import build
     from finetune.model.attention import set_attention
     from finetune.model.memory_tricks import tile_mlp, untile_mlp
+    from finetune.objectives import build
     from finetune.training.optim import make_optimizer, make_scheduler
     from finetune.training.step import optimizer_step
 

@@ -1,8 +1,11 @@
-"""finetune.training.attention: attention without repeated k/v (`train.attention`) gives the stock
+"""finetune.model.attention: attention without repeated k/v (`train.attention`) gives the stock
 sdpa path's loss and gradients, in float64, on the tiny gemma4_unified's sliding and full layers
-(k_eq_v, 1 global k/v head), an image's bidirectional span, padding and packed 4-D masks."""
+(k_eq_v, 1 global k/v head), an image's bidirectional span, padding and packed 4-D masks; and
+`finetune plan` counts what it saves."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 from data_tools.collate import collate, collate_packed
 from data_tools.render import IGNORE
 
+ROOT = Path(__file__).resolve().parents[1]
 # float64: the paths differ only in summation order (blocks, folded heads), ~1e-16 relative
 TOL = 1e-10
 
@@ -20,9 +24,9 @@ TOL = 1e-10
 def samples(tmp_path_factory, tiny_base, demo_data):
     """Rendered demo samples by modality (image, audio, text, mixed)."""
     from data_tools.pipeline import prepare
+    from finetune.config.recipe import recipe_from_dict
     from finetune.model.families import GEMMA4_UNIFIED
     from finetune.model.load import load_processor
-    from finetune.config.recipe import recipe_from_dict
 
     root = tmp_path_factory.mktemp("attention")
     recipe = recipe_from_dict({
@@ -150,3 +154,49 @@ def test_key_spans_follow_the_mask():
     padded = causal.clone()
     padded[..., 8:, :] = False  # rows that may attend nothing keep every key, as sdpa sees them
     assert _key_spans(padded, S, S, C, True)[2] == (0, 10)
+
+
+# ---------------------------------------------------------------- what `finetune plan` counts
+
+PLAN_COMMON = ["data.image_tokens=280", "data.max_audio_seconds=10.0", "train.batch_size=1", "train.grad_accum=1"]
+
+
+def _estimate(seq: int, attention: str, tiles: int = 1024):
+    from finetune.config.recipe import load_recipe
+    from finetune.plan.estimate import estimate
+    from finetune.plan.report import plan
+    from finetune.plan.skeleton import load_config, skeleton
+
+    recipe = load_recipe(ROOT / "recipes/gemma4-12b/mixed-image-audio-text.yaml",
+                         [*PLAN_COMMON, f"data.max_seq_len={seq}", f"train.mlp_tile_tokens={tiles}",
+                          f"train.attention={attention}"])
+    config, source = load_config(recipe.model)
+    return plan(recipe, device="cuda"), estimate(recipe, skeleton(config, source), "cuda")
+
+
+def test_plan_counts_attention_without_repeated_kv():
+    """The 12B, the mixed recipe: only the attention terms change, by what the k/v repeat, the
+    saved output and the float mask took (the full layers: 16 query heads on 1 k/v head of 512)."""
+    S, ab = 16384, 2
+    stock, e_stock = _estimate(S, "sdpa")
+    blocked, e_blocked = _estimate(S, "blocked")
+    gqa, _ = _estimate(S, "sdpa_gqa")
+    # the first GPU run's figure for stock sdpa stays (benchmarks/results/gpu.json: 17.76 GiB measured)
+    assert stock["peak_gib"] == pytest.approx(17.386, abs=1e-3)
+    assert blocked["peak_gib"] == pytest.approx(15.55, abs=1e-3) and blocked["peak_gib"] < 16.0
+    assert blocked["peak_gib"] < gqa["peak_gib"] < stock["peak_gib"]
+    a, b = e_stock["items"], e_blocked["items"]
+    changed = {k for k in a if a[k] != b.get(k)}
+    assert changed == {"layer_recompute", "backward_transients", "allocator_slack"}
+    # a full layer's recompute: k and v saved at 512 wide, not 8192; no saved output (8192 wide) or
+    # fp32 log-sum-exp (16 heads); no float copy of the seq² mask
+    Dq, Dk, heads = 16 * 512, 512, 16
+    assert a["layer_recompute"] - b["layer_recompute"] == S * (2 * ab * (Dq - Dk) + ab * Dq + 4 * heads) + ab * S * S
+    # the backward's top: fp32 dq + q/k/v grads at 8192 wide, against 2 q grads + 4 k/v grads at 512
+    # wide and one block (4096 rows = 256 queries × 16 heads) of mask, workspace and grads
+    rows = 4096
+    block = rows * S * (1 + ab) + heads * (rows // heads) * 512 * (4 + 3 * ab)
+    assert a["backward_transients"] - b["backward_transients"] == (
+        S * (4 * Dq + 3 * ab * Dq) - (S * (2 * ab * Dq + 4 * ab * Dk) + block))
+    four_k, _ = _estimate(4096, "blocked", tiles=2048)
+    assert four_k["peak_gib"] == pytest.approx(11.272, abs=1e-3) and four_k["peak_gib"] < 11.5

@@ -34,9 +34,6 @@ def test_gpu_benchmark_dry_run_writes_every_figure(tmp_path):
         assert "error" not in run, run
         assert all(math.isfinite(x) for x in run["losses"]) and run["tokens_per_s"] > 0
         assert run["planned_gib"] > run["planned_reserved_gib"] >= run["planned_allocated_gib"] > 0
-    # the same rows, the same model: the attention paths train to the same losses
-    stock = r["ablations"][0]["losses"]
-    assert r["ablations"][1]["losses"] == pytest.approx(stock, abs=1e-3)
     assert r["hf_baseline"]["seq_len"] == 160 and r["hf_baseline"]["tokens_per_s"] > 0
     tp, peers = r["throughput"], r["peers"]
     assert tp["packed_rows"] < tp["samples"] and isinstance(tp["ours"], float)
