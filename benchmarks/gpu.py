@@ -50,9 +50,9 @@ from finetune.config.recipe import load_recipe, with_overrides  # noqa: E402
 from finetune.plan.skeleton import load_config  # noqa: E402
 
 RECIPE = ROOT / "recipes/gemma4-12b/mixed-image-audio-text.yaml"
-FULL = {"seq": [4096, 16384], "mixed_samples": 48, "hf_steps": 2, "dpo_seq": 2048, "prompt": 1024,
+FULL = {"seq": [4096, 16384], "mixed_samples": 32, "text_samples": 24, "hf_steps": 2, "dpo_seq": 2048, "prompt": 1024,
         "shard_bytes": 4 * 2**30}
-DRY = {"seq": [160, 320], "mixed_samples": 6, "hf_steps": 2, "dpo_seq": 160, "prompt": 96, "shard_bytes": 2**20}
+DRY = {"seq": [160, 320], "mixed_samples": 6, "text_samples": 8, "hf_steps": 2, "dpo_seq": 160, "prompt": 96, "shard_bytes": 2**20}
 ATTENTION = ["train.attention=blocked"]  # the new path: what `runs` measure
 TRAVEL_LIMIT = 64 * 2**20  # what the device tool carries: the tree + the ignored paths named
 PARTS = ("train", "product")
@@ -187,11 +187,10 @@ def part_train(run: Run, skip: list[str]) -> None:
     batches, rows = run.packed(samples, short)
     tp = {"samples": len(samples), "real_tokens": sum(len(s["input_ids"]) for s in samples), "packed_rows": len(rows)}
     rec["throughput"] = tp
-    for label, ov in [("ours", ATTENTION), ("ours_no_tiles", [*ATTENTION, "train.mlp_tile_tokens=0"])]:
-        recipe = with_overrides(run.base, [f"data.max_seq_len={short}", "train.packing=true", *ov])
-        res = run.guarded(run_ours, m, recipe, run.family, batches, run.device, run.dtype)
-        tp[label] = res.get("tokens_per_s", res.get("error"))
-        run.save()
+    recipe = with_overrides(run.base, [f"data.max_seq_len={short}", "train.packing=true", *ATTENTION])
+    res = run.guarded(run_ours, m, recipe, run.family, batches, run.device, run.dtype)
+    tp["ours"] = res.get("tokens_per_s", res.get("error"))
+    run.save()
     peers = rec["peers"] = {"unsloth": UNSLOTH}
     one = run.guarded(run_hf, m, samples[:1] + samples, run.pad, run.device, run.dtype, run.tmp)
     peers["hf_trainer_one_sample"] = one
@@ -200,7 +199,7 @@ def part_train(run: Run, skip: list[str]) -> None:
     peers["hf_trainer_prepacked_rows"] = run.guarded(run_hf, m, prepacked, run.pad, run.device, run.dtype, run.tmp,
                                                      real_tokens=real)
     run.save()
-    text = build.text_samples(run.config, run.scale["mixed_samples"] // 2, short)
+    text = build.text_samples(run.config, run.scale["text_samples"], short)
     trl = run.guarded(run_trl, m, text, run.pad, short, run.device, run.tmp)
     if "skipped" not in trl and "error" not in trl:
         text_batches, _ = run.packed(text, short)

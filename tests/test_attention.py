@@ -200,3 +200,21 @@ def test_plan_counts_attention_without_repeated_kv():
         S * (4 * Dq + 3 * ab * Dq) - (S * (2 * ab * Dq + 4 * ab * Dk) + block))
     four_k, _ = _estimate(4096, "blocked", tiles=2048)
     assert four_k["peak_gib"] == pytest.approx(11.272, abs=1e-3) and four_k["peak_gib"] < 11.5
+
+
+def test_blocked_attention_through_the_trainer_gives_the_same_run(tiny_base, demo_data, tmp_path):
+    """`train.attention: blocked` on a real packed run (the loop switches the attention): the same
+    losses as stock sdpa, to fp32 summation noise."""
+    from finetune.config.recipe import recipe_from_dict
+    from finetune.training.loop import train
+
+    losses = {}
+    for name in ("sdpa", "blocked"):
+        raw = {"model": {"base": str(tiny_base), "quantization": "none"},
+               "datasets": [{"path": str(demo_data / f"train_{kind}.jsonl")} for kind in ("mixed", "text")],
+               "data": {"max_seq_len": 256, "image_tokens": 70, "cache_dir": str(tmp_path / "cache")},
+               "lora": {"r": 8, "alpha": 16, "targets": ["attention", "mlp"]},
+               "train": {"output_dir": str(tmp_path / name), "batch_size": 2, "lr": 1e-3, "seed": 0, "max_steps": 2,
+                         "packing": True, "attention": name, "attention_block_rows": 32}}
+        losses[name] = train(recipe_from_dict(raw)).losses
+    assert losses["blocked"] == pytest.approx(losses["sdpa"], abs=1e-5)
