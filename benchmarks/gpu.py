@@ -17,7 +17,8 @@ Part `train` (into `--out`):
 - `runs`: peak `max_memory_allocated`/`max_memory_reserved`, the card's used memory and tokens/s
   for one row holding an image (280 tokens), 10 s of audio and text, at 4096 tokens and 16384,
   with `train.attention=blocked` (no repeated k/v), next to `finetune plan`'s prediction;
-  `ablations`: the same at 4096 with one setting changed (stock sdpa, sdpa_gqa, no MLP tiles).
+  `ablations`: the same at 4096 with one setting changed (stock sdpa, sdpa_gqa, no MLP tiles,
+  offload copies overlapped on a side stream with prefetch).
 - `hf_baseline`: HF `Trainer` + PEFT on one full 4096-token row (its default loss: full logits).
 - `peers` and `throughput`: real tokens/s on the same mixed samples: ours packed into 4096-token
   rows; HF Trainer one sample a step and on rows the user pre-packed; TRL `SFTTrainer`
@@ -173,7 +174,8 @@ def part_train(run: Run, skip: list[str]) -> None:
                                        "ours: offload + 1k MLP tiles, blocked attention"))
     for label, ov in [("stock sdpa attention (the first run's)", ["train.attention=sdpa"]),
                       ("sdpa_gqa attention", ["train.attention=sdpa_gqa"]),
-                      ("blocked attention, no MLP tiles", [*ATTENTION, "train.mlp_tile_tokens=0"])]:
+                      ("blocked attention, no MLP tiles", [*ATTENTION, "train.mlp_tile_tokens=0"]),
+                      ("blocked attention, offload with prefetch", [*ATTENTION, "train.offload_prefetch=true"])]:
         rec["ablations"].append(run.measure(short, ov, label))
     hf_rows = [build.full_row(run.config, short, seed=s, **run.media) for s in range(run.scale["hf_steps"] + 1)]
     from benchmarks.gpu_peers import UNSLOTH, run_hf, run_trl

@@ -28,8 +28,8 @@ def test_gpu_benchmark_dry_run_writes_every_figure(tmp_path):
     # train part: the new attention at both lengths, three ablations, the plan next to each
     assert [x["seq_len"] for x in r["runs"]] == [160, 320]
     assert all("train.attention=blocked" in x["overrides"] for x in r["runs"])
-    assert [x["overrides"][0] for x in r["ablations"]] == ["train.attention=sdpa", "train.attention=sdpa_gqa",
-                                                           "train.attention=blocked"]
+    assert [x["overrides"][-1] for x in r["ablations"]] == [
+        "train.attention=sdpa", "train.attention=sdpa_gqa", "train.mlp_tile_tokens=0", "train.offload_prefetch=true"]
     for run in r["runs"] + r["ablations"]:
         assert "error" not in run, run
         assert all(math.isfinite(x) for x in run["losses"]) and run["tokens_per_s"] > 0

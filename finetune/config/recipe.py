@@ -121,6 +121,8 @@ class TrainSection:
     gradient_checkpointing: bool = _f(True, "recompute decoder layers in backward")
     offload_activations: bool = _f(True, "keep checkpointed layer inputs in pinned host memory "
                                    "(CUDA only; the loss is unchanged)")
+    offload_prefetch: bool = _f(False, "with offload_activations: copy on a side CUDA stream (overlapping "
+                                "compute) and bring each layer input back one layer ahead")
     mlp_tile_tokens: int = _f(0, "run each layer's MLP in sequence tiles of this many tokens under "
                               "their own recompute (0 = off): less memory on long sequences, one "
                               "extra MLP forward", lo=0)

@@ -283,7 +283,9 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
         transient = max(mlp_back, attn_back) + T * 2 * ab * H
         if t.gradient_checkpointing:
             # offloaded: the inputs in flight to and from host memory (4 measured at 16k on an H200)
-            persistent["checkpointed_inputs"] = (OFFLOAD_RESIDENT_INPUTS if offload else len(layers)) * T * H * ab
+            # (+1 with prefetch: the next layer's input comes back while this one recomputes)
+            resident = OFFLOAD_RESIDENT_INPUTS + (1 if t.offload_prefetch else 0)
+            persistent["checkpointed_inputs"] = (resident if offload else len(layers)) * T * H * ab
             backward["layer_recompute"] = max(saved)  # recomputed in backward, outside the offload hooks
         else:
             persistent["saved_activations"] = 2 * max(saved) if offload else sum(saved)
