@@ -125,6 +125,12 @@ class Run:
             "versions": {"transformers": transformers.__version__, "peft": peft.__version__,
                          "bitsandbytes": bitsandbytes.__version__},
             "build_seconds": round(time.time() - t0, 1)}
+        try:
+            import trl
+
+            self.record["versions"]["trl"] = trl.__version__
+        except ImportError as e:  # an optional peer: its absence is recorded, not fatal
+            self.record["versions"]["trl"] = f"not importable: {e}"
         self.pad = self.config.get_text_config().pad_token_id or 0
         self.out = Path(args.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +143,7 @@ class Run:
         try:
             return fn(*a, **kw)
         except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
-            for p in self.model.parameters():
+            for p in self.model.parameters() if self.model is not None else []:
                 p.grad = None
             _fresh(self.device)
             return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
@@ -243,6 +249,8 @@ def part_product(run: Run, skip: list[str]) -> None:
     run.save()
     if "load" in skip:
         return
+    run.model = None  # the card to the child that loads the checkpoint (its peaks are its own)
+    _fresh(run.device)
     ckpt = run.tmp / "checkpoint"
     written = run.guarded(gpu_load.write_checkpoint, run.config, ckpt, run.device, s["shard_bytes"])
     rec["load_path"] = written
@@ -250,7 +258,7 @@ def part_product(run: Run, skip: list[str]) -> None:
     if "error" not in written:
         overrides = [*common, f"data.max_seq_len={s['seq'][0]}"]
         res = run.guarded(gpu_load.measure_in_child, ckpt, RECIPE, overrides, run.tmp / "load.json",
-                          run.device == "cpu", 300)
+                          run.device == "cpu", 200)
         rec["load_path"].update(res)
     run.save()
 

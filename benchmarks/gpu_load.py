@@ -120,7 +120,7 @@ def child(args) -> int:
     row = full_row(config, recipe.data.max_seq_len, **(DRY_MEDIA if args.dry_run else {}))
     step = run_ours(model, recipe, family, [collate([row], pad)], device, dtype)
     result["first_step_seconds"] = round(time.time() - t1, 1)
-    result["first_step"] = {k: v for k, v in step.items() if k != "tokens_per_s"}
+    result["first_step"] = {k: v for k, v in step.items() if k not in ("tokens_per_s", "device_used_gib")}
     # the whole process's peak: loading, LoRA, the step (kilobytes on Linux)
     result["host_ram_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -4,8 +4,6 @@ unpack started the copy back of the tensor saved before it."""
 
 from __future__ import annotations
 
-import torch
-
 from tests.test_attention import batches, loss_and_grads, model, samples  # noqa: F401 (fixtures)
 
 

@@ -89,6 +89,8 @@ def blocked_attention(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is not None and attention_mask.shape[-2] == 1:  # one row for every query: a view
+        attention_mask = attention_mask.expand(*attention_mask.shape[:-2], S, K)
     g = H // key.shape[1]
     rows = block_rows or getattr(module, "attention_block_rows", DEFAULT_BLOCK_ROWS)
     block = max(1, rows // g)
