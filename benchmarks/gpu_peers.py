@@ -22,13 +22,32 @@ UNSLOTH = {"skipped": "not installable offline within the carry limit",
                   "64 MiB carry; it also requires transformers<=5.17.0 and trl<=1.15.0 (this run: 5.24.0, 1.16.0)"}
 
 
+def step_clock(device: str):
+    """A Trainer callback timing each optimizer step (synchronised), into its `times`."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            _sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            _sync(device)
+            self.times.append(time.perf_counter() - self.t0)
+
+    return Clock()
+
+
 def run_hf(model, samples: list[dict], pad_id: int, device: str, dtype, tmp: Path,
            real_tokens: list[int] | None = None) -> dict:
     """HF `Trainer` + PEFT on the same model, one row per step (its default loss: full logits).
 
     `samples` are rows as the user hands them: one sample each, or several joined (pre-packed).
     Tokens/s counts the real tokens (labels or ids that are not padding) of the timed steps."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -41,16 +60,8 @@ def run_hf(model, samples: list[dict], pad_id: int, device: str, dtype, tmp: Pat
         return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
                 for k, v in collate(rows, pad_id).items()}
 
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            _sync(device)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            _sync(device)
-            times.append(time.perf_counter() - self.t0)
+    clock = step_clock(device)
+    times = clock.times
 
     class Args(TrainingArguments):
         @property
@@ -67,7 +78,7 @@ def run_hf(model, samples: list[dict], pad_id: int, device: str, dtype, tmp: Pat
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
         train_sampling_strategy="sequential")
     _fresh(device)
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collator, callbacks=[Clock()])
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collator, callbacks=[clock])
     trainer.train()
     tokens = sum(real_tokens[1:]) if real_tokens else sum(len(s["input_ids"]) for s in samples[1:])
     out = {**_memory(device), "tokens_per_s": round(tokens / sum(times[1:]), 1),
@@ -88,18 +99,10 @@ def run_trl(model, samples: list[dict], pad_id: int, seq_len: int, device: str, 
         from trl import SFTConfig, SFTTrainer
     except Exception as e:  # noqa: BLE001 - recorded: the peer is optional on the GPU machine
         return {"skipped": f"trl not importable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import PreTrainedTokenizerFast
 
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            _sync(device)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            _sync(device)
-            times.append(time.perf_counter() - self.t0)
+    clock = step_clock(device)
+    times = clock.times
 
     # TRL wants a tokenizer for its pad token only: the rows are token ids already
     tok = PreTrainedTokenizerFast(tokenizer_object=_word_level(pad_id), pad_token="<pad>")
@@ -114,7 +117,7 @@ def run_trl(model, samples: list[dict], pad_id: int, seq_len: int, device: str, 
         dataloader_num_workers=0, disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": False})
     _fresh(device)
     try:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[Clock()])
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[clock])
         packed = [len(r["input_ids"]) for r in trainer.train_dataset]
         trainer.train()
         out = {**_memory(device), "rows": len(packed),
