@@ -68,7 +68,7 @@ def cmd_tiny_model(args) -> int:
     from finetune.demo.tiny_model import write_tiny_model
 
     out = write_tiny_model(args.dir, seed=args.seed, num_kv_shared_layers=args.kv_shared,
-                           num_layers=args.layers)
+                           num_layers=args.layers, tokenizer=args.tokenizer)
     print(f"tiny gemma4_unified base written to {out} (its MTP drafter: {out / 'drafter'})")
     return 0
 
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kv-shared", type=int, default=0, help="num_kv_shared_layers")
     sp.add_argument("--layers", type=int, default=4, choices=[2, 4, 6, 8],
                     help="decoder layers, alternating sliding/full")
+    sp.add_argument("--tokenizer", default=None, metavar="PATH",
+                    help="a real Gemma 4 tokenizer instead of the tiny one: a tokenizer folder or a llama.cpp "
+                         "vocab GGUF (models/ggml-vocab-gemma-4.gguf); the vocabulary becomes its size")
     sp.set_defaults(func=cmd_tiny_model)
 
     sp = sub.add_parser("demo", help="the bundled end-to-end demo (same as python train.py)")
@@ -224,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="the plan as JSON (peak_gib, fits, breakdown, suggestions)")
     sp.add_argument("--budget-gib", type=float, default=16.0, help="GPU memory to fit in (default 16)")
     sp.add_argument("--check", action="store_true", help="exit 3 when the recipe does not fit the budget")
+    sp.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the run is launched on (default 1)")
+    sp.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                    help="with --gpus > 1: ddp (a whole model per GPU) or fsdp (FSDP2: sharded); default ddp")
 
     sp = sub.add_parser("merge", help="merge an adapter into a full-precision base")
     sp.add_argument("adapter", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
