@@ -331,6 +331,28 @@ def _fake_base_gguf(path: Path, blocks: int) -> Path:
     return path
 
 
+def test_modelfile_carries_the_template_as_ollama_reads_it():
+    """Ollama's Modelfile parser takes a triple-quoted value up to the first line that ends in
+    three quotes and drops unprintable characters: the TEMPLATE comes back whole, stops one a line."""
+    from finetune.export.ollama import STOPS, modelfile
+    from finetune.export.ollama_template import TEMPLATE
+
+    text = modelfile("/m/base.gguf", projector=True, adapter=True)
+    head, rest = text.split('TEMPLATE """', 1)
+    assert head == "FROM /m/base.gguf\nFROM ./mmproj.gguf\nADAPTER ./adapter.gguf\n"
+    lines = rest.split("\n")
+    end = next(i for i, line in enumerate(lines) if line.rstrip().endswith('"""'))
+    assert "\n".join(lines[:end + 1]).rstrip()[:-3] == TEMPLATE
+    assert all(c == "\n" or c.isprintable() for c in TEMPLATE)
+    assert lines[end + 1:] == [f'PARAMETER stop "{s}"' for s in STOPS] + [""]
+    assert set(STOPS) == {"<turn|>", "<|turn>", "<|tool_response>"}
+    for part in ("<|tool>", "<|tool_call>call:", "<|tool_response>response:",
+                 "<|turn>model\n<|channel>thought\n<channel|>"):
+        assert part in TEMPLATE, part
+    assert modelfile("x", projector=False, adapter=False) == (
+        f'FROM x\nTEMPLATE """{TEMPLATE}"""\n' + "".join(f'PARAMETER stop "{s}"\n' for s in STOPS))
+
+
 def test_ollama_folder(base, adapters, tmp_path):
     from finetune.export.ollama import PLACEHOLDER, export_ollama
 
