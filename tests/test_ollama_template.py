@@ -6,7 +6,8 @@ tests/ollama_template/render.go executes the TEMPLATE with Go's text/template ov
 as Ollama's (its structs and `json` func mirrored from Ollama's source). For each conversation,
 every prompt a server builds (before each assistant message, and at the end when the
 conversation ends on a user or tool message) equals the official template's rendering with
-`add_generation_prompt=True` and thinking off, minus the leading bos; a conversation that ends
+`add_generation_prompt=True`, thinking off and on (thoughts on the call steps), minus the
+leading bos; a conversation that ends
 on an assistant message (Ollama's prefill) equals the official history rendering without its
 closing `<turn|>\n`.
 """
@@ -23,17 +24,13 @@ import pytest
 
 from finetune.export.ollama import TEMPLATE_SAMPLE
 from finetune.export.ollama_template import TEMPLATE
-from tests.test_official_templates import MAIN, official_template
+from tests.test_official_templates import MAIN, WEATHER, official_template
 
 pytestmark = pytest.mark.ollama_template
 
 RENDER = Path(__file__).resolve().parent / "ollama_template"
 BOS = "<bos>"
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                            "parameters": {"type": "object", "properties": {
-                                                "city": {"type": "string", "description": "City name"},
-                                                "days": {"type": "integer"}}, "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time", "description": "Time of a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 # Every schema shape the template knows: enum, array items, nested object, number, boolean.
@@ -58,8 +55,9 @@ def user(text):
     return {"role": "user", "content": text}
 
 
-def answer(text=None, *calls):
-    return {"role": "assistant", "content": text, **({"tool_calls": list(calls)} if calls else {})}
+def answer(text=None, *calls, thought=None):
+    return {"role": "assistant", "content": text, **({"tool_calls": list(calls)} if calls else {}),
+            **({"reasoning_content": thought} if thought else {})}
 
 
 SYSTEM = {"role": "system", "content": "Answer briefly."}
@@ -72,11 +70,13 @@ CONVERSATIONS = {
         tool("a", "sunny"), answer("It is sunny in Paris.")]),
     "parallel-calls": ([WEATHER, TIME], [
         user("Weather and time in Rome?"),
-        answer(None, call("a", "get_weather", city="Rome", days=2), call("b", "get_time", city="Rome")),
+        answer(None, call("a", "get_weather", city="Rome", days=2), call("b", "get_time", city="Rome"),
+               thought="Two tools at once."),
         tool("a", '{"sky": "rain"}'), tool("b", "14:00"), answer("Rain at 14:00 in Rome.")]),
     "multi-turn-earlier-call": ([WEATHER], [
-        SYSTEM, user("Weather in Paris?"), answer(None, call("a", "get_weather", city="Paris")), tool("a", "sunny"),
-        answer("Sunny."), user("And in Oslo for 3 days?"), answer(None, call("b", "get_weather", city="Oslo", days=3)),
+        SYSTEM, user("Weather in Paris?"), answer(None, call("a", "get_weather", city="Paris"), thought="Paris."),
+        tool("a", "sunny"), answer("Sunny.", thought="Sunny it is."), user("And in Oslo for 3 days?"),
+        answer(None, call("b", "get_weather", city="Oslo", days=3), thought="Oslo, 3 days."),
         tool("b", "snowy"), answer("Snowy."), user("Thanks!")]),
     "rich-schema-and-arguments": ([BOOK], [
         user("Book the terrace for Ana and Bo on Friday at 8, 40 euros, vegan."),
@@ -86,11 +86,11 @@ CONVERSATIONS = {
 }
 
 
-def official(messages, tools, generation):
+def official(messages, tools, generation, think=False):
     from transformers.utils.chat_template_utils import render_jinja_template
 
     text = render_jinja_template([messages], tools=tools or None, chat_template=official_template(MAIN).read_text(),
-                                 add_generation_prompt=generation, bos_token=BOS, enable_thinking=False)[0][0]
+                                 add_generation_prompt=generation, bos_token=BOS, enable_thinking=think)[0][0]
     assert text.startswith(BOS)
     return text[len(BOS):]
 
@@ -104,6 +104,8 @@ def ollama_message(m):
                              for c in m["tool_calls"]]
     if m.get("tool_call_id"):
         out["tool_call_id"] = m["tool_call_id"]
+    if m.get("reasoning_content"):
+        out["thinking"] = m["reasoning_content"]
     return out
 
 
@@ -117,22 +119,24 @@ def render(tmp_path_factory):
         env["GOCACHE"] = str(tmp_path_factory.mktemp("gocache"))  # go refuses to build without one
     subprocess.run(["go", "build", "-o", str(binary), "."], cwd=RENDER, env=env, check=True)
 
-    def run(messages, tools):
-        data = {"template": TEMPLATE, "messages": [ollama_message(m) for m in messages], "tools": tools}
+    def run(messages, tools, think=False):
+        data = {"template": TEMPLATE, "messages": [ollama_message(m) for m in messages], "tools": tools,
+                "think": think}
         done = subprocess.run([str(binary)], input=json.dumps(data), capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         return done.stdout
     return run
 
 
+@pytest.mark.parametrize("think", [False, True], ids=["thinking-off", "thinking-on"])
 @pytest.mark.parametrize("name", CONVERSATIONS)
-def test_every_served_prompt_is_the_official_one(render, name):
+def test_every_served_prompt_is_the_official_one(render, name, think):
     tools, messages = CONVERSATIONS[name]
     ends = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
     if messages[-1]["role"] != "assistant":
         ends.append(len(messages))
     for k in ends:
-        assert render(messages[:k], tools) == official(messages[:k], tools, True), (name, k)
+        assert render(messages[:k], tools, think) == official(messages[:k], tools, True, think), (name, k)
 
 
 @pytest.mark.parametrize("name", [n for n, (_, m) in CONVERSATIONS.items() if m[-1]["role"] == "assistant"])

@@ -79,8 +79,8 @@ def export_ollama(adapter: str | Path, out: str | Path, *, base_gguf: str | None
         "FROM ./mmproj.gguf: the projector (vision/audio updates merged)" if projector else "no projector file",
         "ADAPTER: the GGUF LoRA in this folder (Ollama takes one GGUF adapter per model)",
         f"TEMPLATE renders one user turn as the base's chat template does: {matches}",
-        "TEMPLATE renders system, tools, calls and tool responses as Google's Gemma 4 template does with "
-        "thinking off (checked by Go's text/template in the ollama_template test tier)",
+        "TEMPLATE renders system, tools, calls and tool responses as Google's Gemma 4 template does, thinking "
+        "off and on (checked by Go's text/template in the ollama_template test tier)",
     ]
     write_report(out, "export_report.json", report)
     if not matches:

@@ -1,6 +1,8 @@
 """The Ollama Modelfile's Go TEMPLATE: Gemma 4's chat format, tools, calls and responses included.
 
-Over Ollama's template data it renders what Google's chat template renders with thinking off.
+Over Ollama's template data it renders what Google's chat template renders, thinking off (the
+empty thought scaffold before each answer) or on (`.Think`: `<|think|>` in the system turn, the
+message's `.Thinking` kept on the call steps of the current turn, as the official template keeps them).
 
 Facts about Ollama's data it relies on (ollama/ollama template/template.go, api/types.go):
 `.Messages` holds every message (system ones too; consecutive same-role non-tool messages are
@@ -14,7 +16,7 @@ no type tests) and to print numbers and booleans as JSON does.
 
 A last assistant message is Ollama's prefill: it is rendered open (no `<turn|>`) and no
 generation prompt follows. Not reproduced: the official template's `trim` of contents (Go
-templates have no trim), thinking on, media placeholders, `dictsort`'s case-blind order for keys
+templates have no trim), media placeholders, `dictsort`'s case-blind order for keys
 that differ only in case, and its "None" name for a tool response that names no call.
 """
 
@@ -55,16 +57,19 @@ _DECL = """{{- define "decl" }}declaration:{{ .Function.Name }}{{ "{" }}descript
 {{- if .Required }}required:{{ template "arg" .Required }},{{ end }}
 {{- if .Type }}type:<|"|>{{ template "upper" .Type }}<|"|>}{{ end }}{{ end }}}{{ end }}"""
 
-# The system turn (the first message if it is a system one, then the tools), then each turn:
+# The system turn (`<|think|>` when thinking is on, the first message if it is a system one, the
+# tools), then each turn (a thought kept only on a call step after the last user message):
 # an assistant after tool responses continues the same model turn; calls are answered inside it
 # by the `tool` messages that follow. `$prev` is the official template's prev_message_type.
 _BODY = """
 {{- $skip := -1 }}{{ if .Messages }}{{ if eq (index .Messages 0).Role "system" }}{{ $skip = 0 }}{{ end }}{{ end }}
-{{- if or .Tools (eq $skip 0) }}<|turn>system
-{{ if eq $skip 0 }}{{ (index .Messages 0).Content }}{{ end }}
+{{- if or .Think .Tools (eq $skip 0) }}<|turn>system
+{{ if .Think }}<|think|>
+{{ end }}{{ if eq $skip 0 }}{{ (index .Messages 0).Content }}{{ end }}
 {{- range .Tools }}<|tool>{{ template "decl" . }}<tool|>{{ end }}<turn|>
 {{ end }}
-{{- $prev := "" }}{{ $prevRole := "" }}{{ $lastRole := "" }}
+{{- $prev := "" }}{{ $prevRole := "" }}{{ $lastRole := "" }}{{ $lastUser := -1 }}
+{{- range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $lastUser = $i }}{{ end }}{{ end }}
 {{- range $i, $m := .Messages }}{{ $lastRole = $m.Role }}
 {{- if and (ne $i $skip) (ne $m.Role "tool") }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
@@ -72,6 +77,9 @@ _BODY = """
 {{- if not (and (eq $role "model") (eq $prevRole "assistant")) }}<|turn>{{ $role }}
 {{ end }}
 {{- $prevRole = $m.Role }}{{ $prev = "" }}{{ $out := false }}
+{{- if and $m.Thinking (gt $i $lastUser) $m.ToolCalls }}<|channel>thought
+{{ $m.Thinking }}
+<channel|>{{ end }}
 {{- range $m.ToolCalls }}<|tool_call>call:{{ .Function.Name }}{{ "{" }}{{ $sep := "" }}
 {{- range $k, $v := .Function.Arguments }}{{ $sep }}{{ $k }}:{{ template "arg" $v }}{{ $sep = "," }}{{ end }}}<tool_call|>
 {{- $prev = "tool_call" }}{{ end }}
@@ -87,7 +95,7 @@ _BODY = """
 {{ end }}{{ end }}
 {{- end }}{{ end }}
 {{- if and (ne $prev "tool_response") (ne $prev "tool_call") (ne $lastRole "assistant") }}<|turn>model
-<|channel>thought
-<channel|>{{ end }}"""
+{{ if not .Think }}<|channel>thought
+<channel|>{{ end }}{{ end }}"""
 
 TEMPLATE = "\n".join((_UPPER, _ARG, _PROPS, _DECL, _BODY))

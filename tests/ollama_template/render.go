@@ -133,6 +133,7 @@ func main() {
 		Template string            `json:"template"`
 		Messages []templateMessage `json:"messages"`
 		Tools    []templateTool    `json:"tools"`
+		Think    bool              `json:"think"`
 	}
 	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
 		fmt.Fprintln(os.Stderr, "input:", err)
@@ -145,7 +146,7 @@ func main() {
 	}
 	system, messages := collate(in.Messages)
 	data := map[string]any{"System": system, "Messages": messages, "Tools": in.Tools, "Response": "",
-		"Think": false, "ThinkLevel": "", "IsThinkSet": false}
+		"Think": in.Think, "ThinkLevel": "", "IsThinkSet": in.Think}
 	if in.Tools == nil {
 		data["Tools"] = []templateTool(nil)
 	}
