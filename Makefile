@@ -31,6 +31,7 @@ test: setup
 test-llamacpp: setup
 	$(BIN)/python -m pytest -q -m llamacpp
 	$(BIN)/python -m pytest -q -m templates
+	$(BIN)/python -m pytest -q -m ollama_template
 	$(BIN)/python -m pytest -q -m realtok
 
 lint: setup
