@@ -302,3 +302,47 @@ def test_load_media_keeps_order_per_kind_and_applies_the_caps(tmp_path):
     assert bad_reason(load_media, conv, _caps(max_media_bytes=50)).reason == "media_too_large"
     url = Conversation([Message("user", [Part("image", ref="http://127.0.0.1:9/x.png", ref_kind="url")])])
     assert bad_reason(load_media, url, _caps()).reason == "network_media"
+
+
+# -- cut-off files and what decoding changed (issue 24) ------------------------------------------
+
+@pytest.mark.parametrize("subtype,rate", [("PCM_24", 44100), ("PCM_16", 16000)])
+def test_truncated_wav_is_rejected_not_shortened(tmp_path, subtype, rate):
+    """A WAV cut after 30 % of its bytes keeps a header that says 0.9 s; libsndfile reads the
+    0.27 s that are there. It is rejected (its transcript would describe the lost 0.63 s)."""
+    buf = io.BytesIO()
+    sf.write(buf, sine(rate, seconds=0.9), rate, format="WAV", subtype=subtype)
+    whole = buf.getvalue()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) * 3 // 10])
+    bad = bad_reason(audio, tmp_path / "cut.wav")
+    assert bad.reason == "truncated_media"
+    assert "header says 0.90 s" in bad.detail and "cut.wav" in bad.detail
+    # The whole file, and a cut one whose kept start is all that max_audio_seconds keeps, pass.
+    (tmp_path / "whole.wav").write_bytes(whole)
+    assert len(audio(tmp_path / "whole.wav")) == int(0.9 * SAMPLE_RATE)
+    assert len(audio(tmp_path / "cut.wav", max_seconds=0.2)) == int(0.2 * SAMPLE_RATE)
+
+
+def test_truncated_mp3_is_rejected(tmp_path):
+    """An MP3 cut in half: its Xing header still counts 1.7 s of frames."""
+    assert "MP3" in sf.available_formats()
+    buf = io.BytesIO()
+    sf.write(buf, sine(16000, seconds=1.7), 16000, format="MP3", subtype="MPEG_LAYER_III")
+    whole = buf.getvalue()
+    (tmp_path / "cut.mp3").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "whole.mp3").write_bytes(whole)
+    bad = bad_reason(audio, tmp_path / "cut.mp3")
+    assert bad.reason == "truncated_media" and "header says 1.70 s" in bad.detail
+    assert abs(len(audio(tmp_path / "whole.mp3")) - int(1.7 * SAMPLE_RATE)) <= 2000
+
+
+def test_load_media_records_cutting_and_resampling(tmp_path):
+    sf.write(tmp_path / "long.wav", sine(44100, seconds=3.0), 44100)
+    sf.write(tmp_path / "native.wav", sine(SAMPLE_RATE, seconds=1.0), SAMPLE_RATE)
+    conv = Conversation([Message("user", [Part("audio", ref="long.wav", ref_kind="path"),
+                                          Part("audio", ref="native.wav", ref_kind="path")])],
+                        base_dir=str(tmp_path))
+    load_media(conv, _caps(max_audio_seconds=2.0))
+    assert conv.media_actions == ["cut_audio", "resample_audio"]
+    load_media(conv, _caps())
+    assert conv.media_actions == ["resample_audio"]
