@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo demo-preference test test-llamacpp lint bench gpu-wheels clean
 
-# The torch pair below lies on the build machines' disk (pip takes it from there in ~1 min).
+# torch/torchvision are pinned to one matching pair (the image processor needs torchvision).
 # On a GPU machine, install the CUDA torch you want into .venv first; pip keeps it.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,14 +32,15 @@ test-llamacpp: setup
 lint: setup
 	$(BIN)/ruff check finetune data_tools tests benchmarks train.py
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/module_map.py --check
 
 bench: setup
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/cpu_throughput.py
 	$(BIN)/python benchmarks/merge_memory.py
 
-# Wheels the GPU machine lacks (its torch is kept): carried in the ignored .whl/ by the device
-# tool, installed by benchmarks/gpu_run.sh. Python 3.12, x86-64, as on the lent H200 machine.
+# Wheels a bare GPU machine may lack (its own CUDA torch is kept): downloaded into the ignored
+# .whl/ and installed by benchmarks/gpu_run.sh there. Python 3.12, x86-64.
 GPU_WHEELS := transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2
 gpu-wheels:
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

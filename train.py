@@ -2,7 +2,7 @@
 
 import sys
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

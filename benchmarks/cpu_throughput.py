@@ -42,7 +42,7 @@ TARGET_RATIO = 2.0
 
 def _recipe(tmp: Path, out: str, overrides: list[str] = ()):
     """The shipped demo recipe with its runs/demo/ paths moved into `tmp`."""
-    from finetune.recipe import load_recipe, read_yaml
+    from finetune.config.recipe import load_recipe, read_yaml
 
     demo = ROOT / "recipes" / "demo.yaml"
     raw = read_yaml(demo)
@@ -116,8 +116,9 @@ def run_baseline(tmp: Path, data, pad_id: int, recipe) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from finetune.families import family_for
-    from finetune.model import attach_lora, load_base
+    from finetune.model.families import family_for
+    from finetune.model.load import load_base
+    from finetune.model.lora import attach_lora
 
     t = recipe.train
     model = load_base(recipe.model.base, quantization=recipe.model.quantization, dtype=recipe.model.dtype,
@@ -175,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from data_tools.pipeline import prepare
-    from finetune.demo import make_demo_data
-    from finetune.model import base_family, load_processor
-    from finetune.tiny import write_tiny_model
+    from finetune.demo.data import make_demo_data
+    from finetune.demo.tiny_model import write_tiny_model
+    from finetune.model.load import base_family, load_processor
     from finetune.training.loop import cpu_threads_for
 
     # The thread count our trainer picks on CPU, for both trainers: fair, and 2 threads on 2
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": {k: v[0]["samples"] for k, v in runs.items()},
         "train_samples_available": len(data.train),
         "runs": runs,
-        "settings": {"model": "tiny gemma4_unified (finetune.tiny), NF4, fp32 compute",
+        "settings": {"model": "tiny gemma4_unified (finetune.demo.tiny_model), NF4, fp32 compute",
                      "lora": f"r={recipe.lora.r} alpha={recipe.lora.alpha} {'+'.join(recipe.lora.targets)}", "batch_size": recipe.train.batch_size,
                      "max_seq_len": recipe.data.max_seq_len, "packed_rows_per_step": rows,
                      "torch_threads": threads,

@@ -28,7 +28,7 @@ TARGET_RELOAD_S = 1.0
 
 def _recipe(tmp: Path, num_proc: int):
     """The shipped demo recipe, its runs/demo/ paths moved into `tmp`."""
-    from finetune.recipe import load_recipe, read_yaml
+    from finetune.config.recipe import load_recipe, read_yaml
 
     demo = ROOT / "recipes" / "demo.yaml"
     raw = read_yaml(demo)
@@ -46,9 +46,9 @@ def _cpu() -> float:
 
 def run(n_image: int, n_audio: int, n_mixed: int, repeats: int) -> dict:
     from data_tools.pipeline import prepare
-    from finetune.demo import make_demo_data
-    from finetune.model import base_family, load_processor
-    from finetune.tiny import write_tiny_model
+    from finetune.demo.data import make_demo_data
+    from finetune.demo.tiny_model import write_tiny_model
+    from finetune.model.load import base_family, load_processor
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from data_tools.collate import collate, collate_packed, pack_rows  # noqa: E402
 from data_tools.render import IGNORE  # noqa: E402
-from finetune.memory.estimate import AUDIO_TOKENS_PER_S  # noqa: E402
-from finetune.memory.skeleton import load_config, model_class, not_quantized  # noqa: E402
-from finetune.recipe import load_recipe, with_overrides  # noqa: E402
+from finetune.config.recipe import load_recipe, with_overrides  # noqa: E402
+from finetune.plan.estimate import AUDIO_TOKENS_PER_S  # noqa: E402
+from finetune.plan.skeleton import load_config, model_class, not_quantized  # noqa: E402
 
 GIB = 2**30
 RECIPE = ROOT / "recipes/gemma4-12b/mixed-image-audio-text.yaml"
@@ -60,7 +60,7 @@ DRY = {"seq": [160, 320], "mixed_samples": 6, "hf_steps": 2}
 def build_quantized(config, device: str, dtype: torch.dtype, double_quant: bool = True, seed: int = 0):
     """The model with random weights, NF4 linears, built module by module on `device`.
 
-    Same choices as `finetune.model.load_base`: bitsandbytes NF4 for every Linear except the
+    Same choices as `finetune.model.load.load_base`: bitsandbytes NF4 for every Linear except the
     tied lm_head (the rule `finetune plan` counts with), everything else in `dtype`."""
     import bitsandbytes as bnb
 
@@ -214,7 +214,7 @@ def run_ours(model, recipe, family, batches: list[dict], device: str, dtype) -> 
     warm-up (kernels, allocator) and is not timed."""
     from accelerate import Accelerator
 
-    from finetune.memory_tricks import tile_mlp, untile_mlp
+    from finetune.model.memory_tricks import tile_mlp, untile_mlp
     from finetune.objectives import build
     from finetune.training.optim import make_optimizer, make_scheduler
     from finetune.training.step import optimizer_step
@@ -339,15 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data.image_tokens={IMAGE_TOKENS}", f"data.max_audio_seconds={AUDIO_SECONDS}",
               "train.batch_size=1", "train.grad_accum=1"]
     if args.dry_run:
-        from finetune.tiny import write_tiny_model
+        from finetune.demo.tiny_model import write_tiny_model
 
         common += [f"model.base={write_tiny_model(tmp / 'tiny')}", "data.image_tokens=70",
                    f"train.mlp_tile_tokens={DRY['seq'][0] // 2}"]
     base = load_recipe(RECIPE, common)
     config, source = load_config(base.model)
-    from finetune.families import family_for
-    from finetune.memory.plan import plan
-    from finetune.model import attach_lora, enable_gradient_checkpointing
+    from finetune.model.families import family_for
+    from finetune.model.load import enable_gradient_checkpointing
+    from finetune.model.lora import attach_lora
+    from finetune.plan.report import plan
 
     family = family_for(config.model_type)
     t0 = time.time()

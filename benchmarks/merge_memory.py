@@ -39,7 +39,7 @@ def write_base(out: Path, hidden: int, layers: int) -> int:
     import torch
     from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
-    from finetune.tiny import build_processor, tiny_config_dict
+    from finetune.demo.tiny_model import build_processor, tiny_config_dict
 
     cfg = tiny_config_dict(num_layers=layers)
     cfg["text_config"].update(hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=8,
@@ -56,8 +56,8 @@ def write_adapter(base: Path, out: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.lora import target_regex
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.lora import target_regex
 
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.bfloat16)
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, init_lora_weights=False,
@@ -86,8 +86,8 @@ def sample():
 
 
 threading.Thread(target=sample, daemon=True).start()
-import finetune.merge as merge
-import finetune.merge_files as merge_files
+import finetune.export.merge as merge
+import finetune.export.merge_low_memory as merge_files
 # What either merge imports, so "imports" is the floor both start from.
 import peft, PIL.Image, safetensors.torch, transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor, Gemma4UnifiedForConditionalGeneration

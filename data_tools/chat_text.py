@@ -37,7 +37,7 @@ IGNORE = -100
 @dataclass(frozen=True)
 class ChatFormat:
     """The chat-format tokens rendering needs beyond the template itself; each model family
-    supplies its own (`finetune.families`), so nothing here is specific to one model."""
+    supplies its own (`finetune.model.families`), so nothing here is specific to one model."""
 
     turn_end: str          # ends every turn: generation stops there, labels run through it
     model_turn: str        # opens an assistant turn in the rendered history

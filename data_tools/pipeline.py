@@ -41,6 +41,12 @@ class Prepared:
     from_cache: bool
     streaming: bool = False
 
+    def render_eval(self) -> None:
+        """Render the held-out records now: a streamed run renders them on first use, and its
+        accounting (rejects included) is complete only once they are."""
+        if hasattr(self.eval, "materialize"):
+            self.eval.materialize()
+
 
 def prepare(recipe, processor, processor_dir: str, *, rejects_path: Path, chat: ChatFormat,
             log=None, use_cache: bool = True, streaming: bool | None = None, check: bool = True) -> Prepared:

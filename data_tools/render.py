@@ -42,7 +42,7 @@ class RenderSettings:
 
 class Renderer:
     """Renders conversations for one processor, under one `RenderSettings`, in one `ChatFormat`
-    (the model family's: `finetune.families`)."""
+    (the model family's: `finetune.model.families`)."""
 
     def __init__(self, processor, settings: RenderSettings, chat: ChatFormat):
         self.processor = processor

@@ -139,6 +139,10 @@ class LazyList:
     def __init__(self, make: Callable[[], list]):
         self._make, self._items = make, None
 
+    def materialize(self) -> list:
+        """The list, made now if it wasn't yet."""
+        return self._get()
+
     def _get(self) -> list:
         if self._items is None:
             self._items = self._make()

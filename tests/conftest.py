@@ -29,8 +29,8 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A complete tiny base folder (config, safetensors, tokenizer, processor, chat template),
-    written with `save_pretrained` like a real checkpoint (finetune.tiny.write_tiny_model)."""
-    from finetune.tiny import write_tiny_model
+    written with `save_pretrained` like a real checkpoint (finetune.demo.tiny_model.write_tiny_model)."""
+    from finetune.demo.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny_base"), seed=0)
 
@@ -38,16 +38,16 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def processor(tiny_base):
     """The tiny base's processor loaded back through AutoProcessor, image budget 70."""
-    from finetune.model import load_processor
+    from finetune.model.load import load_processor
 
     return load_processor(str(tiny_base), 70)
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    """A small copy of the bundled demo data (finetune.demo): per-task train files
+    """A small copy of the bundled demo data (finetune.demo.data): per-task train files
     train_{image,audio,text,mixed}.jsonl (8 + 8 + 8 + 4 records), eval.jsonl, images/, audio/."""
-    from finetune.demo import make_demo_data
+    from finetune.demo.data import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("demo_data"), seed=0, n_image=8, n_audio=8,
                           n_text_repeat=1, n_mixed=4, n_eval_each=2)
@@ -60,7 +60,7 @@ def make_recipe(tiny_base, tmp_path):
     `model.base` is the tiny base, `train.output_dir` and `data.cache_dir` live in this
     test's tmp_path; anything given overrides those defaults (sections are merged key by key).
     """
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
 
     def make(datasets, **sections):
         raw = {"model": {"base": str(tiny_base), "quantization": "none"}, "datasets": datasets,

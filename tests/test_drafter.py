@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune.cli import main
+from finetune.cli.main import main
+from finetune.config.recipe import recipe_from_dict
 from finetune.errors import UserError
-from finetune.recipe import recipe_from_dict
 
 K = 3  # draft tokens per round in these tests
 
@@ -46,14 +46,14 @@ def raw_recipe(assets, name: str, *, drafter=None, **train) -> dict:
 
 
 def target(assets):
-    from finetune.model import load_base
+    from finetune.model.load import load_base
 
     return load_base(str(assets.base), quantization="none")
 
 
 def noisy_drafter(assets, seed: int = 0):
     """The tiny drafter with large random weights: every mask or position slip shows in its logits."""
-    from finetune.drafter import load_drafter
+    from finetune.drafter.model import load_drafter
 
     drafter = load_drafter(str(assets.base / "drafter"), target(assets).config)
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +68,7 @@ def samples(assets, processor):
     """Rendered training samples, an image one among them (its 70 image tokens push the prompt
     past the tiny base's 64-token sliding window)."""
     from data_tools.pipeline import prepare
-    from finetune.model import base_family
+    from finetune.model.load import base_family
 
     recipe = recipe_from_dict(raw_recipe(assets, "render"))
     data = prepare(recipe, processor, str(assets.base), chat=base_family(str(assets.base)).chat,
@@ -82,7 +82,7 @@ def samples(assets, processor):
 @pytest.fixture(scope="module")
 def aligned(assets):
     """A drafter distilled on the base through the real loop (30 steps), and its run folder."""
-    from finetune.align_drafter import align_drafter
+    from finetune.drafter.alignment import align_drafter
 
     recipe = recipe_from_dict(raw_recipe(assets, "distilled", max_steps=30, batch_size=4))
     report = align_drafter(recipe, None, assets.root / "distilled")
@@ -95,8 +95,8 @@ def aligned(assets):
 def test_tiny_model_writes_a_drafter_built_like_the_real_one(assets):
     from transformers import AutoConfig, Gemma4UnifiedAssistantForCausalLM
 
-    from finetune.drafter import check_pair
-    from finetune.tiny_drafter import write_tiny_drafter
+    from finetune.demo.tiny_drafter import write_tiny_drafter
+    from finetune.drafter.model import check_pair
 
     cfg = AutoConfig.from_pretrained(assets.base / "drafter")
     text = cfg.get_text_config()
@@ -117,7 +117,7 @@ def test_tiny_model_writes_a_drafter_built_like_the_real_one(assets):
 def test_a_drafter_for_another_target_is_refused(assets, tmp_path):
     from transformers import AutoConfig
 
-    from finetune.drafter import check_pair
+    from finetune.drafter.model import check_pair
 
     cfg = AutoConfig.from_pretrained(assets.base / "drafter")
     cfg.backbone_hidden_size = 3840
@@ -138,9 +138,9 @@ def test_unrolled_drafting_equals_the_candidate_generator(assets, samples, proce
     from transformers import GenerationConfig
     from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
-    from finetune.drafting import continue_greedy, served_prompts, starts_of, target_states, unroll
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.generation import suppressed_ids
+    from finetune.drafter.unrolling import continue_greedy, served_prompts, starts_of, target_states, unroll
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.generate import suppressed_ids
 
     model, drafter = target(assets), noisy_drafter(assets)
     drafter.generation_config.num_assistant_tokens = K
@@ -186,7 +186,7 @@ def test_unrolling_a_centroid_masked_drafter_feeds_back_what_the_generator_draft
     from transformers import AutoConfig, Gemma4UnifiedAssistantForCausalLM, GenerationConfig
     from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
-    from finetune.drafting import continue_greedy, served_prompts, starts_of, target_states, unroll
+    from finetune.drafter.unrolling import continue_greedy, served_prompts, starts_of, target_states, unroll
 
     cfg = AutoConfig.from_pretrained(assets.base / "drafter")
     # the centroids split the vocabulary evenly: take the smallest divisor (781 = 11 × 71)
@@ -225,7 +225,7 @@ def test_unrolling_a_centroid_masked_drafter_feeds_back_what_the_generator_draft
 
 
 def test_slots_count_every_draft_of_a_continuation():
-    from finetune.drafting import slots_per_prompt
+    from finetune.drafter.unrolling import slots_per_prompt
 
     # 6 tokens, k = 3: starts at tokens 0..4 can draft 3, 3, 3, 2, 1 of the tokens after them
     assert slots_per_prompt(6, 3) == 12
@@ -238,10 +238,11 @@ def test_slots_count_every_draft_of_a_continuation():
 def test_greedy_output_is_identical_with_and_without_a_drafter(assets, processor, aligned):
     """Every pairing: base and adapted target, random and distilled drafter. A random drafter
     accepts nothing: exactly one token per target forward."""
-    from finetune.acceptance import measure, pick_items
-    from finetune.drafter import load_drafter
-    from finetune.evaluate import eval_items
-    from finetune.model import attach_lora, base_family
+    from finetune.drafter.acceptance import measure, pick_items
+    from finetune.drafter.model import load_drafter
+    from finetune.eval.evaluate import eval_items
+    from finetune.model.load import base_family
+    from finetune.model.lora import attach_lora
 
     chat = base_family(str(assets.base)).chat
     recipe = aligned.recipe
@@ -270,7 +271,7 @@ def test_greedy_output_is_identical_with_and_without_a_drafter(assets, processor
 def test_distilling_on_the_base_raises_acceptance(assets, processor, aligned):
     """30 steps through the real loop: the random tiny drafter (1.0 tokens per target forward)
     becomes a drafter the base accepts, on held-out prompts."""
-    from finetune.align_drafter import measure_drafters
+    from finetune.workflows.drafter import measure_drafters
 
     result = measure_drafters(aligned.recipe, None, {"shipped": str(aligned.path)})
     (pairing,) = result["pairings"]
@@ -289,7 +290,7 @@ def test_alignment_writes_a_drafter_folder_and_resumes_exactly(assets):
     from safetensors.torch import load_file
     from transformers import Gemma4UnifiedAssistantForCausalLM
 
-    from finetune.align_drafter import align_drafter
+    from finetune.drafter.alignment import align_drafter
 
     straight = recipe_from_dict(raw_recipe(assets, "straight"))
     align_drafter(straight, None, assets.root / "straight")
@@ -316,7 +317,7 @@ def test_two_process_ddp_aligns_like_one_process(assets, tmp_path):
     """torchrun, 2 ranks × batch 2 vs one process × 2 micro-batches of 2 (the same prompts padded
     the same way, so the target continues them alike): the drafter (the objective's own weights)
     is synchronised — identical on both ranks — and the losses are the one process's."""
-    from finetune.align_drafter import align_drafter
+    from finetune.drafter.alignment import align_drafter
 
     raw = raw_recipe(assets, "ddp", max_steps=3, group_by_length=False)
     (tmp_path / "r.yaml").write_text(json.dumps(raw))
@@ -338,7 +339,7 @@ def test_two_process_ddp_aligns_like_one_process(assets, tmp_path):
 def test_lora_on_the_drafter_trains_only_the_lora_and_saves_it_merged(assets):
     from safetensors.torch import load_file
 
-    from finetune.align_drafter import align_drafter
+    from finetune.drafter.alignment import align_drafter
 
     recipe = recipe_from_dict(raw_recipe(assets, "lora", drafter={"method": "lora", "lora_r": 4}, max_steps=2))
     align_drafter(recipe, None, assets.root / "lora")
@@ -354,8 +355,9 @@ def test_lora_on_the_drafter_trains_only_the_lora_and_saves_it_merged(assets):
 def test_alignment_loads_the_adapter_onto_the_frozen_target(assets, tmp_path):
     """With an adapter, the drafter learns base + adapter: its first loss differs from the
     base's (same data, same drafter, same seed)."""
-    from finetune.align_drafter import align_drafter
-    from finetune.model import attach_lora, base_family
+    from finetune.drafter.alignment import align_drafter
+    from finetune.model.load import base_family
+    from finetune.model.lora import attach_lora
 
     model = target(assets)
     peft = attach_lora(model, recipe_from_dict(raw_recipe(assets, "x")).lora, base_family(str(assets.base)))
@@ -378,7 +380,8 @@ def test_alignment_loads_the_adapter_onto_the_frozen_target(assets, tmp_path):
 
 
 def test_eval_reports_acceptance_of_shipped_and_aligned(assets, aligned, tmp_path, capsys):
-    from finetune.model import attach_lora, base_family
+    from finetune.model.load import base_family
+    from finetune.model.lora import attach_lora
 
     peft = attach_lora(target(assets), aligned.recipe.lora, base_family(str(assets.base)))
     peft.save_pretrained(tmp_path / "adapter")
@@ -418,8 +421,8 @@ def test_export_writes_the_drafter_with_its_serve_lines(assets, aligned, tmp_pat
 
 
 def test_plan_covers_aligning_the_12b_drafter():
-    from finetune.memory.plan import plan
-    from finetune.recipe import load_recipe
+    from finetune.config.recipe import load_recipe
+    from finetune.plan.report import plan
 
     root = Path(__file__).resolve().parent.parent / "recipes" / "gemma4-12b" / "image-qa.yaml"
     runs = {}
@@ -436,8 +439,8 @@ def test_plan_covers_aligning_the_12b_drafter():
 
 
 def test_the_shipped_drafter_recipe_fits_16_gib():
-    from finetune.memory.plan import plan
-    from finetune.recipe import load_recipe
+    from finetune.config.recipe import load_recipe
+    from finetune.plan.report import plan
 
     path = Path(__file__).resolve().parent.parent / "recipes" / "gemma4-12b" / "drafter" / "align-image-qa.yaml"
     out = plan(load_recipe(path), budget_gib=16.0)
@@ -553,7 +556,7 @@ def test_llamacpp_converts_the_aligned_drafter_and_drafts_like_transformers(asse
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
-    from finetune.drafter import load_drafter
+    from finetune.drafter.model import load_drafter
 
     assert main(["export", "--format", "drafter", str(aligned.path), str(tmp_path / "hf")]) == 0
     files = {"base": (assets.base, tmp_path / "base.gguf"), "drafter": (tmp_path / "hf", tmp_path / "drafter.gguf")}

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from finetune.cli import main
-from finetune.recipe import recipe_from_dict
+from finetune.cli.main import main
+from finetune.config.recipe import recipe_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,9 @@ def raw_recipe(assets, name: str, *, data=None, datasets=None, **train) -> dict:
 
 def test_a_toy_objective_trains_through_the_real_loop(assets):
     """A new objective is a class with `weight` and `loss`, registered under a name."""
+    from finetune.model.load import unwrap
     from finetune.objectives import Objective, register
-    from finetune.objectives.base import transformers_model, unregister
+    from finetune.objectives.base import unregister
     from finetune.training.loop import train
 
     @register("toy_l2")
@@ -48,7 +49,7 @@ def test_a_toy_objective_trains_through_the_real_loop(assets):
 
         def loss(self, model, batch):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            out = transformers_model(model).model(**inputs, use_cache=False, output_hidden_states=True)
+            out = unwrap(model).model(**inputs, use_cache=False, output_hidden_states=True)
             # Not last_hidden_state: the final RMSNorm pins its mean square at 1 whatever LoRA does.
             per_sample = out.hidden_states[1][:, -1].float().pow(2).mean(-1)
             return per_sample.sum(), {"toy/norm": per_sample.detach().sqrt().sum()}
@@ -159,7 +160,7 @@ def test_streaming_previews_keep_every_reject(assets, tmp_path):
 def test_the_demo_runs_twice(tmp_path):
     """The demo owns its folder: a second run replaces the first's outputs (merged/ included)
     instead of failing after training."""
-    from finetune.workflows import run_demo
+    from finetune.workflows.demo import run_demo
 
     small = ["train.max_steps=2", "eval.max_items=3", "train.batch_size=4"]
     demo = tmp_path / "runs" / "demo"

@@ -1,7 +1,7 @@
 """The error contract, verb by verb: bad input exits 2 with `error: <where>: <what>. <fix>` on
 stderr and no traceback; a bug exits 1; nothing is lost; nothing unsafe is loaded.
 
-The bad-input matrix runs the CLI in-process (`finetune.cli.main`); two subprocess runs prove
+The bad-input matrix runs the CLI in-process (`finetune.cli.main.main`); two subprocess runs prove
 the same holds for the real executable.
 """
 
@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.errors import RecipeErrors, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def env(tmp_path_factory):
     """A tiny base (weights + processor), good data, media files and adapters, written once."""
     from safetensors.torch import save_file
 
-    from finetune.tiny import write_tiny_model
+    from finetune.demo.tiny_model import write_tiny_model
 
     root = tmp_path_factory.mktemp("errors")
     base = write_tiny_model(root / "base")
@@ -367,7 +367,7 @@ def test_bad_adapter_for_eval(env, tmp_path, capsys):
 
 
 def test_pickle_adapter_is_refused_by_the_loader(env):
-    from finetune.adapters import load_adapter
+    from finetune.model.adapters import load_adapter
 
     with pytest.raises(UserError) as e:
         load_adapter(torch.nn.Linear(1, 1), str(env.adapters["pickle"]))
@@ -382,7 +382,7 @@ def test_internal_bug_exits_1_with_a_traceback(monkeypatch, capsys):
     def broken(args):
         raise ZeroDivisionError("oops")
 
-    monkeypatch.setattr("finetune.cli.cmd_validate", broken)
+    monkeypatch.setattr("finetune.cli.main.cmd_validate", broken)
     run = cli(capsys, "validate", "x.yaml")
     assert run.rc == 1 and "Traceback" in run.err and "internal error: ZeroDivisionError" in run.err
 
@@ -446,7 +446,7 @@ def test_a_run_that_loses_a_record_fails_loudly(env, tmp_path, capsys, monkeypat
                                  "!!python/object/new:subprocess.Popen [['touch', '{m}']]",
                                  "!!python/name:os.system", "!!python/module:os"])
 def test_python_tags_are_errors_and_nothing_runs(tmp_path, tag):
-    from finetune.recipe import load_recipe
+    from finetune.config.recipe import load_recipe
 
     marker = tmp_path / "ran"
     (tmp_path / "r.yaml").write_text(f"model:\n  base: {tag.format(m=marker)}\ndatasets: []\n")
@@ -465,7 +465,7 @@ def test_pickle_base_is_refused_unless_allowed(env, tmp_path, capsys):
 def test_load_paths_pass_trust_remote_code_and_safetensors_only(env, monkeypatch):
     import transformers
 
-    from finetune import model as fm
+    from finetune.model import load as fm
 
     seen = {}
 
@@ -497,8 +497,8 @@ def test_load_paths_pass_trust_remote_code_and_safetensors_only(env, monkeypatch
 
 def test_train_passes_the_recipe_safety_switches_through(env, tmp_path, monkeypatch):
     import data_tools.pipeline
-    from finetune import model as fm
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
+    from finetune.model import load as fm
     from finetune.training.loop import train
 
     calls = {}

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -29,8 +29,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Tiny base + demo data: 24 training tones, 4 held-out images and 4 held-out tones."""
-    from finetune.demo import make_demo_data
-    from finetune.tiny import write_tiny_model
+    from finetune.demo.data import make_demo_data
+    from finetune.demo.tiny_model import write_tiny_model
 
     root = tmp_path_factory.mktemp("eval")
     data = make_demo_data(root / "data", seed=0, n_image=0, n_audio=24, n_text_repeat=0, n_mixed=0,
@@ -46,7 +46,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(assets):
     """A 20-step QLoRA adapter on the tones, and the recipe that made it (as a YAML file)."""
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
     from finetune.training.loop import train
 
     root = assets.root
@@ -84,7 +84,7 @@ def evaluated(trained, tmp_path_factory):
 
 
 def test_user_parts_place_media_by_marker_or_first():
-    from finetune.cli_eval import user_parts
+    from finetune.cli.eval import user_parts
 
     parts = user_parts("Is {audio} like {image}?", 1, 1)
     kinds = [p.type if p.type != "text" else p.text.strip() for p in parts]
@@ -96,8 +96,8 @@ def test_user_parts_place_media_by_marker_or_first():
 
 
 def test_generate_keeps_the_command_line_order_of_unmarked_media():
-    from finetune.cli import build_parser
-    from finetune.cli_eval import user_parts
+    from finetune.cli.eval import user_parts
+    from finetune.cli.main import build_parser
 
     args = build_parser().parse_args(["generate", "--audio", "a.wav", "--image", "b.png", "--audio", "c.wav",
                                       "Which came first?"])
@@ -111,7 +111,7 @@ def test_generate_keeps_the_command_line_order_of_unmarked_media():
 
 
 def test_winner_follows_metric_direction():
-    from finetune.evaluate import winner
+    from finetune.eval.evaluate import winner
 
     assert winner("exact_match", 0.0, 1.0) == "adapter"
     assert winner("token_f1", 0.5, 0.2) == "base"
@@ -135,15 +135,15 @@ def test_generate_rejects_bad_input_before_loading(tmp_path, capsys):
 
 def test_generate_base_with_markers(assets, monkeypatch, capsys):
     """The base alone, full precision; markers put the clip first and the picture after."""
-    import finetune.generation
+    import finetune.model.generate
 
-    seen, real = [], finetune.generation.generate
+    seen, real = [], finetune.model.generate.generate
 
     def spy(model, processor, chat, conv, images, audios, **kw):
         seen.append([p.type for p in conv.messages[0].parts])
         return real(model, processor, chat, conv, images, audios, **kw)
 
-    monkeypatch.setattr(finetune.generation, "generate", spy)
+    monkeypatch.setattr(finetune.model.generate, "generate", spy)
     rc = main(["generate", "--base", str(assets.base), "--image", str(assets.image),
                "--audio", str(assets.audio), "--max-new-tokens", "3", "Hear {audio} and see {image}. Well?"])
     assert rc == 0 and seen == [["text", "audio", "text", "image", "text"]]
@@ -189,12 +189,12 @@ def test_eval_json_per_item_and_adapter_wins(evaluated):
 @pytest.mark.integration
 def test_eval_batched_equals_one_by_one(trained):
     """Left-padded batches give the same greedy answers as one prompt at a time."""
-    from finetune.adapters import load_adapter
-    from finetune.evaluate import eval_items
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.generation import generate, generate_items
-    from finetune.model import load_base, load_processor
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
+    from finetune.eval.evaluate import eval_items
+    from finetune.model.adapters import load_adapter
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.generate import generate, generate_items
+    from finetune.model.load import load_base, load_processor
 
     chat = GEMMA4_UNIFIED.chat
     recipe = recipe_from_dict(trained.raw)
@@ -211,10 +211,10 @@ def test_eval_batched_equals_one_by_one(trained):
 def test_eval_items_follow_the_trainers_held_out_split(assets, tmp_path):
     """No eval_datasets: exactly the records the data pipeline held out (data.eval_fraction)."""
     from data_tools.pipeline import prepare
-    from finetune.evaluate import eval_items
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.model import load_processor
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
+    from finetune.eval.evaluate import eval_items
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.load import load_processor
 
     recipe = recipe_from_dict({
         "model": {"base": str(assets.base)}, "datasets": [{"path": str(assets.data / "train_audio.jsonl")}],
@@ -273,17 +273,17 @@ def test_report_renders_media_in_chromium(evaluated, tmp_path):
 
 @pytest.mark.integration
 def test_chat_keeps_history_and_resets(assets, trained, monkeypatch, capsys):
-    import finetune.generation
+    import finetune.model.generate
 
     calls, answers = [], []
-    real = finetune.generation.generate
+    real = finetune.model.generate.generate
 
     def spy(model, processor, chat, conv, images, audios, **kw):
         calls.append((len(conv.messages), len(images), len(audios)))
         answers.append(real(model, processor, chat, conv, images, audios, **kw))
         return answers[-1]
 
-    monkeypatch.setattr(finetune.generation, "generate", spy)
+    monkeypatch.setattr(finetune.model.generate, "generate", spy)
     script = "\n".join([f"/image {assets.image}", "What colour is this?", "/image /no/such.png",
                         f"/audio {assets.audio}", "Is this tone high or low?", "/reset",
                         "Is it high or low?", "/quit", "never read"]) + "\n"

@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from finetune.adapters import PREFIX, delta, lora_pairs, read_adapter
+from finetune.demo.tiny_model import write_tiny_model
 from finetune.errors import RecipeErrors, UserError
-from finetune.families import GEMMA4_UNIFIED
-from finetune.lora import target_regex
-from finetune.tiny import write_tiny_model
+from finetune.model.adapters import PREFIX, delta, lora_pairs, read_adapter
+from finetune.model.families import GEMMA4_UNIFIED
+from finetune.model.lora import target_regex
 
 
 @pytest.fixture(scope="session")
@@ -84,13 +84,13 @@ def adapters(base, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def probe(base):
-    from finetune.merge import probe_batch
+    from finetune.export.merge import probe_batch
 
     return probe_batch(str(base))[1]
 
 
 def _logits(base: Path, adapter: Path | None, batch: dict) -> torch.Tensor:
-    from finetune.merge import logits
+    from finetune.export.merge import logits
 
     return logits(_load(base), batch, adapter)
 
@@ -112,7 +112,7 @@ def test_delta_is_peft_update(base, adapters, name):
 
 @pytest.mark.parametrize("name,dtype", [("media", "bf16"), ("qlora", "fp32")])
 def test_merge_parity(base, adapters, tmp_path, name, dtype):
-    from finetune.merge import merge_adapter
+    from finetune.export.merge import merge_adapter
 
     report = merge_adapter(adapters[name], tmp_path / "merged", dtype=dtype)
     # merge_diff is fp32 reassociation amplified by depth: bounded by the report's own merge
@@ -147,8 +147,8 @@ def test_low_memory_merge_equals_the_full_merge(base, adapters, probe, tmp_path,
     """Tensor by tensor from the safetensors files, in several shards: the same tensors, bit for
     bit, as the in-memory merge, the same config, and a folder transformers loads whose logits
     match base+adapter like the full merge's."""
-    import finetune.merge as merge
-    import finetune.merge_files as merge_files
+    import finetune.export.merge as merge
+    import finetune.export.merge_low_memory as merge_files
 
     full = merge.merge_adapter(adapters[name], tmp_path / "full", dtype=dtype, low_memory=False)
     monkeypatch.setattr(merge_files, "SHARD_BYTES", 256 * 1024)  # the tiny base then needs several shards
@@ -176,9 +176,9 @@ def test_low_memory_merge_equals_the_full_merge(base, adapters, probe, tmp_path,
 def test_low_memory_merge_is_picked_by_itself_and_checks_what_it_wrote(base, adapters, tmp_path, monkeypatch):
     import safetensors.torch
 
-    import finetune.merge as merge
-    import finetune.merge_files as merge_files
-    from finetune.adapters import ParityError
+    import finetune.export.merge as merge
+    import finetune.export.merge_low_memory as merge_files
+    from finetune.model.adapters import ParityError
 
     monkeypatch.setattr(merge_files, "available_bytes", lambda: 1024)  # "the fp32 model does not fit"
     assert merge.merge_adapter(adapters["full"], tmp_path / "auto")["mode"] == "low_memory"
@@ -200,7 +200,7 @@ def test_low_memory_merge_is_picked_by_itself_and_checks_what_it_wrote(base, ada
 def test_merge_refuses_a_pre_quantized_base(base, adapters, tmp_path, low_memory):
     import shutil
 
-    from finetune.merge import merge_adapter
+    from finetune.export.merge import merge_adapter
 
     quantized = tmp_path / "nf4-base"
     shutil.copytree(base, quantized)
@@ -216,7 +216,7 @@ def test_merge_refuses_a_pre_quantized_base(base, adapters, tmp_path, low_memory
 def test_low_memory_merge_needs_local_safetensors(base, adapters, tmp_path):
     import shutil
 
-    from finetune.merge import merge_adapter
+    from finetune.export.merge import merge_adapter
 
     weightless = tmp_path / "weightless"
     shutil.copytree(base, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -296,7 +296,7 @@ def test_vllm_projection_lora_plain_links_flag_merges(base, adapters, tmp_path):
 def test_vllm_projection_merge_in_low_memory(base, adapters, probe, tmp_path, monkeypatch):
     """When the fp32 base would not fit, the projections merge tensor by tensor; the served
     base + exported adapter still reproduce base + source adapter."""
-    import finetune.merge_files as merge_files
+    import finetune.export.merge_low_memory as merge_files
     from finetune.export.vllm import export_vllm
 
     monkeypatch.setattr(merge_files, "available_bytes", lambda: 1024)
@@ -364,7 +364,7 @@ def _spec(tmp_path: Path, **spec) -> Path:
 
 
 def test_combine_cat_twice_is_the_adapter(base, adapters, probe, tmp_path):
-    from finetune.combine import combine
+    from finetune.export.combine import combine
 
     full = str(adapters["full"])
     report = combine(_spec(tmp_path, method="cat", output="both",
@@ -375,7 +375,7 @@ def test_combine_cat_twice_is_the_adapter(base, adapters, probe, tmp_path):
 
 
 def test_combine_rank_rules_and_spec_errors(adapters, tmp_path):
-    from finetune.combine import combine
+    from finetune.export.combine import combine
 
     with pytest.raises(UserError, match="equal rank") as e:  # full has r=8, attention r=4
         combine(_spec(tmp_path, method="linear", output="x",
@@ -392,11 +392,11 @@ def test_combine_rank_rules_and_spec_errors(adapters, tmp_path):
 def test_library_is_silent_and_logs_through_its_callback(adapters, tmp_path, capsys):
     """Only the CLI prints: a library call without `log` writes nothing; given a callback, the
     callback receives the report lines, and they are the lines the CLI prints."""
-    from finetune.cli import main
-    from finetune.combine import combine
+    from finetune.cli.main import main
     from finetune.export import export
+    from finetune.export.combine import combine
     from finetune.export.gguf import export_gguf
-    from finetune.merge import merge_adapter
+    from finetune.export.merge import merge_adapter
 
     full = str(adapters["full"])
     merge_adapter(full, tmp_path / "m", dtype="fp32")
@@ -479,7 +479,7 @@ def broken(adapters, base, tmp_path_factory) -> dict[str, tuple[Path, str]]:
 
 def _verbs():
     from finetune.export import export
-    from finetune.merge import merge_adapter
+    from finetune.export.merge import merge_adapter
 
     return {
         "merge": lambda a, o: merge_adapter(a, o),
@@ -510,7 +510,7 @@ def test_pickle_allowed_when_asked(broken, tmp_path):
 
 
 def test_cli_export_maps_options(adapters, tmp_path):
-    from finetune.cli_export import cmd_export
+    from finetune.cli.export import cmd_export
 
     args = SimpleNamespace(format="gguf", adapter=str(adapters["attention"]), out=str(tmp_path / "g"),
                            merge_projections=True, outtype="f16", base_gguf=None, base=None, allow_pickle=False)
@@ -522,7 +522,7 @@ def test_cli_export_maps_options(adapters, tmp_path):
 
 
 def test_cli_low_memory_flag(adapters, tmp_path, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     assert main(["merge", str(adapters["full"]), str(tmp_path / "m"), "--low-memory"]) == 0
     assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["mode"] == "low_memory"

@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from finetune.errors import UserError
-from finetune.families import GEMMA4_UNIFIED
-from finetune.lora import target_regex
+from finetune.model.families import GEMMA4_UNIFIED
+from finetune.model.lora import target_regex
 
 REPO = Path(__file__).resolve().parents[1]
 # Every shipped recipe that trains an adapter (a drafter-alignment recipe's result is a drafter:
@@ -92,14 +92,14 @@ def recipe_adapters(base, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def probe(base):
-    from finetune.merge import probe_batch
+    from finetune.export.merge import probe_batch
 
     return probe_batch(str(base))[1]
 
 
 def served_logits(model_dir: Path, adapter: Path | None, batch: dict) -> torch.Tensor:
     """transformers + PEFT on a folder, as the servers would load it."""
-    from finetune.merge import load_base, logits
+    from finetune.export.merge import load_base, logits
 
     return logits(load_base(str(model_dir), GEMMA4_UNIFIED), batch, adapter)
 
@@ -131,8 +131,8 @@ def references(recipe_adapters, base, probe) -> dict[str, tuple[torch.Tensor, fl
 def test_plain_export_is_whole(recipe_adapters, references, base, probe, tmp_path, recipe, fmt):
     """The plain export of each recipe's adapter succeeds for each format, says what to serve, and
     what it serves reproduces base + adapter on text, image and audio."""
-    from finetune.adapters import lora_pairs, read_adapter
     from finetune.export import export
+    from finetune.model.adapters import lora_pairs, read_adapter
 
     adapter = recipe_adapters[recipe]
     media = sorted(m for m in lora_pairs(read_adapter(adapter)[1]) if m in PROJECTIONS)
@@ -182,8 +182,8 @@ def test_plain_export_is_whole(recipe_adapters, references, base, probe, tmp_pat
 def test_projection_updates_move_image_and_audio_alone(recipe_adapters, base, probe):
     """What the linked folder and the mmproj carry is visible on its own: with the text LoRA left
     out, the projection updates still change the probe's image and audio features."""
-    from finetune.adapters import delta, lora_pairs, read_adapter
-    from finetune.merge import load_base
+    from finetune.export.merge import load_base
+    from finetune.model.adapters import delta, lora_pairs, read_adapter
 
     config, state = read_adapter(recipe_adapters["demo"])
     pairs = lora_pairs(state)
@@ -212,7 +212,7 @@ def test_linked_folder_adds_the_projection_bytes_only(recipe_adapters, base, tmp
     from transformers import AutoConfig, Gemma4UnifiedForConditionalGeneration
 
     from finetune.export.vllm import export_vllm
-    from finetune.memory.skeleton import CONFIG_DIR
+    from finetune.plan.skeleton import CONFIG_DIR
 
     report = export_vllm(recipe_adapters["mixed-image-audio-text"], tmp_path / "v")
     account = report["linked_base"]
@@ -322,9 +322,9 @@ def test_mmproj_holds_the_merged_projector(recipe_adapters, base, tmp_path):
     from safetensors.torch import load_file
 
     from finetune.export.gguf import export_gguf
+    from finetune.export.merge import merge_adapter
     from finetune.export.mmproj import projector_weights, read_mmproj
-    from finetune.families import family_config
-    from finetune.merge import merge_adapter
+    from finetune.model.families import family_config
 
     adapter = recipe_adapters["demo"]
     report = export_gguf(adapter, tmp_path / "g", outtype="f32")
@@ -371,8 +371,8 @@ def test_mmproj_types_are_the_converters(recipe_adapters, tmp_path, outtype):
 
 def test_mmproj_read_back_catches_a_corrupt_file(recipe_adapters, tmp_path, monkeypatch):
     import finetune.export.mmproj as mmproj
-    from finetune.adapters import ParityError
     from finetune.export.gguf import export_gguf
+    from finetune.model.adapters import ParityError
 
     real = mmproj.to_gguf_layout  # a writer that forgets patch_ln1's CHW order
     monkeypatch.setattr(mmproj, "to_gguf_layout", lambda t, layout, cfg: real(t, None if layout == "chw" else layout,
@@ -387,7 +387,7 @@ def test_mmproj_read_back_catches_a_corrupt_file(recipe_adapters, tmp_path, monk
 
 
 def test_cli_prints_the_serve_command_and_checks_its_options(recipe_adapters, tmp_path, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     demo = str(recipe_adapters["demo"])
     assert main(["export", "--format", "vllm", demo, str(tmp_path / "v"), "--link", "symlink"]) == 0

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from finetune.config.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
+from finetune.config.schema import resolve_paths
 from finetune.errors import UserError
-from finetune.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
-from finetune.schema import resolve_paths
 
 # -- what a recipe is made of, read from the dataclasses so new keys are fuzzed too ----------------
 
@@ -157,7 +157,7 @@ _TURN = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assis
 
 @pytest.fixture(scope="module")
 def processor():
-    from finetune.tiny import build_processor
+    from finetune.demo.tiny_model import build_processor
 
     return build_processor()
 
@@ -171,7 +171,7 @@ def test_render_gives_a_sample_or_a_bad_record(processor, turns, fmt, max_seq_le
     from data_tools.conversation import REASONS, BadRecord
     from data_tools.formats import parse_record
     from data_tools.render import IGNORE, Renderer, RenderSettings
-    from finetune.families import GEMMA4_UNIFIED
+    from finetune.model.families import GEMMA4_UNIFIED
 
     record = {"messages": turns} if fmt == "messages" else {"text": turns[0]["content"]}
     renderer = Renderer(processor, RenderSettings(max_seq_len=max_seq_len, train_on=train_on, overflow=overflow),

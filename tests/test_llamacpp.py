@@ -47,7 +47,7 @@ def _script(name: str) -> Path:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(HF base folder, the same base as a GGUF made by llama.cpp's converter)."""
-    from finetune.tiny import write_tiny_model
+    from finetune.demo.tiny_model import write_tiny_model
 
     root = tmp_path_factory.mktemp("llamacpp")
     base = write_tiny_model(root / "base", seed=0)
@@ -90,8 +90,8 @@ def test_llamacpp_runs_our_gguf_lora(tiny, tmp_path, lora):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from finetune.export.gguf import export_gguf
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.lora import target_regex
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.lora import target_regex
 
     base, base_gguf = tiny
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).eval()
@@ -145,7 +145,7 @@ def projector_case(tmp_path_factory):
     """(textured base, its text GGUF by llama.cpp's converter, the demo recipe's adapter on it)."""
     import yaml
 
-    from finetune.tiny import write_tiny_model
+    from finetune.demo.tiny_model import write_tiny_model
     from tests import test_export_whole as whole
 
     root = tmp_path_factory.mktemp("projector")
@@ -163,7 +163,7 @@ def test_our_mmproj_equals_llamacpps_converter(projector_case, tmp_path, outtype
     import gguf
 
     from finetune.export.gguf import export_gguf
-    from finetune.merge import merge_adapter
+    from finetune.export.merge import merge_adapter
 
     base, _, adapter = projector_case
     export_gguf(adapter, tmp_path / "ours", outtype=outtype)

@@ -1,4 +1,4 @@
-"""finetune.losses: chunked CE over label positions equals the full-logits CE, and its memory
+"""finetune.objectives.losses: chunked CE over label positions equals the full-logits CE, and its memory
 does not grow with the sequence while the full path's does."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data_tools.render import IGNORE
-from finetune.losses import chunked_ce_sum, full_ce_sum
+from finetune.objectives.losses import chunked_ce_sum, full_ce_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_no_labels_gives_a_zero_that_backpropagates():
 # glibc's heap growth. A 16k vocab stands in for Gemma's 262k; what matters is the shape.
 _MEASURE = textwrap.dedent("""
     import gc, json, re, sys, torch
-    from finetune.losses import chunked_ce_sum, full_ce_sum
+    from finetune.objectives.losses import chunked_ce_sum, full_ce_sum
     torch.set_num_threads(1)
 
     def kb(field):

@@ -1,4 +1,4 @@
-"""finetune.memory (`finetune plan`): parameter counts, arithmetic, shipped recipes, CPU calibration."""
+"""finetune.plan (`finetune plan`): parameter counts, arithmetic, shipped recipes, CPU calibration."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from finetune.config.recipe import load_recipe, recipe_from_dict
 from finetune.errors import UserError
-from finetune.memory.plan import plan
-from finetune.recipe import load_recipe, recipe_from_dict
+from finetune.plan.report import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes" / "gemma4-12b").glob("*.yaml"))
@@ -93,8 +93,8 @@ def test_local_folder_without_config_is_a_user_error(tmp_path):
 def test_tiny_counts_equal_the_real_model_and_breakdown_adds_up(tiny):
     from peft import get_peft_model
 
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.lora import lora_config
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.lora import lora_config
 
     folder, model = tiny
     recipe = _recipe(str(folder), lora={"r": 4, "targets": ["all"]})
@@ -113,7 +113,7 @@ def test_tiny_counts_equal_the_real_model_and_breakdown_adds_up(tiny):
     assert out["fits"]
 
 
-_LAYERS_OF_TINY = range(4)  # finetune.tiny's default depth
+_LAYERS_OF_TINY = range(4)  # finetune.demo.tiny_model's default depth
 
 
 def test_plan_reacts_to_each_knob(tiny):
@@ -181,7 +181,7 @@ def test_a_bad_variant_does_not_fit_and_its_suggestions_do(capsys):
 
 
 def test_cli_table_and_json(capsys):
-    from finetune.cli_plan import cmd_plan
+    from finetune.cli.plan import cmd_plan
 
     args = SimpleNamespace(recipe=str(RECIPES[0]), overrides=["data.max_seq_len=32768"], json=True,
                            budget_gib=16.0)
@@ -213,8 +213,8 @@ def test_cpu_fp32_static_memory_matches_real_tensors(tiny):
 
     from peft import get_peft_model
 
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.lora import lora_config
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.lora import lora_config
 
     folder, model = tiny
     recipe = _recipe(str(folder), model={"quantization": "none", "dtype": "fp32"},

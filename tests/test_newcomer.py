@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def _image(path: Path, colour=(200, 30, 30)) -> None:
@@ -68,7 +68,7 @@ def test_cache_location_is_printed_and_can_be_bypassed_or_cleared(tmp_path, tiny
     (proj / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                            {"role": "assistant", "content": "yo"}]}) + "\n")
     recipe = _write_recipe(proj, tiny_base, [{"path": "d.jsonl"}])
-    from finetune.recipe import load_recipe
+    from finetune.config.recipe import load_recipe
 
     cache_root = Path(load_recipe(recipe).data.cache_dir)
     assert cache_root == proj / ".cache" / "finetune-data"  # next to the run folder, as documented
@@ -141,7 +141,7 @@ def test_validate_reads_records_targets_and_trackers(tmp_path, tiny_base, capsys
 
 
 def test_train_refuses_to_replace_a_run_and_eval_gets_its_own_folder(tmp_path, tiny_base, capsys):
-    from finetune.cli_eval import default_eval_dir
+    from finetune.cli.eval import default_eval_dir
 
     (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                                {"role": "assistant", "content": "yo"}]}) + "\n")
@@ -172,13 +172,13 @@ SHIPPED = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml
 def test_every_shipped_recipe_trains_a_step_on_the_cpu(path, tmp_path, tiny_base, demo_data):
     """The 12B recipes as written (bf16, NF4, 8-bit AdamW, their LoRA targets, packing...), pointed
     at the tiny base and the demo data: one optimizer step on the CPU."""
-    from finetune.recipe import load_recipe
+    from finetune.config.recipe import load_recipe
     from finetune.training.loop import train
 
     fmt = yaml.safe_load(path.read_text())["datasets"][0]["format"]
     files = [demo_data / "train_text.jsonl"] if fmt == "text" else sorted(demo_data.glob("train_*.jsonl"))
     if fmt == "preference":
-        from finetune.preference_demo import make_preference_data
+        from finetune.demo.preference import make_preference_data
 
         pairs = make_preference_data(tmp_path / "pairs", seed=0, n_image=2, n_audio=2, n_text_repeat=1, n_eval_each=1)
         files = sorted(pairs.glob("train_*.jsonl"))
@@ -235,7 +235,7 @@ def test_plan_check_exits_non_zero_when_it_does_not_fit(capsys):
 def test_every_option_of_every_verb_is_described(capsys):
     import argparse
 
-    from finetune.cli import build_parser
+    from finetune.cli.main import build_parser
 
     missing = []
 

@@ -29,7 +29,7 @@ from data_tools.preview import sample_view
 from data_tools.render import IGNORE, Renderer, RenderSettings
 from data_tools.render_pool import RecordWorker
 from data_tools.tools import fold_tool_responses
-from finetune.families import GEMMA4_UNIFIED
+from finetune.model.families import GEMMA4_UNIFIED
 from tests.tool_data import tool_use_data
 
 pytestmark = pytest.mark.templates
@@ -56,7 +56,7 @@ def official_template(name: str) -> Path:
 @pytest.fixture(scope="module", params=[MAIN, INTERLEAVED])
 def official(request, tiny_base, tmp_path_factory):
     """(template name, processor of a tiny-base copy that carries the official template)."""
-    from finetune.model import load_processor
+    from finetune.model.load import load_processor
 
     text = official_template(request.param).read_text()
     base = tmp_path_factory.mktemp("official") / "base"

@@ -19,9 +19,9 @@ from data_tools.cache import cache_key
 from data_tools.pipeline import prepare
 from data_tools.render_pool import CHUNK
 from data_tools.streaming import StreamingSamples
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.errors import UserError
-from finetune.families import GEMMA4_UNIFIED
+from finetune.model.families import GEMMA4_UNIFIED
 
 
 def prepare_run(recipe, processor, base, **kw):

@@ -21,10 +21,10 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from data_tools.pipeline import prepare  # noqa: E402
 from data_tools.render import IGNORE  # noqa: E402
-from finetune.families import GEMMA4_UNIFIED  # noqa: E402
+from finetune.config.recipe import recipe_from_dict  # noqa: E402
+from finetune.model.families import GEMMA4_UNIFIED  # noqa: E402
 from finetune.objectives import build  # noqa: E402
 from finetune.objectives.preference import REWARD_METRICS  # noqa: E402
-from finetune.recipe import recipe_from_dict  # noqa: E402
 
 TOL = 1e-5
 # fp32 on the CPU. TRL's configs default to bf16, which would also leave accelerate's
@@ -85,7 +85,7 @@ def files(tmp_path_factory, demo_data):
 
 
 def base_model(tiny_base):
-    from finetune.model import load_base
+    from finetune.model.load import load_base
 
     torch.manual_seed(0)
     return load_base(str(tiny_base), device="cpu")

@@ -14,7 +14,7 @@ from data_tools.pipeline import prepare
 from data_tools.preference import parse_preference
 from data_tools.render import IGNORE, Renderer, RenderSettings
 from finetune.errors import RecipeErrors
-from finetune.families import GEMMA4_UNIFIED
+from finetune.model.families import GEMMA4_UNIFIED
 
 SYSTEM = {"role": "system", "content": "Answer with one word."}
 
@@ -82,7 +82,7 @@ def test_layouts_parse_to_the_same_conversations(demo_data):
 
 @pytest.fixture
 def recipe_for(tiny_base, tmp_path):
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
 
     def make(path, objective="dpo", **data):
         return recipe_from_dict({
@@ -188,10 +188,10 @@ def test_cache_and_stream_carry_both_answers(recipe_for, processor, demo_data, t
 @pytest.mark.parametrize("train,fix", [
     ({"objective": "sft"}, "datasets[0].format: preference data can't train objective 'sft'"),
     ({"objective": "orpo", "reference_adapter": "x"}, "train.reference_adapter: objective 'orpo' has no reference"),
-    ({"objective": "dpo", "packing": True}, "train.packing: objective 'dpo' makes its own micro-batches"),
+    ({"objective": "dpo", "packing": True}, "train.packing: objective 'dpo' does not pack samples"),
 ])
 def test_recipe_errors(tiny_base, train, fix):
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
 
     with pytest.raises(RecipeErrors) as e:
         recipe_from_dict({"model": {"base": str(tiny_base)}, "datasets": [{"path": "p.jsonl", "format": "preference"}],
@@ -200,7 +200,7 @@ def test_recipe_errors(tiny_base, train, fix):
 
 
 def test_preference_settings_are_checked(tiny_base):
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
 
     with pytest.raises(RecipeErrors) as e:
         recipe_from_dict({"model": {"base": str(tiny_base)}, "datasets": [{"path": "p.jsonl", "format": "preference"}],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_tools.render import IGNORE
-from finetune.recipe import recipe_from_dict
+from finetune.config.recipe import recipe_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def metrics_of(out: Path) -> list[dict]:
 
 def test_chunked_logps_equal_full_log_softmax():
     """Kept reference: soft-capped logits for every position, log-softmax, gather."""
-    from finetune.losses import chunked_logps
+    from finetune.objectives.losses import chunked_logps
 
     torch.manual_seed(0)  # float64: the two orders of summation then agree to ~1e-13
     hidden = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
@@ -69,7 +69,7 @@ def test_chunked_logps_equal_full_log_softmax():
 
 def test_pairs_accumulate_like_one_batch(assets, processor):
     """Micro-batches of 1 pair sum to the loss and gradients of 1 micro-batch of 2 pairs."""
-    from finetune.model import base_family, load_base
+    from finetune.model.load import base_family, load_base
     from finetune.objectives import build
     from finetune.training.wrappers import to_device
 
@@ -82,7 +82,7 @@ def test_pairs_accumulate_like_one_batch(assets, processor):
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     from data_tools.pipeline import prepare
-    from finetune.families import GEMMA4_UNIFIED
+    from finetune.model.families import GEMMA4_UNIFIED
 
     (assets.root / "acc").mkdir(exist_ok=True)
     data = prepare(r, processor, str(assets.base), rejects_path=assets.root / "acc" / "rejects.jsonl",
@@ -162,7 +162,7 @@ def test_reference_adapter_flow_and_exact_resume(assets):
 def test_eval_reports_held_out_preference_accuracy(assets):
     """With the base as reference, reward = β·(log π_adapter − log π_base): per modality the
     reward margin is the adapter's margin minus the base's."""
-    from finetune.evaluate import evaluate_adapter
+    from finetune.eval.evaluate import evaluate_adapter
     from finetune.training.loop import train
 
     adapter = assets.root / "golden-dpo" / "adapter"
@@ -181,8 +181,8 @@ def test_eval_reports_held_out_preference_accuracy(assets):
 
 def test_plan_counts_both_answers():
     """12B DPO at 2 × 2k tokens (one pair of 2,048-token sequences) fits 16 GiB."""
-    from finetune.memory.plan import plan
-    from finetune.recipe import load_recipe, with_overrides
+    from finetune.config.recipe import load_recipe, with_overrides
+    from finetune.plan.report import plan
 
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "gemma4-12b" / "preference-dpo.yaml")
     dpo = plan(recipe)
@@ -197,7 +197,7 @@ def test_plan_counts_both_answers():
 
 
 def test_the_preference_demo_runs(tmp_path):
-    from finetune.workflows import run_preference_demo
+    from finetune.workflows.demo import run_preference_demo
 
     scores = run_preference_demo(["train.max_steps=2", "train.batch_size=2"], root=tmp_path / "runs/demo-preference")
     assert set(scores["preference_accuracy"]["adapter"]) == {"image", "audio", "text"}

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 N = 10  # two rounds over the five datasets below
@@ -57,7 +57,7 @@ def test_jsonl_has_each_sample_as_text_and_labelled_spans(page, processor, make_
     exactly what the chat template wrote, and the labels are the decoded labelled spans."""
     from data_tools.formats import parse_record
     from data_tools.render import Renderer, RenderSettings
-    from finetune.families import GEMMA4_UNIFIED
+    from finetune.model.families import GEMMA4_UNIFIED
 
     rows = [json.loads(line) for line in (page.parent / "preview.jsonl").read_text().splitlines()]
     assert len(rows) == N - 2  # the two rejected records have no sample

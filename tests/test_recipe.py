@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.cli import main
-from finetune.errors import RecipeErrors, UserError
-from finetune.recipe import (
+from finetune.cli.main import main
+from finetune.config.recipe import (
     ModelSection,
     Recipe,
     dump_recipe,
@@ -17,7 +16,8 @@ from finetune.recipe import (
     read_yaml,
     recipe_from_dict,
 )
-from finetune.schema import SafeYamlLoader, resolve_paths
+from finetune.config.schema import SafeYamlLoader, resolve_paths
+from finetune.errors import RecipeErrors, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.y*ml")

@@ -17,7 +17,7 @@ from data_tools.collate import collate
 from data_tools.conversation import BadRecord
 from data_tools.render import IGNORE, Renderer, RenderSettings
 from data_tools.render_pool import RecordWorker
-from finetune.families import GEMMA4_UNIFIED
+from finetune.model.families import GEMMA4_UNIFIED
 
 CHAT = GEMMA4_UNIFIED.chat
 

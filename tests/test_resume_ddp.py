@@ -2,7 +2,7 @@
 DDP on CPU (gloo) through torchrun: same adapter on both ranks, same loss as one process
 on the same global batch.
 
-These start real `python -m finetune.cli train` processes, so they are marked slow.
+These start real `python -m finetune.cli.main train` processes, so they are marked slow.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def adapter_diff(a: Path, b: Path) -> float:
 
 
 def test_resume_after_sigkill_is_exact(assets):
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
     from finetune.training.loop import train
 
     steps = dict(max_steps=8, save_every=2)
@@ -134,9 +134,9 @@ def test_resume_after_sigkill_is_exact(assets):
 def test_two_process_ddp_matches_one_process(assets):
     """torchrun, 2 ranks × batch 2 vs one process × batch 4: the same global batches."""
     from data_tools.pipeline import prepare
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.model import load_processor
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.load import load_processor
     from finetune.training.batches import BatchPlan
     from finetune.training.loop import train
 
@@ -178,7 +178,7 @@ def test_two_process_ddp_matches_one_process(assets):
 
 def test_streaming_resume_is_exact(assets):
     """`data.streaming: true`: a resumed run restarts the stream at the saved position."""
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
     from finetune.training.loop import train
 
     _, raw = write_recipe(assets, "stream", max_steps=4, save_every=2)
@@ -194,7 +194,7 @@ def test_streaming_resume_is_exact(assets):
 
 
 def test_resume_refuses_shape_changes_and_warns_about_the_rest(assets, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     path, raw = write_recipe(assets, "edited", max_steps=2)
     assert main(["train", str(path)]) == 0
@@ -216,7 +216,7 @@ def test_resume_refuses_shape_changes_and_warns_about_the_rest(assets, capsys):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(assets):
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
     from finetune.training.loop import train
 
     path, raw = write_recipe(assets, "sigterm", max_steps=10)

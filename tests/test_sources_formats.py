@@ -21,8 +21,8 @@ from data_tools.conversation import REASONS, BadRecord, Conversation
 from data_tools.formats import iter_conversations, parse_record
 from data_tools.media import load_image
 from data_tools.sources import check_source, iter_records
+from finetune.config.recipe import DatasetSpec
 from finetune.errors import UserError
-from finetune.recipe import DatasetSpec
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -436,7 +436,7 @@ def test_bad_tool_records_are_rejected_with_reason_and_detail(tmp_path, record, 
 def test_bad_tool_record_under_on_bad_record_error_names_record_and_file(tmp_path, make_recipe, processor):
     """`on_bad_record: error` stops at the record with its file and line; `skip` counts it."""
     from data_tools.render_pool import collect
-    from finetune.families import GEMMA4_UNIFIED
+    from finetune.model.families import GEMMA4_UNIFIED
 
     record, reason, detail = BAD_TOOLS[7]
     path = write_jsonl(tmp_path / "tools.jsonl", [CHAT, record])

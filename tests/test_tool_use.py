@@ -10,8 +10,8 @@ import pytest
 
 from data_tools.formats import parse_record
 from data_tools.render import Renderer, RenderSettings
-from finetune.families import GEMMA4_UNIFIED
-from finetune.generation import read_calls, stop_ids
+from finetune.model.families import GEMMA4_UNIFIED
+from finetune.model.generate import read_calls, stop_ids
 from tests.tool_data import expected_call, tool_use_data
 
 CHAT = GEMMA4_UNIFIED.chat
@@ -48,8 +48,8 @@ def test_calls_written_by_the_template_read_back_exactly(processor, args):
 def test_adapter_learns_to_call_tools_on_held_out_prompts(tiny_base, tmp_path):
     """200 steps of LoRA on 168 tool-use records; every held-out prompt pairs a city and a phrasing
     never seen together. Measured here: held-out exact calls 15/16 (tool chosen 16/16), base 0/16."""
-    from finetune.generation import generate, load_for_inference
-    from finetune.recipe import recipe_from_dict
+    from finetune.config.recipe import recipe_from_dict
+    from finetune.model.generate import generate, load_for_inference
     from finetune.training.loop import train
 
     records, held = tool_use_data()

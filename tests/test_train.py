@@ -17,10 +17,10 @@ import torch
 
 from data_tools.collate import collate, collate_packed
 from data_tools.render import IGNORE
-from finetune.recipe import recipe_from_dict
+from finetune.config.recipe import recipe_from_dict
 
 # Small and fixed: the golden losses below depend on these numbers (and on the tiny base
-# from finetune.tiny with seed 0).
+# from finetune.demo.tiny_model with seed 0).
 DEMO_SIZES = dict(n_image=4, n_audio=4, n_text_repeat=1, n_mixed=2, n_eval_each=1)
 TARGETS = ["attention", "mlp", "vision", "audio"]
 
@@ -28,7 +28,7 @@ TARGETS = ["attention", "mlp", "vision", "audio"]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_base, demo_data):
     """The shared tiny base and demo data (tests/conftest.py), plus a KV-sharing tiny base."""
-    from finetune.tiny import write_tiny_model
+    from finetune.demo.tiny_model import write_tiny_model
 
     root = tmp_path_factory.mktemp("train")
     return SimpleNamespace(root=root, base=tiny_base, data=demo_data,
@@ -53,8 +53,8 @@ def make_recipe(assets, out: Path, *, base=None, model=None, data_dir=None, **tr
 def samples(assets):
     """Rendered training samples by modality: {"image": [...], "audio": [...], ...}."""
     from data_tools.pipeline import prepare
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.model import load_processor
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.load import load_processor
 
     recipe = make_recipe(assets, assets.root / "prep")
     (assets.root / "prep").mkdir(parents=True, exist_ok=True)
@@ -70,8 +70,9 @@ def samples(assets):
 
 def lora_model(base, *, seed: int = 0, quantization: str = "none", targets=TARGETS):
     """Base + LoRA with *random* B (PEFT's zero B would make every lora_A gradient zero)."""
-    from finetune.families import family_for
-    from finetune.model import attach_lora, load_base
+    from finetune.model.families import family_for
+    from finetune.model.load import load_base
+    from finetune.model.lora import attach_lora
 
     model = load_base(str(base), quantization=quantization, device="cpu")
     lora = SimpleNamespace(r=8, alpha=16.0, dropout=0.0, targets=targets, use_rslora=False)
@@ -307,8 +308,8 @@ def test_trimmed_tails_leave_loss_and_gradients_unchanged(model64, samples):
 def test_kv_shared_layers_train_without_cache(assets, samples):
     """num_kv_shared_layers > 0: later layers reuse earlier K/V. The uncached training forward
     (and its checkpointed variant) must match the cached forward."""
-    from finetune.losses import full_ce_sum
-    from finetune.model import enable_gradient_checkpointing
+    from finetune.model.load import enable_gradient_checkpointing
+    from finetune.objectives.losses import full_ce_sum
     from finetune.objectives.sft import loss_labels, n_labels
 
     model = lora_model(assets.kv_base).double()
@@ -339,7 +340,7 @@ def test_kv_shared_layers_train_without_cache(assets, samples):
 
 
 def test_gradient_checkpointing_leaves_loss_unchanged(assets, mixed_batch):
-    from finetune.model import enable_gradient_checkpointing
+    from finetune.model.load import enable_gradient_checkpointing
 
     model = lora_model(assets.base)
     loss, grads = loss_and_grads(model, mixed_batch, chunked=True)
@@ -351,8 +352,8 @@ def test_gradient_checkpointing_leaves_loss_unchanged(assets, mixed_batch):
 
 
 def test_offload_activations_leaves_loss_unchanged(assets, mixed_batch, monkeypatch):
-    import finetune.memory_tricks as tr
-    from finetune.model import enable_gradient_checkpointing
+    import finetune.model.memory_tricks as tr
+    from finetune.model.load import enable_gradient_checkpointing
 
     model = lora_model(assets.base)
     enable_gradient_checkpointing(model)  # offloading is meant for checkpointed layer inputs
@@ -379,9 +380,9 @@ def test_offload_activations_leaves_loss_unchanged(assets, mixed_batch, monkeypa
 def test_tiled_mlp_leaves_loss_unchanged(assets, mixed_batch, checkpointing):
     """MLP in sequence tiles under their own recompute: same loss and LoRA gradients, same
     parameter names (adapters save and load as without tiling)."""
-    from finetune.families import GEMMA4_UNIFIED
-    from finetune.memory_tricks import TiledMLP, tile_mlp
-    from finetune.model import enable_gradient_checkpointing
+    from finetune.model.families import GEMMA4_UNIFIED
+    from finetune.model.load import enable_gradient_checkpointing
+    from finetune.model.memory_tricks import TiledMLP, tile_mlp
 
     model = lora_model(assets.base)
     if checkpointing:
@@ -419,7 +420,7 @@ GOLDEN_ABS = 5e-3
 def test_golden_qlora_losses(assets):
     import os
 
-    from finetune.demo import make_demo_data
+    from finetune.demo.data import make_demo_data
     from finetune.training.loop import train
 
     # Its own data, so a change to the shared fixture's sizes can't move the golden numbers.
@@ -444,8 +445,8 @@ def test_golden_qlora_losses(assets):
 
 
 def test_adapter_save_reload_gives_identical_logits(assets, mixed_batch, tmp_path):
-    from finetune.adapters import load_adapter
-    from finetune.model import load_base
+    from finetune.model.adapters import load_adapter
+    from finetune.model.load import load_base
 
     model = lora_model(assets.base, quantization="nf4").eval()
     inputs = {k: v for k, v in mixed_batch.items() if k != "labels"}

@@ -59,6 +59,6 @@ def tool_use_data() -> tuple[list[dict], list[dict]]:
 
 
 def expected_call(record: dict) -> list[dict]:
-    """The held-out flow's call as `finetune.generation.read_calls` returns it."""
+    """The held-out flow's call as `finetune.model.generate.read_calls` returns it."""
     fn = record["messages"][1]["tool_calls"][0]["function"]
     return [{"name": fn["name"], "arguments": json.loads(fn["arguments"])}]

@@ -12,7 +12,7 @@ learned, the vision/audio projections included:
   that holds them; `--merge-projections`: a full merged copy instead);
 - gguf (`gguf.py`): adapter.gguf (text LoRA) + mmproj.gguf (`mmproj.py`, projections merged);
 - ollama (`ollama.py`): the gguf pair + a Modelfile;
-- merged: one merged HF folder (`finetune.merge`).
+- merged: one merged HF folder (`finetune.export.merge`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-FORMATS = ("vllm", "sglang", "gguf", "ollama", "merged", "drafter")
+from finetune.registry import Registry
+
+# Formats of feature packages, imported when asked for (finetune.registry).
+FEATURES = {"drafter": "finetune.drafter.export"}
+_WRITERS = Registry("export format", FEATURES)
+register = _WRITERS.register
 
 
+@register("merged")
 def export_merged(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", base: str | None = None,
                   allow_pickle: bool = False, low_memory: bool | None = None,
                   log: Callable[[str], None] | None = None) -> dict:
     """The merged HF folder of `finetune merge`, with its report also as export_report.json."""
-    from finetune.adapters import write_report
-    from finetune.merge import merge_adapter
+    from finetune.export.merge import merge_adapter
+    from finetune.model.adapters import write_report
 
     report = {"format": "merged", **merge_adapter(adapter, out, base=base, dtype=dtype, allow_pickle=allow_pickle,
                                                   low_memory=low_memory, log=log)}
@@ -46,23 +52,44 @@ def export_merged(adapter: str | Path, out: str | Path, *, dtype: str = "bf16", 
     return report
 
 
+@register("vllm")
+def _export_vllm(adapter, out, **kw) -> dict:
+    from finetune.export.vllm import export_vllm
+
+    return export_vllm(adapter, out, server="vllm", **kw)
+
+
+@register("sglang")
+def _export_sglang(adapter, out, **kw) -> dict:
+    from finetune.export.vllm import export_vllm
+
+    return export_vllm(adapter, out, server="sglang", **kw)
+
+
+@register("gguf")
+def _export_gguf(adapter, out, **kw) -> dict:
+    from finetune.export.gguf import export_gguf
+
+    return export_gguf(adapter, out, **kw)
+
+
+@register("ollama")
+def _export_ollama(adapter, out, **kw) -> dict:
+    from finetune.export.ollama import export_ollama
+
+    return export_ollama(adapter, out, **kw)
+
+
+FORMATS = tuple(_WRITERS.names())
+"""Every export format, the one list the CLI's `--format` choices and the docs read."""
+
+
 def export(fmt: str, adapter: str | Path, out: str | Path, *, log: Callable[[str], None] | None = None,
            **opts) -> dict:
     """Dispatch to the writer of `fmt`; `opts` are that writer's keyword arguments."""
     from finetune.errors import UserError
-    from finetune.export.drafter import export_drafter
-    from finetune.export.gguf import export_gguf
-    from finetune.export.ollama import export_ollama
-    from finetune.export.vllm import export_vllm
 
-    writers = {
-        "vllm": lambda a, o, **kw: export_vllm(a, o, server="vllm", **kw),
-        "sglang": lambda a, o, **kw: export_vllm(a, o, server="sglang", **kw),
-        "gguf": export_gguf,
-        "ollama": export_ollama,
-        "merged": export_merged,
-        "drafter": export_drafter,  # ADAPTER is the aligned drafter's folder here
-    }
-    if fmt not in writers:
+    writer = _WRITERS.get(fmt)
+    if writer is None:
         raise UserError("--format", f"{fmt!r} is not an export format", f"Use one of {', '.join(FORMATS)}")
-    return writers[fmt](adapter, out, log=log, **opts)
+    return writer(adapter, out, log=log, **opts)

@@ -28,7 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.adapters import (
+from finetune.errors import UserError
+from finetune.export.merge_low_memory import does_not_fit, merge_targets, runtime_names, tensor_files
+from finetune.export.mmproj import check_mmproj, encode, projector_weights, supported, write_mmproj
+from finetune.export.vllm import refuse_unservable
+from finetune.model.adapters import (
     ParityError,
     delta,
     lora_pairs,
@@ -39,10 +43,6 @@ from finetune.adapters import (
     scale,
     write_report,
 )
-from finetune.errors import UserError
-from finetune.export.mmproj import check_mmproj, encode, projector_weights, supported, write_mmproj
-from finetune.export.vllm import refuse_unservable
-from finetune.merge_files import does_not_fit, merge_targets, runtime_names, tensor_files
 
 GGUF_ARCH = {"gemma4_unified": "gemma4"}  # llama.cpp converts gemma4_unified text weights as gemma4
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.adapters import delta
 from finetune.errors import UserError
-from finetune.merge_files import keep_generation_config
+from finetune.export.merge_low_memory import keep_generation_config
+from finetune.model.adapters import delta
 
 LINKS = ("hard", "symlink")
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): clone a whole file, sharing its blocks

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.adapters import delta
 from finetune.errors import UserError
+from finetune.model.adapters import delta
 
 ARCH = "clip"
 # checkpoint key -> (llama.cpp tensor, layout change); per model type. Vision rows need a

@@ -14,8 +14,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.adapters import write_report
 from finetune.export.gguf import export_gguf
+from finetune.model.adapters import write_report
 
 PLACEHOLDER = "./REPLACE-WITH-BASE-MODEL.gguf"
 

@@ -5,7 +5,7 @@ through what was exported, gives base + adapter's logits.
 runs it through the base with the exported weights put in: tensors replaced (a projector read
 back from its GGUF), updates added (a LoRA read back from its GGUF), a folder loaded instead
 of the base (a linked model folder), an exported PEFT folder attached on top. The tolerances are
-the merge's (`finetune.merge`: TOLERANCE of the logits' scale, or MERGE_SHARE of what the
+the merge's (`finetune.export.merge`: TOLERANCE of the logits' scale, or MERGE_SHARE of what the
 adapter moves): an export is a merge whose weights live in the server's files.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.merge import MERGE_SHARE, TOLERANCE, load_base, logits, probe_batch
+from finetune.export.merge import MERGE_SHARE, TOLERANCE, load_base, logits, probe_batch
 
 
 @dataclass

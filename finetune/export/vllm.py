@@ -25,7 +25,10 @@ from pathlib import Path
 
 import torch
 
-from finetune.adapters import (
+from finetune.errors import UserError
+from finetune.export.linked import LINKS, check_linkable, check_linked, prove_linked, write_linked
+from finetune.export.merge_low_memory import merge_targets, weight_files
+from finetune.model.adapters import (
     CONFIG_FILE,
     PREFIX,
     WEIGHTS_FILE,
@@ -40,9 +43,6 @@ from finetune.adapters import (
     scale,
     write_report,
 )
-from finetune.errors import UserError
-from finetune.export.linked import LINKS, check_linkable, check_linked, prove_linked, write_linked
-from finetune.merge_files import merge_targets, weight_files
 
 SERVERS = ("vllm", "sglang")
 VALID_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
@@ -176,7 +176,7 @@ def export_vllm(adapter: str | Path, out: str | Path, *, server: str = "vllm", m
         report["linked_base"] = _linked_base(adapter, out, base, family, keys, want, config, pairs, attach, link, log)
         checks += _linked_checks(report["linked_base"], serve_base, len(parts["media"]))
     elif parts["media"]:
-        from finetune.merge import merge_modules
+        from finetune.export.merge import merge_modules
 
         report["merge_projections"] = merge_modules(adapter, parts["media"], out, prepare_out(out / "base"),
                                                     base=base, allow_pickle=allow_pickle, log=log)
@@ -205,7 +205,7 @@ def export_vllm(adapter: str | Path, out: str | Path, *, server: str = "vllm", m
 def _linked_base(adapter: Path, out: Path, base: str, family, keys: dict, want: dict, config: dict, pairs: dict,
                  attach: Path | None, link: str, log: Callable[[str], None]) -> dict:
     """OUT/base as a linked model folder, read back tensor by tensor and proven on the probe."""
-    from finetune.merge_files import does_not_fit
+    from finetune.export.merge_low_memory import does_not_fit
 
     folder = out / "base"
     account = write_linked(folder, base, keys, want, config, pairs, link=link, log=log)

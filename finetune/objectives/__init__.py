@@ -1,6 +1,9 @@
-"""Training objectives, one module each (see `finetune.objectives.base` for the interface)."""
+"""Training objectives: the contract (`base`), the registry, and the built-in SFT and preference losses.
 
-from finetune.objectives import drafter, kto, preference, sft  # noqa: F401  (register drafter; kto; dpo, orpo; sft)
+Feature packages register more (the drafter's alignment, GRPO); see `finetune.objectives.base`.
+"""
+
+from finetune.objectives import kto, preference, sft  # noqa: F401  (register kto; dpo, orpo; sft)
 from finetune.objectives.base import Objective, build, get, names, register
 
 __all__ = ["Objective", "build", "get", "names", "register"]

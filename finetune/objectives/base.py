@@ -1,51 +1,75 @@
-"""The objective interface and its registry: how a micro-batch becomes a summed loss.
+"""The objective contract and its registry: how a micro-batch becomes a summed loss.
 
 The training loop (`finetune.training`) is shared by every objective: micro-batches,
 token-weighted accumulation, checkpoints and exact resume, DDP, metrics, progress bar, eval
-loss and previews. An objective says only what differs:
-
-- `weight(batch)`: what the step's loss is averaged over, known before any forward pass (label
-  tokens for SFT, pairs for preference losses). The loop sums it over the accumulation window
-  and every process, so 4 micro-batches of 1 and 1 of 4 give the same gradients;
-- `loss(model, batch) -> (summed loss, {metric: summed value})`: sums over the micro-batch; the
-  loop divides loss and metrics by the window's total weight;
-- `metrics`: the names `loss` returns besides the loss, logged to metrics.jsonl and the bar;
-- `formats`: the dataset formats it trains on (None: any);
-- hooks with defaults for the usual LoRA training, overridden where an objective differs:
-  `setup(model, family)` turns the loaded base into what trains (default: attach the recipe's
-  LoRA), `collate(samples, pad_id)` makes a micro-batch of rendered samples (default: padded,
-  tails trimmed), `save(model, out)` writes the result (default: the PEFT adapter), and
-  `previews` says whether greedy previews of held-out answers mean anything for it;
-- `saves_as`: the folder under `train.output_dir` that `save` writes ("adapter"; "" = the run
-  folder itself), and `trains_model`: whether the model holds trained weights (checkpoints then
-  carry its adapter) or only the objective does (a drafter aligned to a frozen target).
+loss and previews. An objective says only what differs, through the attributes and methods of
+`Objective` below; each has a default that is right for plain LoRA training (SFT).
 
 Objectives are `torch.nn.Module`s, so weights one owns (a drafter, say) train, synchronise
 under DDP and checkpoint with the model's. `@register("name")` makes one available to
-`train.objective: name`.
+`train.objective: name`; objectives of feature packages outside this one (the drafter, GRPO)
+are listed in `FEATURES` and imported the first time their name is asked for.
 """
 
 from __future__ import annotations
 
 import torch
 
-_REGISTRY: dict[str, type[Objective]] = {}
+from finetune.errors import UserError
+from finetune.registry import Registry
+
+FEATURES = {"drafter": "finetune.drafter.objective", "grpo": "finetune.grpo.objective"}
+_REGISTRY = Registry("objective", FEATURES)
 
 
 class Objective(torch.nn.Module):
+    """The contract between the loop and an objective. Override what differs."""
+
+    name: str = ""
+    """The `train.objective` value (set by `@register`)."""
     metrics: tuple[str, ...] = ()
+    """Names `loss` returns besides the loss, logged to metrics.jsonl and the bar (summed values)."""
     formats: tuple[str, ...] | None = None
+    """Dataset formats it trains on (None: any but preference); the recipe check refuses others."""
+    packs: bool = True
+    """Whether `train.packing` may put several samples in one row (then `pack` makes the rows);
+    False: the recipe check refuses `train.packing: true` before anything loads."""
+    uses_reference: bool = False
+    """Whether `loss` runs a no-grad reference pass (the adapter switched off, or
+    `train.reference_adapter`); `finetune plan` counts it and the recipe allows the key."""
+    rows_per_sample: int = 1
+    """Sequences one sample becomes in a micro-batch (2 for a chosen/rejected pair): what
+    `finetune plan` multiplies activations by."""
     previews: bool = True
-    saves_as: str = "adapter"
+    """Whether greedy previews of held-out answers (`train.preview_every`) mean anything for it."""
     trains_model: bool = True
+    """Whether the model holds the trained weights (checkpoints then carry its adapter), or only the
+    objective's own parameters train (a drafter aligned to a frozen target)."""
+    saves_as: str = "adapter"
+    """The folder under `train.output_dir` that `save` writes ("" = the run folder itself)."""
 
     def __init__(self, recipe):
         super().__init__()
         self.recipe = recipe
 
+    @classmethod
+    def check(cls, recipe) -> list[UserError]:
+        """Problems of `recipe` for this objective, found before anything loads (default: none)."""
+        return []
+
+    @classmethod
+    def plan_step(cls, recipe, config):
+        """`finetune plan`'s estimator for one step of this objective where it differs from the
+        LoRA step's (a function `(recipe, skeleton, device) -> estimate`; `config` is the base's
+        config), or None."""
+        return None
+
     def setup(self, model, family):
-        """The loaded, frozen base → the model the loop trains (default: with the recipe's LoRA)."""
-        from finetune.model import attach_lora
+        """The loaded, frozen base → the model the loop trains, returned.
+
+        It may only add to the model it is given (LoRA layers, a loaded adapter) and returns it;
+        weights the objective trains itself become its own parameters. Default: the recipe's LoRA."""
+        from finetune.model.lora import attach_lora
 
         return attach_lora(model, self.recipe.lora, family)
 
@@ -55,43 +79,38 @@ class Objective(torch.nn.Module):
 
         return collate(samples, pad_id, trim_tail=True)
 
+    def pack(self, rows: list[list[dict]], pad_id: int, sliding_window: int, layer_types: list[str]) -> dict:
+        """Rows of samples → one packed micro-batch (`train.packing`, only if `packs`): each row
+        one sequence under a block-diagonal 4-D mask, position ids restarting per sample."""
+        from data_tools.collate import collate_packed
+
+        return collate_packed(rows, pad_id, sliding_window, layer_types, trim_tail=True)
+
     def save(self, model, out) -> None:
         """Write what was trained to `out` (default: the PEFT adapter folder)."""
         model.save_pretrained(out)
 
     def weight(self, batch: dict) -> int:
+        """What the step's loss is averaged over, known before any forward pass (label tokens for
+        SFT, pairs for preference losses). The loop sums it over the accumulation window and every
+        process, so 4 micro-batches of 1 and 1 of 4 give the same gradients."""
         raise NotImplementedError
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss, {metric: summed value}) of the micro-batch; the loop divides both by the
+        window's total weight."""
         raise NotImplementedError
 
 
-def transformers_model(model):
-    """The transformers model under a PEFT wrapper (LoRA layers are injected in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def register(name: str):
-    """Class decorator: `train.objective: name` builds this objective."""
-    def add(cls: type[Objective]) -> type[Objective]:
-        _REGISTRY[name] = cls
-        cls.name = name
-        return cls
-    return add
-
-
-def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
+register = _REGISTRY.register
+unregister = _REGISTRY.unregister
+names = _REGISTRY.names
 
 
 def get(name: str) -> type[Objective] | None:
     return _REGISTRY.get(name)
 
 
-def names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def build(recipe) -> Objective:
     """The recipe's objective (the recipe validator has checked the name)."""
-    return _REGISTRY[recipe.train.objective](recipe)
+    return get(recipe.train.objective)(recipe)

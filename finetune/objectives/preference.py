@@ -2,7 +2,7 @@
 
 A micro-batch of `n` pairs is 2n rows: the chosen answers, then the rejected ones, each after
 the same served prompt with its media (`data_tools.preference` renders both sides). Log-
-probabilities are summed over answer tokens only, through `finetune.losses.chunked_logps`: the
+probabilities are summed over answer tokens only, through `finetune.objectives.losses.chunked_logps`: the
 vocabulary logits exist one chunk of answer positions at a time, never for a whole sequence.
 
 The reference policy (DPO, KTO) is the base with the adapter switched off (PEFT's
@@ -30,9 +30,10 @@ from data_tools.collate import collate
 from data_tools.preference import answer_span
 from data_tools.render import IGNORE
 from finetune.errors import UserError
-from finetune.losses import chunked_logps
-from finetune.memory_tricks import offload_activations
-from finetune.objectives.base import Objective, register, transformers_model
+from finetune.model.load import unwrap
+from finetune.model.memory_tricks import offload_activations
+from finetune.objectives.base import Objective, register
+from finetune.objectives.losses import chunked_logps
 
 REFERENCE = "ref"  # the PEFT adapter name of `train.reference_adapter` (TRL uses the same)
 TRAINED = "default"  # PEFT's name for the adapter that trains
@@ -89,7 +90,7 @@ def model_inputs(batch: dict, prefix: str = "") -> dict:
 def sequence_logps(model, batch: dict, *, prefix: str = "", chunk_size: int | None = None,
                    offload: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each row's answer tokens, answer tokens per row) under `model`."""
-    cg = transformers_model(model)
+    cg = unwrap(model)
     with offload_activations(offload):
         hidden = cg.model(**model_inputs(batch, prefix), use_cache=False).last_hidden_state
     cap = cg.config.get_text_config().final_logit_softcapping
@@ -160,7 +161,7 @@ class PairObjective(Objective):
         path = self.recipe.train.reference_adapter
         if not path:
             return super().setup(model, family)
-        from finetune.adapters import load_adapter, open_adapter
+        from finetune.model.adapters import load_adapter, open_adapter
 
         m = self.recipe.model
         open_adapter(path, base=m.base, allow_pickle=m.allow_pickle)  # the adapter fits this base

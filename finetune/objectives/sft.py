@@ -3,7 +3,7 @@
 The summed loss is normalised by the label tokens of the whole accumulation window (the
 loop's job), never per micro-batch: image and audio positions carry no loss, and counting them
 would skew every step. With `train.chunked_ce` the 262k-vocabulary logits exist one chunk of
-label positions at a time (`finetune.losses`).
+label positions at a time (`finetune.objectives.losses`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from data_tools.render import IGNORE
-from finetune.losses import chunked_ce_sum, full_ce_sum
-from finetune.memory_tricks import offload_activations
-from finetune.objectives.base import Objective, register, transformers_model
+from finetune.model.load import unwrap
+from finetune.model.memory_tricks import offload_activations
+from finetune.objectives.base import Objective, register
+from finetune.objectives.losses import chunked_ce_sum, full_ce_sum
 
 
 def loss_labels(batch: dict) -> torch.Tensor:
@@ -32,11 +33,11 @@ def n_labels(batch: dict) -> int:
 
 def loss_sum(model, batch: dict, *, chunked: bool, chunk_size: int | None = None,
              offload: bool = False) -> torch.Tensor:
-    """Summed CE over label tokens of one micro-batch (see finetune.losses)."""
+    """Summed CE over label tokens of one micro-batch (see finetune.objectives.losses)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = loss_labels(batch)
     if chunked:
-        cg = transformers_model(model)
+        cg = unwrap(model)
         # Only the decoder's saved tensors are offloaded; the CE chunks recompute their logits.
         with offload_activations(offload):
             hidden = cg.model(**inputs, use_cache=False).last_hidden_state

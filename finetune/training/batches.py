@@ -19,9 +19,13 @@ class BatchPlan:
     """Deterministic order of micro-batches: epoch e uses seed+e, so a position resumes exactly."""
 
     def __init__(self, data, t, pad_id: int, text_cfg, world: int, rank: int, max_len: int,
-                 collate_fn=None):
+                 collate_fn=None, pack_fn=None):
         self.data, self.t, self.pad_id = data, t, pad_id
         self.collate = collate_fn or (lambda samples, pad: collate(samples, pad, trim_tail=True))
+        # packed rows are made by the objective too (`Objective.pack`); the recipe check refuses
+        # packing for objectives that don't pack
+        self.pack = pack_fn or (lambda rows, pad, sliding, types: collate_packed(rows, pad, sliding, types,
+                                                                                 trim_tail=True))
         self.lengths = data.lengths if hasattr(data, "lengths") else [len(s["input_ids"]) for s in data]
         self.world, self.rank, self.max_len = world, rank, max_len
         self.sliding = text_cfg.sliding_window
@@ -62,8 +66,8 @@ class BatchPlan:
         glob = self.epoch_plan(epoch)[i]
         mine = glob[self.rank * self.t.batch_size:(self.rank + 1) * self.t.batch_size]
         if self.t.packing:
-            return collate_packed([[self.data[j] for j in row] for row in mine], self.pad_id,
-                                  self.sliding, self.layer_types, trim_tail=True)
+            return self.pack([[self.data[j] for j in row] for row in mine], self.pad_id,
+                             self.sliding, self.layer_types)
         return self.collate([self.data[j] for j in mine], self.pad_id)
 
 

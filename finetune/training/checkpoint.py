@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from finetune.errors import UserError
-from finetune.training.wrappers import LossForward, unwrap_peft
+from finetune.model.load import unwrap
+from finetune.training.wrappers import LossForward
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -103,7 +104,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, position:
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     if _trains_model(model):
-        unwrap_peft(model).save_pretrained(tmp / "adapter")
+        unwrap(model, peft=True).save_pretrained(tmp / "adapter")
     _test_pause_in_save(step)
     tensors: dict[str, torch.Tensor] = {}
     state = {"step": step, "position": position,
@@ -181,7 +182,7 @@ def load_checkpoint(ck: Path, model, optimizer, scheduler) -> tuple[int, int]:
                         "Delete this checkpoint folder to resume from the one before") from None
     if _trains_model(model):
         weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
-        set_peft_model_state_dict(unwrap_peft(model), weights)
+        set_peft_model_state_dict(unwrap(model, peft=True), weights)
     if (ck / OBJECTIVE_TENSORS).is_file():
         inner = model.module if hasattr(model, "module") else model
         inner.objective.load_state_dict(load_file(str(ck / OBJECTIVE_TENSORS)))

@@ -41,7 +41,7 @@ def prompt_batch(sample: dict, pad_id: int) -> tuple[dict, list[int]]:
 
 def preview_rows(model, processor, chat, samples, n: int, max_new_tokens: int) -> list[dict]:
     """{id, modality, reference, output} for the first `n` of `samples`."""
-    from finetune.generation import greedy
+    from finetune.model.generate import greedy
 
     tok = processor.tokenizer
     rows = []

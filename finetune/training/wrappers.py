@@ -21,25 +21,6 @@ class LossForward(torch.nn.Module):
         return self.objective.loss(self.model, batch)
 
 
-def unwrap_peft(model):
-    """The PEFT model under DDP (`.module`) and `LossForward` (`.model`) wrappers."""
-    while True:
-        if isinstance(model, LossForward):
-            model = model.model
-        elif hasattr(model, "module"):
-            model = model.module
-        else:
-            return model
-
-
-def unwrap(model):
-    """The transformers model under DDP/LossForward/PEFT (LoRA layers are injected in place)."""
-    model = unwrap_peft(model)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
 def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
     """Tensors to `device`; floating ones (pixels, audio frames) also to the compute dtype:
     under bitsandbytes the vision embedder can't cast them itself (its weight is uint8)."""

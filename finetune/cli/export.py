@@ -1,0 +1,68 @@
+"""The merge, combine and export verbs: argparse namespaces → library calls, logging to stdout.
+
+Bad input raises UserError (the CLI prints it, exit 2). An artifact that fails its own
+numeric check is a finetune bug: its message goes to stderr and the verb returns 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from finetune.errors import UserError
+from finetune.model.adapters import ParityError
+
+
+def _run(fn, *args, **kwargs) -> int:
+    try:
+        fn(*args, **kwargs)
+    except ParityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from finetune.export.merge import merge_adapter
+
+    return _run(merge_adapter, args.adapter, args.out, base=args.base, dtype=args.dtype or "bf16",
+                allow_pickle=args.allow_pickle, low_memory=getattr(args, "low_memory", None), log=print)
+
+
+def cmd_combine(args) -> int:
+    from finetune.export.combine import combine
+
+    return _run(combine, args.spec, log=print)
+
+
+def cmd_export(args) -> int:
+    from finetune.export import FORMATS, export
+
+    fmt = args.format
+    if fmt not in FORMATS:
+        raise UserError("--format", f"{fmt!r} is not an export format", f"Use one of {', '.join(FORMATS)}")
+    if args.merge_projections and fmt not in ("vllm", "sglang"):
+        raise UserError("--merge-projections", f"applies to --format vllm/sglang, not {fmt}",
+                        "Drop it; merged folders carry every update already" if fmt == "merged" else "Drop it")
+    if args.base_gguf and fmt not in ("gguf", "ollama"):
+        raise UserError("--base-gguf", f"applies to --format gguf/ollama, not {fmt}", "Drop it")
+    if getattr(args, "low_memory", None) and fmt != "merged":
+        raise UserError("--low-memory", f"applies to --format merged, not {fmt}", "Drop it")
+    link = getattr(args, "link", None)
+    if link and fmt not in ("vllm", "sglang"):
+        raise UserError("--link", f"applies to --format vllm/sglang, not {fmt}", "Drop it")
+    if link and args.merge_projections:
+        raise UserError("--link", "applies to the linked model folder, not to --merge-projections' full copy",
+                        "Drop one of them")
+    opts = {"base": args.base, "allow_pickle": args.allow_pickle}
+    if fmt in ("vllm", "sglang"):
+        opts["merge_projections"] = args.merge_projections  # --outtype does not apply: PEFT folders stay as trained
+        opts["link"] = link or "hard"
+    elif fmt == "merged":
+        opts["dtype"] = getattr(args, "dtype", None) or "bf16"
+        opts["low_memory"] = getattr(args, "low_memory", None)
+    elif fmt == "drafter":
+        pass  # the drafter is exported as trained; --base names the target when its run doesn't
+    else:
+        opts["outtype"] = args.outtype or "f16"
+        opts["base_gguf"] = args.base_gguf
+    return _run(export, fmt, args.adapter, args.out, log=print, **opts)

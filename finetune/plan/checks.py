@@ -1,0 +1,126 @@
+"""Pre-flight checks: every mistake in a recipe found before a model is loaded, all at once.
+
+`preflight` runs for `finetune validate` and at the start of `train`: the base exists, the
+data sources can be read, a sample of every dataset's records parses in its declared format
+(a wrong `format:` is named with the format the records look like), LoRA targets match modules
+of the model, trackers are importable, and the output folder can be used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from finetune.errors import RecipeErrors, UserError
+
+SAMPLE = 20  # records parsed per dataset
+SHOW_BAD = 20  # bad records listed under on_bad_record: error
+
+
+def preflight(recipe, *, data: bool = True, model: bool = True) -> None:
+    """Raise `RecipeErrors` with every problem found (see the module docstring)."""
+    errors: list[UserError] = []
+    if model:
+        errors += _base(recipe)
+        errors += _targets(recipe)
+    errors += _trackers(recipe)
+    errors += _output(recipe)
+    if data:
+        errors += _data(recipe)
+    if errors:
+        raise RecipeErrors(errors)
+
+
+def _base(recipe) -> list[UserError]:
+    from finetune.model.load import check_base_path
+
+    try:
+        check_base_path(recipe.model.base, recipe.model.allow_pickle)
+    except UserError as e:
+        return [e]
+    return []
+
+
+def _data(recipe) -> list[UserError]:
+    from data_tools.sniff import sample_records
+    from data_tools.sources import check_source
+
+    errors = []
+    for key, specs in (("datasets", recipe.datasets), ("eval_datasets", recipe.eval_datasets)):
+        for i, spec in enumerate(specs):
+            try:
+                check_source(spec)
+                sample = sample_records(spec, SAMPLE)
+            except UserError as e:
+                errors.append(UserError(f"{key}[{i}].path", f"{e.where}: {e.what}", e.fix))
+                continue
+            guess = sample.wrong_format(spec.format)
+            if guess:
+                errors.append(UserError(
+                    f"{key}[{i}].format", f"{len(sample.bad)} of the first {sample.read} records of {spec.path} "
+                    f"are not {spec.format!r} records; they look like {guess!r}", f"Set format: {guess}"))
+            elif sample.bad and recipe.data.on_bad_record == "error":
+                for bad in sample.bad[:SHOW_BAD]:
+                    errors.append(UserError(bad.origin or spec.path, f"bad record ({bad.reason}): {bad.detail}",
+                                            "Fix it, or set data.on_bad_record: skip to count it in "
+                                            "rejects.jsonl and go on"))
+    return errors
+
+
+def _targets(recipe) -> list[UserError]:
+    """Each LoRA target (preset or regex) must match a module of the model."""
+    from finetune.model.families import family_for
+    from finetune.model.lora import target_regex
+    from finetune.plan.skeleton import load_config, skeleton
+
+    try:
+        config, source = load_config(recipe.model)
+    except UserError:
+        return []  # the base check reports it
+    family = family_for(config.model_type)
+    names = [n for n, _, _ in skeleton(config, source).lora_candidates]
+    errors = []
+    for i, t in enumerate(recipe.lora.targets):
+        if family is None and t in ("attention", "mlp", "vision", "audio", "all"):
+            continue
+        pattern = re.compile(target_regex([t], family) if family else f".*{t}")
+        if not any(pattern.fullmatch(n) for n in names):
+            example = next((n for n in names if "layers.0." in n and n.endswith("q_proj")), names[0] if names else "")
+            errors.append(UserError(f"lora.targets[{i}]", f"{t!r} matches no module of {recipe.model.base} "
+                                    f"(a full match of module names such as {example})",
+                                    "Use a preset (attention, mlp, vision, audio, all) or a regex like q_proj|v_proj"))
+    return errors
+
+
+def _trackers(recipe) -> list[UserError]:
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    return [UserError(f"train.report_to[{i}]", f"{name} is not installed, so nothing would be logged there",
+                      f"pip install {modules[name]}, or remove it from train.report_to")
+            for i, name in enumerate(recipe.train.report_to)
+            if name in modules and importlib.util.find_spec(modules[name]) is None]
+
+
+def _output(recipe) -> list[UserError]:
+    out = Path(recipe.train.output_dir).absolute()
+    there = next(p for p in (out, *out.parents) if p.exists())  # the part that exists already
+    if not there.is_dir():
+        return [UserError("train.output_dir", f"{there} is a file, not a folder",
+                          "Point it at a new or existing folder")]
+    return []
+
+
+def refuse_overwrite(recipe, *, resume: bool, overwrite: bool) -> None:
+    """A run folder that holds a finished or started run is never replaced silently."""
+    import shutil
+
+    out = Path(recipe.train.output_dir)
+    found = [name for name in ("adapter", "checkpoints") if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise UserError("train.output_dir", f"{out} already holds a run ({', '.join(found)})",
+                        "Pass --resume to continue it, --overwrite to replace it, or choose a new "
+                        "train.output_dir")
+    for name in found:
+        shutil.rmtree(out / name)
