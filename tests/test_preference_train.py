@@ -92,7 +92,9 @@ def test_pairs_accumulate_like_one_batch(assets, processor):
     pad = processor.tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
 
-    model = model.double()  # float64: summation order (1 batch or 2) then moves nothing above ~1e-13
+    # float64, but for transformers' eager attention softmax (float32 even then: 6e-8 relative
+    # rounding, moved by a few of those in another batch layout; all-float32 moved 1.3e-5).
+    model = model.double()
 
     def grads(batches):
         model.zero_grad()
@@ -103,9 +105,9 @@ def test_pairs_accumulate_like_one_batch(assets, processor):
     one, g_one = grads([to_device(objective.collate(samples, pad), "cpu", torch.float64)])
     two, g_two = grads([to_device(objective.collate([s], pad), "cpu", torch.float64) for s in samples])
     assert one.dtype == torch.float64
-    assert abs(float(one - two)) < 1e-9
+    assert abs(float(one - two)) < 1e-6
     a, b = torch.cat([g.flatten() for g in g_one]), torch.cat([g.flatten() for g in g_two])
-    assert float((a - b).abs().max() / b.abs().max()) < 1e-9 and float(b.abs().max()) > 0.1
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-6 and float(b.abs().max()) > 0.1
 
 
 @pytest.mark.parametrize("objective,first", [("dpo", math.log(2)), ("kto", 0.5)])

@@ -38,7 +38,7 @@ def run(tmp_path_factory, tiny_base):
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory):
     """A base of another shape (two KV-shared layers), whose config.json differs."""
-    from finetune.tiny import write_tiny_model
+    from finetune.demo.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("other_base"), seed=0, num_kv_shared_layers=2)
 

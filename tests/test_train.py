@@ -100,7 +100,11 @@ def f64(batch: dict) -> dict:
     return to_device(batch, "cpu", torch.float64)
 
 
-EXACT = 1e-9  # what float64 equivalence is held to: float32 rounding anywhere would show as > 1e-8
+EXACT = 1e-9  # the same forward, two float64 loss computations: ~1e-13 apart
+# Batches of another composition (padding, trimming, packing, a KV cache) run transformers' eager
+# attention, whose softmax is float32 even on float64 inputs: its rounding (6e-8 relative) in a
+# different summation order moves the result by a few of those. All in float32 they moved by 1.4e-5.
+F32_SOFTMAX = 1e-6
 
 
 def loss_and_grads(model, batch: dict, **kw) -> tuple[float, dict[str, torch.Tensor]]:
@@ -200,8 +204,8 @@ def test_accumulation_is_token_weighted(model64, samples):
     loss1, n1, _ = optimizer_step(model, opt, sched, [f64(collate([s], 0)) for s in picked], acc, sft, 0.0)
     g1 = opt.grads
     assert n4 == n1 == sum(counts)
-    assert abs(loss4 - loss1) <= EXACT
-    assert max_grad_diff(g4, g1) <= EXACT
+    assert abs(loss4 - loss1) <= F32_SOFTMAX
+    assert max_grad_diff(g4, g1) <= F32_SOFTMAX
 
     # What a per-micro-batch mean (the usual accumulation) would have given: clearly different,
     # so the comparison above can fail.
@@ -290,8 +294,8 @@ def test_trimmed_tails_leave_loss_and_gradients_unchanged(model64, samples):
         assert torch.equal(trimmed["pixel_values"], full["pixel_values"])
         loss_full, g_full = loss_and_grads(model, full, chunked=True)
         loss_trim, g_trim = loss_and_grads(model, trimmed, chunked=True)
-        assert abs(loss_full - loss_trim) <= EXACT
-        assert max_grad_diff(g_full, g_trim) <= EXACT
+        assert abs(loss_full - loss_trim) <= F32_SOFTMAX
+        assert max_grad_diff(g_full, g_trim) <= F32_SOFTMAX
 
     cfg = model.get_base_model().config.get_text_config()
     rows = [[samples["image"][0], samples["audio"][0]], [samples["text"][0], late]]
@@ -299,7 +303,7 @@ def test_trimmed_tails_leave_loss_and_gradients_unchanged(model64, samples):
               for trim in (False, True)]
     assert packed[1]["input_ids"].shape[1] < packed[0]["input_ids"].shape[1]
     losses = [loss_and_grads(model, b, chunked=True)[0] for b in packed]
-    assert abs(losses[0] - losses[1]) <= EXACT
+    assert abs(losses[0] - losses[1]) <= F32_SOFTMAX
 
 
 # ---------------------------------------------------------------- KV sharing
@@ -323,9 +327,9 @@ def test_kv_shared_layers_train_without_cache(assets, samples):
         cached_loss = float(full_ce_sum(cached.logits, loss_labels(batch))) / n_labels(batch)
 
     loss, grads = loss_and_grads(model, batch, chunked=True)
-    assert abs(loss - cached_loss) <= EXACT, (loss, cached_loss)
+    assert abs(loss - cached_loss) <= F32_SOFTMAX, (loss, cached_loss)
     loss_full, _ = loss_and_grads(model, batch, chunked=False)
-    assert abs(loss_full - cached_loss) <= EXACT
+    assert abs(loss_full - cached_loss) <= F32_SOFTMAX
 
     enable_gradient_checkpointing(model)
     loss_gc, grads_gc = loss_and_grads(model, batch, chunked=True)
