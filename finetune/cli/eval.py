@@ -20,8 +20,11 @@ def cmd_eval(args) -> int:
     from finetune.eval.evaluate import evaluate_adapter
     from finetune.eval.report import write_report
 
+    from finetune.model.provenance import check_base
+
     recipe = load_recipe(args.recipe, args.overrides)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    check_base(args.adapter, recipe.model.base, force=getattr(args, "force", False), log=log)
     result, items = evaluate_adapter(recipe, args.adapter, max_items=args.max_items, log=log, progress=True,
                                      drafter=getattr(args, "drafter", None))
     out = Path(args.out) if args.out else default_eval_dir(args.adapter)
