@@ -6,7 +6,6 @@ carry exactly are refused before training, and by every export."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

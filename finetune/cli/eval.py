@@ -19,7 +19,6 @@ def cmd_eval(args) -> int:
     from finetune.config.recipe import load_recipe
     from finetune.eval.evaluate import evaluate_adapter
     from finetune.eval.report import write_report
-
     from finetune.model.provenance import check_base
 
     recipe = load_recipe(args.recipe, args.overrides)

@@ -77,8 +77,8 @@ def _data(recipe) -> list[UserError]:
 
 def _targets(recipe) -> list[UserError]:
     """Each LoRA target (preset or regex) must match a module of the model."""
-    from finetune.model.families import family_for
     from finetune.model.adapters import UNEXPORTABLE
+    from finetune.model.families import family_for
     from finetune.model.lora import target_regex
     from finetune.plan.skeleton import load_config, skeleton
 
