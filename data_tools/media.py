@@ -11,9 +11,12 @@ An audio file that decodes shorter than its header says (a cut-off download) is 
 never a shorter clip: its transcript would no longer match. What decoding changed on purpose
 (audio cut to max_audio_seconds, resampled to 16 kHz) is appended to `Conversation.media_actions`.
 
-16-bit (and 32-bit, float) grey images are scaled from their full range onto 0..255 (PIL's own
-`convert("RGB")` clips them at 255, mostly white). Training, `generate`, `eval` and the exports'
-probes all decode through `load_image`, so a model sees the same pixels wherever it runs.
+16-bit grey images keep their high byte (v >> 8, what llama.cpp's loader does; 32-bit and float
+grey are scaled from their range onto 0..255 the same way). PIL's own `convert("RGB")`, which
+HF processors and vLLM apply to a file, clips them at 255 instead: mostly white. Training,
+`generate`, `eval` and `chat` all decode through `load_image`, so the model is trained and judged
+on the same pixels; that such an image was scaled is recorded ("scale_16bit_image", counted
+in overflow_actions), since a server that clips would show the model other pixels.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ TRUNCATION_SLACK_S = 0.05
 
 
 def load_image(part: Part, base_dir: str, *, max_pixels: int, max_bytes: int, allow_network: bool,
-               origin: str = "") -> Image.Image:
-    """The image of `part` as RGB, upright (EXIF orientation applied), transparency on white."""
+               origin: str = "", actions: list | None = None) -> Image.Image:
+    """The image of `part` as RGB, upright (EXIF orientation applied), transparency on white;
+    more than 8 bits per grey level scaled down (appends "scale_16bit_image" to `actions`)."""
     data, name = _read_bytes(part, base_dir, max_bytes=max_bytes, allow_network=allow_network, origin=origin)
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
@@ -51,6 +55,8 @@ def load_image(part: Part, base_dir: str, *, max_pixels: int, max_bytes: int, al
             raise BadRecord("media_too_large", f"image {name} has {img.width}x{img.height} pixels, "
                             f"over max_image_pixels={max_pixels}", origin)
         img.load()  # decode now, so a truncated file is rejected here and not inside the processor
+        if actions is not None and (img.mode.startswith("I") or img.mode == "F"):
+            actions.append("scale_16bit_image")
         return _to_rgb(ImageOps.exif_transpose(img))  # an animated GIF/WebP keeps its first frame
     except Image.DecompressionBombError as e:
         raise BadRecord("media_too_large", f"image {name}: {e}", origin) from None
@@ -111,7 +117,8 @@ def load_media(conv: Conversation, data) -> tuple[list[Image.Image], list[np.nda
         if p.type == "image":
             images.append(load_image(p, conv.base_dir, max_pixels=data.max_image_pixels,
                                      max_bytes=data.max_media_bytes,
-                                     allow_network=data.allow_network_media, origin=conv.origin))
+                                     allow_network=data.allow_network_media, origin=conv.origin,
+                                     actions=conv.media_actions))
         else:
             audios.append(load_audio(p, conv.base_dir, max_seconds=data.max_audio_seconds,
                                      policy=data.audio_overflow, max_bytes=data.max_media_bytes,
@@ -152,17 +159,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
-    """Map 16-bit, 32-bit int and float grey levels onto 0..255."""
+    """Map 16-bit, 32-bit int and float grey levels onto 0..255 (see the module docstring)."""
     a = np.nan_to_num(pixels.astype(np.float64))
     lo, hi = float(a.min()), float(a.max())
-    if mode.startswith("I;16"):
-        scale = 65535.0
-    elif lo >= 0 and hi <= 1 and mode == "F":  # float images are usually 0..1
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):  # 16-bit data
+        return (pixels.astype(np.uint32) >> 8).astype(np.uint8)  # the high byte, as llama.cpp reads it
+    if lo >= 0 and hi <= 1 and mode == "F":  # float images are usually 0..1
         scale = 1.0
     elif lo >= 0 and hi <= 255:
         scale = 255.0
-    elif lo >= 0 and hi <= 65535:  # 16-bit data that PIL opened as 32-bit "I"
-        scale = 65535.0
     else:  # anything else (negative, huge): stretch what is there
         a, scale = a - lo, max(hi - lo, 1e-12)
     return np.clip(np.rint(a / scale * 255.0), 0, 255).astype(np.uint8)

@@ -98,14 +98,36 @@ def test_cmyk_and_grey_modes(tmp_path):
 
 
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
-    levels = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    """16-bit grey keeps its high byte (what llama.cpp's loader does); PIL's convert would clip
+    every level above 255 to white."""
+    levels = np.array([[0, 400, 32896, 65535]], dtype=np.uint16)
     Image.fromarray(levels).save(tmp_path / "16.png")
     assert Image.open(tmp_path / "16.png").mode == "I;16"
-    assert [p[0] for p in image(tmp_path / "16.png").getdata()] == [0, 128, 255]
+    assert [p[0] for p in image(tmp_path / "16.png").getdata()] == [0, 1, 128, 255]
+    assert [p[0] for p in Image.open(tmp_path / "16.png").convert("RGB").getdata()] == [0, 255, 255, 255]
     Image.fromarray(levels.astype(np.int32)).save(tmp_path / "32.tif")  # mode "I" holding 16-bit data
-    assert [p[0] for p in image(tmp_path / "32.tif").getdata()] == [0, 128, 255]
+    assert [p[0] for p in image(tmp_path / "32.tif").getdata()] == [0, 1, 128, 255]
     Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)).save(tmp_path / "f.tif")
     assert [p[0] for p in image(tmp_path / "f.tif").getdata()] == [0, 128, 255]
+
+
+def test_a_16_bit_grey_png_is_the_same_pixels_in_training_generate_and_eval(tmp_path):
+    """One loader: the data pipeline (training, eval's held-out items) and `generate`/`chat`'s
+    command-line media decode a 16-bit grey PNG to the same RGB pixels, and the scaling is
+    recorded where the data's stats count it."""
+    from finetune.cli.eval import media_for_prompt
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    Image.fromarray((xx * 2000 + yy * 40).astype(np.uint16)).save(tmp_path / "grey16.png")
+    conv = Conversation([Message("user", [Part("image", ref="grey16.png", ref_kind="path")])],
+                        base_dir=str(tmp_path))
+    (trained,), _ = load_media(conv, _caps())
+    assert conv.media_actions == ["scale_16bit_image"]
+    served = media_for_prompt("image", str(tmp_path / "grey16.png"))
+    assert trained.mode == served.mode == "RGB"
+    assert np.array_equal(np.asarray(trained), np.asarray(served))
+    want = (xx * 2000 + yy * 40) >> 8
+    assert np.array_equal(np.asarray(trained)[..., 0], want) and float(want.mean()) < 200
 
 
 def test_base64_and_relative_path(tmp_path):

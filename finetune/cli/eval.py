@@ -66,7 +66,7 @@ def _summary_table(result: dict) -> str:
 # ---------------------------------------------------------------- generate / chat
 
 
-def _media(kind: str, path: str):
+def media_for_prompt(kind: str, path: str):
     """One file from the command line, decoded by the data pipeline's loader under a recipe's
     default caps (data: section)."""
     from data_tools.media import load_media
@@ -111,8 +111,8 @@ def cmd_generate(args) -> int:
 
     from finetune.model.generate import generate, load_for_inference
 
-    images = [_media("image", p) for p in args.image]  # bad paths fail before the model loads
-    audios = [_media("audio", p) for p in args.audio]
+    images = [media_for_prompt("image", p) for p in args.image]  # bad paths fail before the model loads
+    audios = [media_for_prompt("audio", p) for p in args.audio]
     conv = Conversation([Message("user", user_parts(args.prompt, len(images), len(audios),
                                                     getattr(args, "media_order", None)))])
     model, processor, chat, image_tokens = load_for_inference(args.adapter, args.base)
@@ -162,7 +162,7 @@ def cmd_chat(args) -> int:
         if cmd in ("/image", "/audio"):
             kind = cmd[1:]
             try:
-                media = _media(kind, rest.strip())
+                media = media_for_prompt(kind, rest.strip())
             except UserError as e:  # a typo must not end the conversation
                 print(f"error: {e.line()}", file=sys.stderr)
                 continue
