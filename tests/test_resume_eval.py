@@ -77,3 +77,40 @@ def test_resume_across_an_eval_equals_straight(tiny_base, demo_data, tmp_path, a
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+
+
+def test_resume_after_ctrl_c_across_an_eval_equals_straight(tiny_base, demo_data, tmp_path, avx512bf16_cpu,
+                                                            monkeypatch):
+    """Ctrl-C (a real SIGINT to this process) during the eval at step 4: the run finishes the
+    step, writes a checkpoint and stops; resumed, it ends where the straight run ends."""
+    import signal
+
+    import finetune.training.loop as loop
+    from finetune.errors import TrainingStopped
+
+    straight = loop.train(recipe_from_dict(raw(tiny_base, demo_data, tmp_path / "straight", max_steps=6)))
+    real, calls = loop.eval_loss, []
+
+    def eval_then_ctrl_c(*args, **kw):
+        calls.append(1)
+        out = real(*args, **kw)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    recipe = raw(tiny_base, demo_data, tmp_path / "stopped", max_steps=6)
+    monkeypatch.setattr(loop, "eval_loss", eval_then_ctrl_c)
+    with pytest.raises(TrainingStopped) as stopped:
+        loop.train(recipe_from_dict(recipe))
+    assert stopped.value.step == 4
+    monkeypatch.setattr(loop, "eval_loss", real)
+    resumed = loop.train(recipe_from_dict(recipe), resume=True)
+    assert resumed.losses == straight.losses[4:]
+    assert torch.equal(_weights(resumed.adapter_dir), _weights(straight.adapter_dir))
+
+
+def _weights(adapter: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    return torch.cat([state[k].flatten() for k in sorted(state)])
