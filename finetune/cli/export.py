@@ -50,7 +50,7 @@ def _check_provenance(args) -> None:
         base = base_of(adapter, config, args.base)
     except (OSError, ValueError, UserError):
         return  # a missing or broken adapter or base: the verb itself names what is wrong
-    check_base(adapter, base, force=args.force, log=print)
+    check_base(adapter, base, force=getattr(args, "force", False), log=print)
 
 
 def cmd_merge(args) -> int:
