@@ -16,7 +16,8 @@ from finetune.config.recipe import (
     read_yaml,
     recipe_from_dict,
 )
-from finetune.config.schema import SafeYamlLoader, resolve_paths
+from finetune.config.schema import resolve_paths
+from finetune.config.yaml_io import SafeYamlLoader
 from finetune.errors import RecipeErrors, UserError
 
 ROOT = Path(__file__).resolve().parent.parent

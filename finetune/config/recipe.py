@@ -12,18 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from finetune.config.schema import (
-    apply_override,
-    build_section,
-    dump_yaml,
-    parse_override,
-    path_kind,
-    read_yaml,
-    resolve_path,
-    resolve_paths,
-    show,
-)
+from finetune.config.schema import build_section, path_kind, resolve_path, resolve_paths, show
 from finetune.config.schema import field_doc as _f
+from finetune.config.yaml_io import apply_override, dump_yaml, parse_override, read_yaml
 from finetune.errors import RecipeErrors, UserError
 
 

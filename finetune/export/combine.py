@@ -17,7 +17,8 @@ from typing import Literal, get_args
 
 import torch
 
-from finetune.config.schema import build_section, field_doc, read_yaml
+from finetune.config.schema import build_section, field_doc
+from finetune.config.yaml_io import read_yaml
 from finetune.errors import RecipeErrors, UserError
 from finetune.model.adapters import (
     WEIGHTS_FILE,

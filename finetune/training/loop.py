@@ -103,7 +103,6 @@ class _Run:
         r, acc = self.recipe, self.acc
         self.family = base_family(r.model.base, r.model.trust_remote_code)
         self.processor = load_processor(r.model.base, r.data.image_tokens, r.model.trust_remote_code)
-        self.pad_id = self.processor.tokenizer.pad_token_id
         with acc.main_process_first():
             data = prepare(r, self.processor, r.model.base, chat=self.family.chat,
                            rejects_path=self.out / "rejects.jsonl", log=self.main_log)
@@ -133,6 +132,7 @@ class _Run:
 
         r, t, acc = self.recipe, self.t, self.acc
         model = load_recipe_base(r.model, acc.device.type)
+        self.pad_id = self.processor.tokenizer.pad_token_id
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.objective = objectives.build(r)

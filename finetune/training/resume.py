@@ -36,7 +36,7 @@ def _flat(d, prefix: str = "") -> dict:
 
 def check_resume(recipe, out: Path, log) -> None:
     """Refuse shape-changing edits since the run began (exit 2 naming them); warn about the rest."""
-    from finetune.config.schema import read_yaml
+    from finetune.config.yaml_io import read_yaml
 
     lock = Path(out) / "recipe.lock.yaml"
     if not lock.is_file():
