@@ -304,7 +304,7 @@ def _keep_provenance(out: Path, folder: Path) -> None:
 
     from finetune.model.provenance import FILE
 
-    if (out / FILE).is_file() and folder.is_dir():
+    if (out / FILE).is_file() and folder.is_dir() and folder.resolve() != out.resolve():  # a drafter saves in out
         shutil.copyfile(out / FILE, folder / FILE)
 
 
