@@ -15,9 +15,8 @@ from data_tools.render import IGNORE
 from finetune.config.recipe import recipe_from_dict
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, tiny_base, demo_data):
-    root = tmp_path_factory.mktemp("pref-train")
+def write_pairs(root: Path, demo_data: Path) -> Path:
+    """12 preference pairs in TRL's layout over the demo's media: 4 image, 4 audio, 4 text."""
     d = demo_data
     rows = []
     for i in range(4):
@@ -27,7 +26,13 @@ def assets(tmp_path_factory, tiny_base, demo_data):
                      "audios": [str(d / f"audio/train_000{i}.wav")]})
         rows.append({"prompt": f"Capital of Norvia, take {i}?", "chosen": "Halden", "rejected": "Porta"})
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return SimpleNamespace(root=root, base=tiny_base, pairs=root / "pairs.jsonl")
+    return root / "pairs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_base, demo_data):
+    root = tmp_path_factory.mktemp("pref-train")
+    return SimpleNamespace(root=root, base=tiny_base, pairs=write_pairs(root, demo_data))
 
 
 def raw(assets, name: str, objective: str = "dpo", preference=None, **train) -> dict:

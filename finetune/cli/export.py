@@ -55,7 +55,9 @@ def _check_provenance(args) -> None:
 
 def cmd_merge(args) -> int:
     from finetune.export.merge import merge_adapter
+    from finetune.training.processes import refuse_several_processes
 
+    refuse_several_processes("merge")
     _check_provenance(args)
     return _run(merge_adapter, args.adapter, args.out, out=args.out, base=args.base, dtype=args.dtype or "bf16",
                 allow_pickle=args.allow_pickle, low_memory=getattr(args, "low_memory", None), log=print)

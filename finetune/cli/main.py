@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="the plan as JSON (peak_gib, fits, breakdown, suggestions)")
     sp.add_argument("--budget-gib", type=float, default=16.0, help="GPU memory to fit in (default 16)")
     sp.add_argument("--check", action="store_true", help="exit 3 when the recipe does not fit the budget")
+    sp.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the run is launched on (default 1)")
+    sp.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                    help="with --gpus > 1: ddp (a whole model per GPU) or fsdp (FSDP2: sharded); default ddp")
 
     sp = sub.add_parser("merge", help="merge an adapter into a full-precision base")
     sp.add_argument("adapter", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")

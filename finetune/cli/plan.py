@@ -52,13 +52,19 @@ def format_plan(result: dict, recipe) -> str:
         verdict = f"fits ({budget - peak:.2f} GiB headroom)"
     else:
         verdict = f"DOES NOT FIT ({peak - budget:.2f} GiB over)"
-    lines.append(f"  {'peak':<{width}}{peak:>8.2f} GiB  of a {budget:g} GiB budget: {verdict}")
+    per = f" per GPU of {a['gpus']} ({STRATEGY_NAMES[a['strategy']]})" if a.get("gpus", 1) > 1 else ""
+    lines.append(f"  {'peak':<{width}}{peak:>8.2f} GiB{per}  of a {budget:g} GiB budget: {verdict}")
     lines.append(f"  (torch allocated ≈ {result['allocated_gib']:.2f} GiB; peak phase: {a['peak_phase']})")
+    longest = result.get("longest_seq_len")
+    lines.append(f"  longest data.max_seq_len that fits {budget:g} GiB: "
+                 + (f"{longest:,}" if longest else "none (not even 256 tokens)"))
     lines.append("")
     lines.append(f"parameters: {_fmt_count(p['total'])} total · {_fmt_count(p['embeddings'])} embeddings · "
                  f"{_fmt_count(p['quantizable_linear'])} quantizable linear · "
                  f"{_fmt_count(p['linear_not_quantized'])} linear kept · "
                  f"{_fmt_count(p['norms_and_other'])} norms/other")
+    for line in a.get("fsdp_refuses", []):
+        lines.append(f"  under FSDP train refuses {line}")
     if result["suggestions"]:
         lines.append("")
         lines.append("to fit, override (finetune plan RECIPE key=value ...):")
@@ -73,6 +79,9 @@ def _rows(a: dict) -> str:
     return f"{n} sequences ({a['objective']}: chosen + rejected) × " if n > 1 else ""
 
 
+STRATEGY_NAMES = {"ddp": "DDP: a whole model on each", "fsdp": "FSDP2: sharded"}
+
+
 def cmd_plan(args) -> int:
     """Print the plan for `args.recipe` with `args.overrides`; see the module doc for exit codes."""
     recipe = load_recipe(args.recipe, list(getattr(args, "overrides", None) or []))
@@ -80,8 +89,12 @@ def cmd_plan(args) -> int:
     budget = 16.0 if budget is None else float(budget)
     if not budget > 0:
         raise UserError("--budget-gib", f"{budget:g} is not a positive size", "Give the GPU memory in GiB, e.g. 16")
-    result = plan(recipe, budget_gib=budget,
-                  device=getattr(args, "device", None) or "cuda")
+    gpus = getattr(args, "gpus", None)
+    gpus = 1 if gpus is None else gpus
+    if gpus < 1:
+        raise UserError("--gpus", f"{gpus} is not a number of GPUs", "Give 1 or more")
+    result = plan(recipe, budget_gib=budget, device=getattr(args, "device", None) or "cuda", gpus=gpus,
+                  strategy=getattr(args, "strategy", None) or "ddp")
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     else:

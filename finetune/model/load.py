@@ -143,7 +143,9 @@ def load_base(base: str, *, quantization: str = "none", dtype: str = "auto", dev
 
 def _cast_unquantized(model, dtype: torch.dtype) -> None:
     for p in model.parameters():
-        if p.dtype in (torch.bfloat16, torch.float16, torch.float32) and p.dtype != dtype:
+        # 4-bit weights stored as bf16 (`model.quant_storage: bf16`) are packed bytes, not numbers
+        if p.dtype in (torch.bfloat16, torch.float16, torch.float32) and p.dtype != dtype \
+                and type(p).__name__ != "Params4bit":
             p.data = p.data.to(dtype)
 
 

@@ -86,9 +86,10 @@ class Objective(torch.nn.Module):
 
         return collate_packed(rows, pad_id, sliding_window, layer_types, trim_tail=True)
 
-    def save(self, model, out) -> None:
-        """Write what was trained to `out` (default: the PEFT adapter folder)."""
-        model.save_pretrained(out)
+    def save(self, model, out, state_dict: dict | None = None) -> None:
+        """Write what was trained to `out` (default: the PEFT adapter folder); `state_dict`: the
+        adapter's weights gathered whole when the model is sharded (FSDP)."""
+        model.save_pretrained(out, state_dict=state_dict)
 
     def weight(self, batch: dict) -> int:
         """What the step's loss is averaged over, known before any forward pass (label tokens for

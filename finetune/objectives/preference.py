@@ -173,9 +173,9 @@ class PairObjective(Objective):
                 p.data = p.data.float()
         return peft
 
-    def save(self, model, out) -> None:
+    def save(self, model, out, state_dict: dict | None = None) -> None:
         """Only the trained adapter: the reference is the folder it came from."""
-        model.save_pretrained(out, selected_adapters=[TRAINED])
+        model.save_pretrained(out, selected_adapters=[TRAINED], state_dict=state_dict)
 
 
 @register("dpo")

@@ -3,7 +3,8 @@
 `preflight` runs for `finetune validate` and at the start of `train`: the base exists, the
 data sources can be read, a sample of every dataset's records parses in its declared format
 (a wrong `format:` is named with the format the records look like), LoRA targets match modules
-of the model, trackers are importable, and the output folder can be used.
+of the model, trackers are importable, and the output folder can be used. `sharding_problems`:
+what FSDP2 can't run, checked when a launch asks for FSDP (and by `finetune plan --strategy fsdp`).
 """
 
 from __future__ import annotations
@@ -152,3 +153,37 @@ def refuse_overwrite(recipe, *, resume: bool, overwrite: bool) -> list[str]:
         else:
             entry.unlink()
     return removed
+
+
+def sharding_problems(recipe) -> None:
+    """Raise every recipe setting FSDP2 can't run (each with its fix), all at once."""
+    from finetune import objectives
+
+    m, t = recipe.model, recipe.train
+    errors = []
+    if m.quantization == "nf4" and m.quant_storage == "uint8":
+        errors.append(UserError("model.quant_storage", "uint8 storage under FSDP: the 4-bit weights can't be "
+                                "sharded (accelerate leaves them whole on every GPU; older versions trained "
+                                "with loss 0 or NaN gradients)", "Set model.quant_storage: bf16"))
+    if m.quantization == "nf4" and m.quant_storage == "bf16" and m.dtype not in ("auto", "bf16"):
+        errors.append(UserError("model.dtype", f"{m.dtype} with model.quant_storage bf16 under FSDP: the shards "
+                                "must hold one dtype", "Set model.dtype: bf16"))
+    if m.quantization == "int8":
+        errors.append(UserError("model.quantization", "int8 weights can't be sharded by FSDP",
+                                "Use model.quantization: nf4 with model.quant_storage: bf16, or none"))
+    if t.optimizer != "adamw":
+        errors.append(UserError("train.optimizer", f"{t.optimizer} under FSDP: bitsandbytes' optimizers keep "
+                                "their state outside the sharded weights, so it can't be gathered into a "
+                                "checkpoint (or paged)", "Use train.optimizer: adamw (FSDP already splits its "
+                                "state across the GPUs)"))
+    if t.preview_every:
+        errors.append(UserError("train.preview_every", "previews generate on one process, which a sharded "
+                                "model can't do", "Set train.preview_every: 0 and run `finetune generate` "
+                                "on the adapter"))
+    cls = objectives.get(t.objective)
+    if cls is not None and not getattr(cls, "trains_model", True):
+        errors.append(UserError("train.objective", f"{t.objective} trains weights of its own, which finetune "
+                                "does not shard yet", "Launch it on one process or with DDP "
+                                "(configs/accelerate/ddp.yaml)"))
+    if errors:
+        raise RecipeErrors(errors)

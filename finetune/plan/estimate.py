@@ -95,22 +95,23 @@ def _dtype_bytes(recipe, device: str) -> int:
     return 4 if dtype == "fp32" else 2
 
 
+def quant_tensor_bytes(n: int, out: int, quantization: str, double_quant: bool, ab: int) -> tuple[int, int]:
+    """(the weight's own bytes, its quantization metadata: absmax, code tables, scales) as
+    bitsandbytes stores one linear weight of `n` values and `out` rows. Only the first is a
+    parameter (what FSDP shards); the metadata stays whole with its module."""
+    if quantization == "nf4":
+        blocks = math.ceil(n / NF4_BLOCK)
+        meta = NF4_CODE_BYTES + (blocks + 4 * math.ceil(blocks / DQ_BLOCK) + DQ_CODE_BYTES + 4 if double_quant
+                                 else 4 * blocks)
+        return math.ceil(n / 2), meta
+    if quantization == "int8":
+        return n, 4 * out  # int8 weight + fp32 row scale (SCB)
+    return n * ab, 0
+
+
 def _quant_bytes(sk: Skeleton, quantization: str, double_quant: bool, ab: int) -> int:
     """Bytes of the quantizable linear weights as bitsandbytes stores them."""
-    total = 0
-    for _, n, out in sk.quant_tensors:
-        if quantization == "nf4":
-            blocks = math.ceil(n / NF4_BLOCK)
-            total += math.ceil(n / 2) + NF4_CODE_BYTES
-            if double_quant:
-                total += blocks + 4 * math.ceil(blocks / DQ_BLOCK) + DQ_CODE_BYTES + 4
-            else:
-                total += 4 * blocks
-        elif quantization == "int8":
-            total += n + 4 * out  # int8 weight + fp32 row scale (SCB)
-        else:
-            total += n * ab
-    return total
+    return sum(sum(quant_tensor_bytes(n, out, quantization, double_quant, ab)) for _, n, out in sk.quant_tensors)
 
 
 def _lora(sk: Skeleton, recipe) -> tuple[list[tuple[str, int, int]], set[str]]:

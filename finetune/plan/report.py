@@ -7,6 +7,7 @@ import dataclasses
 from finetune.errors import UserError
 from finetune.objectives.losses import ce_chunk_rows
 from finetune.plan.estimate import GIB, estimate
+from finetune.plan.sharded import STRATEGIES, longest_seq_len, sharded
 from finetune.plan.skeleton import Skeleton, load_config, skeleton
 
 OPT_MIN_SAVING_GIB = 0.005  # a suggestion must save at least this much to be shown
@@ -146,15 +147,28 @@ def _suggest(recipe, sk: Skeleton, device: str, budget_gib: float, peak: float,
     return lines, out
 
 
-def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda") -> dict:
-    """Predict peak GPU memory of one training step of `recipe` (see the module docstring)."""
+def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda", gpus: int = 1, strategy: str = "ddp") -> dict:
+    """Predict peak GPU memory of one training step of `recipe` (see the module docstring); with
+    `gpus` > 1, on each GPU under `strategy` (ddp or fsdp, finetune.plan.sharded)."""
     if device not in ("cuda", "cpu"):
         raise UserError("device", f"{device!r} is not cuda or cpu", "Use cuda or cpu")
+    if strategy not in STRATEGIES:
+        raise UserError("--strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}", "Use ddp or fsdp")
     config, source = load_config(recipe.model)
     sk = skeleton(config, source)
-    step = _estimator(recipe, config)
+    step = sharded(_estimator(recipe, config), gpus, strategy)
     est = step(recipe, sk, device)
     out = _result(recipe, sk, est, budget_gib, device)
+    out["assumptions"]["gpus"], out["assumptions"]["strategy"] = gpus, strategy if gpus > 1 else "one GPU"
+    out["longest_seq_len"] = longest_seq_len(recipe, sk, device, budget_gib, step)
+    if gpus > 1 and strategy == "fsdp":  # what `train` would refuse under FSDP, said up front
+        from finetune.errors import RecipeErrors
+        from finetune.plan.checks import sharding_problems
+
+        try:
+            sharding_problems(recipe)
+        except RecipeErrors as e:
+            out["assumptions"]["fsdp_refuses"] = e.lines()
     if "drafter" in est:
         out["assumptions"]["drafter"] = est["drafter"]
     if not out["fits"]:

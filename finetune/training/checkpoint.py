@@ -28,6 +28,7 @@ import torch
 
 from finetune.errors import UserError
 from finetune.model.load import unwrap
+from finetune.training.sharding import SHARDED_OPTIMIZER, is_sharded, load_adapter_state, load_optimizer_state
 from finetune.training.wrappers import LossForward
 
 STATE_JSON = "trainer_state.json"
@@ -93,8 +94,11 @@ def set_rng_state(st: dict) -> None:
 # ---------------------------------------------------------------- save / find / load
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, position: int, keep: int) -> Path:
-    """Write checkpoint `step` (see the module docstring); keep the newest `keep`."""
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, position: int, keep: int,
+                    full: dict | None = None) -> Path:
+    """Write checkpoint `step` (see the module docstring); keep the newest `keep`. A sharded (FSDP)
+    run passes its state gathered whole (`finetune.training.sharding.gather_for_save`): the adapter
+    is written in the single-process layout, the optimizer state keyed by parameter name."""
     from safetensors.torch import save_file
 
     ckdir = Path(out) / "checkpoints"
@@ -104,17 +108,17 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, position:
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     if _trains_model(model):
-        unwrap(model, peft=True).save_pretrained(tmp / "adapter")
+        unwrap(model, peft=True).save_pretrained(tmp / "adapter", **({"state_dict": full["adapter"]} if full else {}))
     _test_pause_in_save(step)
     tensors: dict[str, torch.Tensor] = {}
-    state = {"step": step, "position": position,
-             "optimizer": flatten(optimizer.state_dict(), "optimizer", tensors),
+    state = {"step": step, "position": position, "optimizer_format": SHARDED_OPTIMIZER if full else "index",
+             "optimizer": flatten(full["optimizer"] if full else optimizer.state_dict(), "optimizer", tensors),
              "scheduler": flatten(scheduler.state_dict(), "scheduler", tensors),
              "rng": flatten(rng_state(), "rng", tensors)}
     # safetensors refuses tensors that share memory; the state holds small, separate ones
     save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
     (tmp / STATE_JSON).write_text(json.dumps(state))
-    own = _objective_state(model)
+    own = full["objective"] if full else _objective_state(model)
     if own:
         save_file(own, str(tmp / OBJECTIVE_TENSORS))
     (tmp / "COMPLETE").write_text(str(step))
@@ -180,13 +184,26 @@ def load_checkpoint(ck: Path, model, optimizer, scheduler) -> tuple[int, int]:
     except (ValueError, OSError) as e:
         raise UserError(str(ck), f"damaged checkpoint ({e})",
                         "Delete this checkpoint folder to resume from the one before") from None
+    sharded = is_sharded(model)
+    written = state.get("optimizer_format", "index")
+    if written != (SHARDED_OPTIMIZER if sharded else "index"):
+        how = ("launched with FSDP", "launched without FSDP")
+        raise UserError(str(ck), f"written by a run {how[written != SHARDED_OPTIMIZER]}, resumed "
+                        f"{how[not sharded]}: its optimizer state is laid out for that", "Resume it the way it "
+                        "was launched (the adapter in it loads anywhere)")
     if _trains_model(model):
         weights = load_file(str(ck / "adapter" / "adapter_model.safetensors"))
-        set_peft_model_state_dict(unwrap(model, peft=True), weights)
+        if sharded:
+            load_adapter_state(model, weights, unwrap(model, peft=True).active_adapter)
+        else:
+            set_peft_model_state_dict(unwrap(model, peft=True), weights)
     if (ck / OBJECTIVE_TENSORS).is_file():
         inner = model.module if hasattr(model, "module") else model
         inner.objective.load_state_dict(load_file(str(ck / OBJECTIVE_TENSORS)))
-    optimizer.load_state_dict(unflatten(state["optimizer"], tensors))
+    if sharded:
+        load_optimizer_state(model, optimizer, unflatten(state["optimizer"], tensors))
+    else:
+        optimizer.load_state_dict(unflatten(state["optimizer"], tensors))
     scheduler.load_state_dict(unflatten(state["scheduler"], tensors))
     set_rng_state(unflatten(state["rng"], tensors))
     return state["step"], state["position"]

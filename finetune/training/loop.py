@@ -28,6 +28,7 @@ from finetune.config.recipe import Recipe, dump_recipe
 from finetune.errors import TrainingStopped, UserError
 from finetune.model.load import unwrap
 from finetune.model.memory_tricks import tile_mlp
+from finetune.plan.checks import sharding_problems
 from finetune.training.batches import BatchPlan, StreamPlan
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.training.evaluation import eval_loss, preview
@@ -35,6 +36,7 @@ from finetune.training.metrics import EvalWatch, MetricsLog
 from finetune.training.optim import make_optimizer, make_scheduler
 from finetune.training.processes import accelerator, check_ranks_agree, set_cpu_threads
 from finetune.training.resume import StopRequest, check_resume
+from finetune.training.sharding import describe, fsdp_plugin, gather_for_save, is_sharded, shard
 from finetune.training.step import optimizer_step
 from finetune.training.wrappers import LossForward, to_device
 
@@ -64,6 +66,9 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, log=None
     if resume:
         check_resume(recipe, run.out, run.log)
         provenance.check_resume(recipe, run.out, force=force, log=run.log)
+    run.fsdp = fsdp_plugin()  # `accelerate launch` with configs/accelerate/fsdp2.yaml
+    if run.fsdp is not None:
+        sharding_problems(recipe)
     run.out.mkdir(parents=True, exist_ok=True)
     run.setup_processes()
     run.setup_data()
@@ -163,11 +168,16 @@ class _Run:
         return plan
 
     def setup_optimizer(self) -> None:
-        # weights the objective owns (a drafter) train with the model's
-        optimizer = make_optimizer([*self.model.parameters(), *self.objective.parameters()], self.t,
-                                   self.acc.device.type)
-        self.scheduler = make_scheduler(optimizer, self.t)
-        self.model, self.optimizer = self.acc.prepare(LossForward(self.model, self.objective), optimizer)
+        device = self.acc.device.type
+        if self.fsdp is not None:  # sharded first: the optimizer holds (and its state follows) the shards
+            self.model = LossForward(self.model, self.objective)
+            shard(self.model, self.fsdp, unwrap(self.model)._no_split_modules)
+            self.main_log(describe(self.model))
+            self.optimizer = make_optimizer(self.model.parameters(), self.t, device)
+        else:  # weights the objective owns (a drafter) train with the model's
+            optimizer = make_optimizer([*self.model.parameters(), *self.objective.parameters()], self.t, device)
+            self.model, self.optimizer = self.acc.prepare(LossForward(self.model, self.objective), optimizer)
+        self.scheduler = make_scheduler(self.optimizer, self.t)
 
     def resume(self) -> None:
         ck = latest_checkpoint(self.out)
@@ -237,10 +247,10 @@ class _Run:
             return False
         row.update(eval_loss(self.model, self.objective, self.data.eval, self.pad_id, self.cdtype, self.acc.device))
         improved, early_stop = self.watch.update(step, row["eval_loss"])
-        if improved and t.keep_best and self.acc.is_main_process:
-            self.objective.save(unwrap(self.model, peft=True), self.out / "best")
-            _keep_provenance(self.out, self.out / "best")
-            (self.out / "best" / "best.json").write_text(json.dumps({"step": step, "eval_loss": row["eval_loss"]}))
+        if improved and t.keep_best:
+            self._save_trained(self.out / "best")
+            if self.acc.is_main_process:
+                (self.out / "best" / "best.json").write_text(json.dumps({"step": step, "eval_loss": row["eval_loss"]}))
         w = self.watch
         self.main_log(f"step {step}: eval_loss {row['eval_loss']:.4f} (best {w.best:.4f} at step {w.best_step})"
                       + (f"; no better for {w.since} evals: stopping early" if early_stop else ""))
@@ -259,10 +269,18 @@ class _Run:
         if not ((t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps or force):
             return
         self.acc.wait_for_everyone()
+        full = gather_for_save(self.model, self.optimizer) if is_sharded(self.model) else None  # every rank
         if self.acc.is_main_process:
             self.metrics.flush()
             save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, self.position,
-                            t.keep_checkpoints)
+                            t.keep_checkpoints, full=full)
+
+    def _save_trained(self, folder: Path) -> None:
+        """`objective.save` on the main process; a sharded adapter is gathered whole first (every rank)."""
+        full = gather_for_save(self.model, None) if is_sharded(self.model) else None
+        if self.acc.is_main_process:
+            self.objective.save(unwrap(self.model, peft=True), folder, **({"state_dict": full["adapter"]} if full else {}))
+            _keep_provenance(self.out, folder)
 
     def _finish(self) -> TrainResult:
         """Save what was trained (main process), check the ranks agree, close the processes."""
@@ -270,12 +288,14 @@ class _Run:
         acc.wait_for_everyone()
         adapter_dir = self.out / self.objective.saves_as
         if acc.is_main_process:
-            self._finish_data_stats()
+            self._finish_data_stats()  # a streamed run's yield rule, before an adapter is saved
+        self._save_trained(adapter_dir)
+        if acc.is_main_process:
             self.metrics.flush()
-            self.objective.save(unwrap(self.model, peft=True), adapter_dir)
-            _keep_provenance(self.out, adapter_dir)
             self.metrics.plot(self.out)
-        if acc.num_processes > 1:
+        if is_sharded(self.model):
+            self.main_log(f"adapter gathered from {acc.num_processes} shards (FSDP2)")
+        elif acc.num_processes > 1:
             check_ranks_agree(self.model, acc, self.out, self.main_log)
         acc.end_training()
         if acc.num_processes > 1 and torch.distributed.is_initialized():

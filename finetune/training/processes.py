@@ -1,4 +1,4 @@
-"""The processes a run is made of: the accelerator, CPU threads per process, ranks that must agree."""
+"""The processes a run is made of: the accelerator, wrong launches refused, CPU threads, ranks that agree."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.errors import UserError
 from finetune.training.metrics import available_trackers
 
 
@@ -15,6 +16,7 @@ def accelerator(t, out: Path):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    refuse_short_launch()
     # find_unused_parameters: a batch without images (or audio) leaves those LoRA weights out of
     # the graph. `cpu` under torchrun: accelerate only starts gloo DDP when told it is on CPU.
     trackers = available_trackers(t.report_to)
@@ -22,6 +24,45 @@ def accelerator(t, out: Path):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
+def refuse_short_launch() -> None:
+    """`accelerate launch --num_processes N` without `--multi_gpu` (or an FSDP/DDP config) runs
+    ONE process: accelerate's simple launcher sets the rendezvous address for N but starts no
+    others, and says nothing. Seen as: launched by accelerate's simple launcher (which alone sets
+    ACCELERATE_USE_CPU), an address for several processes, and no WORLD_SIZE."""
+    env = os.environ
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        asked = _asked_processes()
+        raise UserError("accelerate launch", f"asked for {asked or 'several'} processes but started one "
+                        "(without --multi_gpu accelerate runs a single process)",
+                        "Launch with --multi_gpu --num_processes N, or --config_file "
+                        "configs/accelerate/ddp.yaml (or fsdp2.yaml), or torchrun --nproc_per_node N")
+
+
+def refuse_several_processes(verb: str) -> None:
+    """A one-process verb (merge) started under FSDP or several processes: each would load the
+    whole base (FSDP's sharding applies to training only) and write the same files."""
+    env = os.environ
+    world, fsdp = int(env.get("WORLD_SIZE", "1")), env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if world > 1 or fsdp:
+        how = "FSDP" if fsdp else f"{world} processes"
+        raise UserError(verb, f"started under {how}: {verb} runs in one process, on the full-precision "
+                        "base (sharding is for training)", f"Run `finetune {verb} ...` directly, without "
+                        "accelerate launch or torchrun")
+
+
+def _asked_processes() -> int | None:
+    """--num_processes of the `accelerate launch` that started this process (Linux), if readable."""
+    try:
+        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode().split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(argv) and argv[i + 1].isdigit():
+                return int(argv[i + 1])
+            if arg.startswith(flag + "=") and arg.split("=", 1)[1].isdigit():
+                return int(arg.split("=", 1)[1])
+    return None
 
 
 def _multi_process_cpu() -> bool:

@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from finetune.training.sharding import clip_grad_norm, is_sharded, set_gradient_sync
 from finetune.training.wrappers import LossForward
 
 
@@ -22,17 +23,24 @@ def optimizer_step(model, optimizer, scheduler, micro: list[dict], acc, objectiv
     total = max(total, 1.0)
     loss_total = 0.0
     sums: dict[str, float] = {}
+    sharded = is_sharded(model)
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
-        ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
+        if sharded:
+            set_gradient_sync(model, sync)
+        ctx = contextlib.nullcontext() if sync or sharded else acc.no_sync(model)
         with ctx:
             ls, metrics = forward_loss(model, objective, batch)
-            # DDP averages gradients over processes; scale back so the step is a true mean.
+            # DDP (and FSDP) average gradients over processes; scale back so the step is a true mean.
             acc.backward(ls * acc.num_processes / total)
         loss_total += float(ls.detach())
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    if max_grad_norm > 0:
+    if sharded:
+        model.usage.drop_unused(acc.device)
+    if max_grad_norm > 0 and sharded:
+        clip_grad_norm(model, max_grad_norm)
+    elif max_grad_norm > 0:
         acc.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     scheduler.step()
