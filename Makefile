@@ -28,6 +28,7 @@ test: setup
 test-llamacpp: setup
 	$(BIN)/python -m pytest -q -m llamacpp
 	$(BIN)/python -m pytest -q -m templates
+	$(BIN)/python -m pytest -q -m realtok
 
 lint: setup
 	$(BIN)/ruff check finetune data_tools tests benchmarks train.py

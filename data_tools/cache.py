@@ -23,14 +23,15 @@ import numpy as np
 
 from data_tools.render import ChatFormat
 
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 _COLUMNS = ("input_ids", "labels", "mm_token_type_ids", "modality", "origin", "dataset", "overflow")
 # Media key → (dtype, column holding each row's array width). Position ids are (x, y) pairs.
 _MEDIA = {"pixel_values": (np.uint8, "pixel_width"), "image_position_ids": (np.int32, None),
           "input_features": (np.float32, "feature_width")}
 _PAIRS = 2
-# Preference samples (data_tools.preference) carry one of these; other rows store the default.
-_OPTIONAL = {"rejected_ids": [], "desirable": -1}
+# Preference samples (data_tools.preference) carry one of these, branched samples
+# (data_tools.steps) position ids; other rows store the default.
+_OPTIONAL = {"rejected_ids": [], "desirable": -1, "position_ids": []}
 
 
 def cache_key(recipe, processor_dir: str, chat: ChatFormat | None = None) -> str:
@@ -101,6 +102,7 @@ def _features():
         "input_features": datasets.Sequence(datasets.Value("binary")),
         "pixel_width": datasets.Value("int32"), "feature_width": datasets.Value("int32"),
         "rejected_ids": datasets.Sequence(datasets.Value("int32")), "desirable": datasets.Value("int8"),
+        "position_ids": datasets.Sequence(datasets.Value("int32")),
     })
 
 

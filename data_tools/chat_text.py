@@ -8,11 +8,17 @@ Every labelled part is what the model writes when it is served:
   `<|channel>thought\\n{trace}<channel|>{answer}`. An answer ends with the end-of-turn token;
   a turn of tool calls ends with the token that hands over to the tools (`<|tool_response>`),
   where generation stops too.
-- earlier answers (`train_on: assistant`) are labelled as the template renders them in the
-  history: rendering the conversation up to a turn and through it gives its span, checked to be
-  a token prefix of the sample. Where later turns change how a pending call ends (the tool
-  responses follow instead of the end of the turn), the span runs through the call stop token.
-  Tool responses, declarations, system and user turns carry no label.
+- every earlier step (`train_on: assistant`: an answer, a turn of calls, parallel calls) is
+  trained exactly as it is served too: after `apply_chat_template(messages[:k], tools,
+  add_generation_prompt=True)` and labelled with what the model writes there, its thought
+  included. The history is not that: templates drop the empty scaffold and earlier thoughts from
+  rendered model turns. So a sample is one main row (the last step as served) whose tokens carry
+  the labels of every step that is a token prefix of it, plus, for each step that is not, a
+  branch: the step's tokens after the last one it shares with the main row, which the branch
+  repeats (unlabelled) so that its first written token is predicted from the same logits as in
+  its own sequence. `data_tools.steps` lays branches into one row (position ids continue from the
+  branch point; the mask lets a branch see only its own path). Tool responses, declarations,
+  system and user turns carry no label.
 
 Content goes to the template the way servers send it: text-only content as one string (the
 official Gemma 4 template prints a list-valued system content as its Python repr), media turns
@@ -72,6 +78,26 @@ def split_thought(text: str, chat: ChatFormat) -> tuple[str | None, str]:
     trace, _, answer = rest.partition(chat.channel_close)
     trace = trace.removeprefix(chat.thought).strip()
     return trace or None, (head + answer).strip()
+
+
+@dataclass
+class Branch:
+    """An earlier step served apart: `ids` continue the main row after its token `at - 1`
+    (`ids[0]` repeats main token `at`, unlabelled), `labels` on what the model writes there."""
+
+    at: int
+    ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Rendered:
+    """One conversation: the main row (the last step as served) and the branches of earlier steps."""
+
+    text: str
+    ids: list[int]
+    labels: list[int]
+    branches: list[Branch]
 
 
 class ChatText:
@@ -176,12 +202,19 @@ class ChatText:
     # ------------------------------------------------------------------ text + labels
 
     def text_and_labels(self, conv: Conversation) -> tuple[str, list[int], list[int]]:
-        """The training text, its unexpanded token ids, and labels (IGNORE where no loss)."""
+        """The training text, its unexpanded token ids, and labels (IGNORE where no loss), without
+        the branches of earlier steps (`rendered` has them)."""
+        r = self.rendered(conv)
+        return r.text, r.ids, r.labels
+
+    def rendered(self, conv: Conversation) -> Rendered:
+        """The conversation as the last step is served (text, ids, labels), plus a branch for each
+        earlier step whose served prompt is not a prefix of it (module doc)."""
         tok = self.tok
         if conv.kind == "text":
             text = tok.bos_token + conv.messages[0].text() + tok.eos_token
             ids = self.encode(text)
-            return text, ids, [IGNORE] + ids[1:]
+            return Rendered(text, ids, [IGNORE] + ids[1:], [])
 
         thinking = self.thinking_for(conv)
         msgs = self.messages(conv, thinking)
@@ -191,35 +224,72 @@ class ChatText:
                             conv.origin)
         if not any(m["role"] == "user" for m in msgs[:last]):
             raise BadRecord("no_user_turn", "nothing from the user before the answer", conv.origin)
-        prompt = self.render(msgs[:last], True, conv.tools, thinking, conv.origin)
-        written = self._written(conv, msgs, thinking)
-        text = prompt + written + ("\n" if written.endswith(self.chat.turn_end) else "")
-        ids = self.encode(text)
-        prompt_ids = self.encode(prompt)
-        if ids[: len(prompt_ids)] != prompt_ids:
-            raise BadRecord("render_failed", "the generation prompt is not a token prefix of the "
-                            "rendered sample (the answer merges with the prompt's last token)",
-                            conv.origin)
-        labels = [IGNORE] * len(ids)
+        prompt, written, ids, labels = self._step(conv, msgs, last, thinking)
+        text = prompt + written
+        if written.endswith(self.chat.turn_end):  # the template's newline after the turn, unlabelled
+            text += "\n"
+            step, ids = ids, self.encode(text)
+            if ids[: len(step)] != step:
+                raise BadRecord("render_failed", "the end of the turn merges with the newline after it",
+                                conv.origin)
+            labels = labels + [IGNORE] * (len(ids) - len(step))
         if self.train_on == "all":
             labels = [i if i not in self.media_ids else IGNORE for i in ids]
             labels[0] = IGNORE
-            return text, ids, labels
-
-        spans = [(len(prompt_ids), len(ids))]
+            return Rendered(text, ids, labels, [])
+        branches = []
         if self.train_on == "assistant":
-            spans += self._history_spans(conv, msgs, ids, thinking)
-        for start, end in spans:
-            # Label an answer through its stop token, not the newline after it: generation
-            # stops there, so that is the last thing the model must emit.
-            stop = max((k for k in range(start, end) if ids[k] in self.stop_ids), default=end - 1)
-            for k in range(start, stop + 1):
-                labels[k] = ids[k]
-        return text, ids, labels
+            for i in range(last):
+                if self._is_step(msgs, i):
+                    branches += self._branch(conv, msgs, i, thinking, ids, labels)
+        # Deepest branch point first: the order in which positions alone define the tree.
+        branches.sort(key=lambda b: -b.at)
+        return Rendered(text, ids, labels, branches)
 
-    def _written(self, conv: Conversation, msgs: list[dict], thinking: bool) -> str:
-        """The last answer as the model writes it: [thought channel] text [calls + call stop | turn end]."""
-        chat, m = self.chat, conv.messages[-1]
+    @staticmethod
+    def _is_step(msgs: list[dict], i: int) -> bool:
+        """Only answers are steps: an assistant turn before any user turn, or an empty one, is context."""
+        m = msgs[i]
+        return m["role"] == "assistant" and any(x["role"] == "user" for x in msgs[:i]) \
+            and bool(m.get("tool_calls") or _text(m).strip())
+
+    def _step(self, conv, msgs, i, thinking) -> tuple[str, str, list[int], list[int]]:
+        """Step `i` as served: (served prompt, what the model writes, ids, labels on the written part)."""
+        prompt = self.render(msgs[:i], True, conv.tools, thinking, conv.origin)
+        written = self._written(conv, msgs, i, thinking)
+        ids, prompt_ids = self.encode(prompt + written), self.encode(prompt)
+        n = len(prompt_ids)
+        if ids[:n] != prompt_ids:
+            raise BadRecord("render_failed", "the generation prompt is not a token prefix of the "
+                            "rendered step (the answer merges with the prompt's last token)", conv.origin)
+        if ids[-1] not in self.stop_ids:
+            raise BadRecord("render_failed", "the step does not end in its stop token once tokenized",
+                            conv.origin)
+        return prompt, written, ids, [IGNORE] * n + ids[n:]
+
+    def _branch(self, conv, msgs, i, thinking, ids, labels) -> list[Branch]:
+        """Step `i` against the main row: labelled there when it is a token prefix of it, else a
+        branch from its served prompt's last shared token, which the branch repeats (so the loss
+        of its first written token is computed from that token's logits, as in its own sequence)."""
+        _, _, step, step_labels = self._step(conv, msgs, i, thinking)
+        n = next((k for k, (a, b) in enumerate(zip(step, ids)) if a != b), min(len(step), len(ids)))
+        if n == len(step):  # served as the conversation has it: label it there
+            labels[:n] = [b if b != IGNORE else a for a, b in zip(labels[:n], step_labels)]
+            return []
+        # A step lies wholly in the main row or wholly in its branch (even where the main row
+        # shares the start of what it writes): each step reads as one run of labels.
+        n = min(n, next(k for k, x in enumerate(step_labels) if x != IGNORE))
+        if n == 0:
+            raise BadRecord("render_failed", f"step {i} shares no token with the conversation", conv.origin)
+        branch = Branch(n - 1, step[n - 1:], [IGNORE] + step_labels[n:])
+        if self.media_ids & set(branch.ids):
+            raise BadRecord("render_failed", f"the served prompt of step {i} differs from the "
+                            "conversation before a media part", conv.origin)
+        return [branch]
+
+    def _written(self, conv: Conversation, msgs: list[dict], i: int, thinking: bool) -> str:
+        """Answer `i` as the model writes it: [thought channel] text [calls + call stop | turn end]."""
+        chat, m = self.chat, conv.messages[i]
         trace, answer = split_thought(m.text(), chat)
         trace = (m.thinking or trace) if thinking else None
         head = chat.channel_open + chat.thought + trace + chat.channel_close if trace else ""
@@ -229,7 +299,7 @@ class ChatText:
             return head + answer + chat.turn_end
         if not chat.call_stop:
             raise BadRecord("render_failed", "this model family has no tool-call format", conv.origin)
-        return head + answer + self._calls_text(conv, msgs) + chat.call_stop
+        return head + answer + self._calls_text(conv, msgs[: i + 1]) + chat.call_stop
 
     def _calls_text(self, conv: Conversation, msgs: list[dict]) -> str:
         """The last turn's calls as the template writes them (its argument syntax is its own)."""
@@ -242,35 +312,6 @@ class ChatText:
         if i < 0 or j < i:
             raise BadRecord("render_failed", "the chat template does not render the tool calls", conv.origin)
         return new[i: j + len(self.chat.call_close)]
-
-    def _history_spans(self, conv: Conversation, msgs: list[dict], ids: list[int],
-                       thinking: bool) -> list[tuple[int, int]]:
-        """Spans of earlier answers and calls, as they appear in the served history."""
-        spans = []
-        call_stop = self.tok.convert_tokens_to_ids(self.chat.call_stop) if self.chat.call_stop else None
-        for i in range(len(msgs) - 1):
-            m = msgs[i]
-            # Only answers: an assistant turn before any user turn, or an empty one, is context.
-            if m["role"] != "assistant" or not any(x["role"] == "user" for x in msgs[:i]) \
-                    or not (m.get("tool_calls") or _text(m).strip()):
-                continue
-            before_text = self.render(msgs[:i], False, conv.tools, thinking, conv.origin)
-            before = self.encode(before_text)
-            header = self.encode(before_text + self.chat.model_turn)
-            through = self.encode(self.render(msgs[: i + 1], False, conv.tools, thinking, conv.origin))
-            if ids[: len(before)] != before or through[: len(before)] != before:
-                raise BadRecord("render_failed", f"turn {i} does not render as a prefix", conv.origin)
-            start = len(header) if through[: len(header)] == header else len(before)
-            n = next((k for k, (a, b) in enumerate(zip(through, ids)) if a != b), min(len(through), len(ids)))
-            if n == len(through):
-                end = n
-            elif n > start and ids[n] == call_stop:  # the responses follow where the turn ended
-                end = n + 1
-            else:
-                raise BadRecord("render_failed", f"turn {i} renders differently once later turns follow",
-                                conv.origin)
-            spans.append((start, end))
-        return spans
 
 
 def _text(m: dict) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from data_tools.render import IGNORE, RESCALE
+from data_tools.steps import positions, tree_mask
 
 
 def _media(samples: list[dict]) -> dict:
@@ -58,10 +59,17 @@ def useful_length(sample: dict) -> int:
     return int(keep[-1]) + 1 if len(keep) else len(labels)
 
 
-def collate(samples: list[dict], pad_id: int, trim_tail: bool = False) -> dict:
+def collate(samples: list[dict], pad_id: int, trim_tail: bool = False, *, sliding_window: int | None = None,
+            layer_types: list[str] | None = None) -> dict:
     """Pad to the longest row; a 2-D attention mask lets the model build its own masks.
 
-    `trim_tail`: drop each sample's tokens after `useful_length` (the loss is unchanged)."""
+    `trim_tail`: drop each sample's tokens after `useful_length` (the loss is unchanged).
+    Branched samples (`data_tools.steps`) need 4-D masks, hence the model's `layer_types` and
+    `sliding_window`: they go one per row through `collate_packed`."""
+    if any("position_ids" in s for s in samples):
+        if layer_types is None:
+            raise ValueError("branched samples need the model's layer_types and sliding_window to collate")
+        return collate_packed([[s] for s in samples], pad_id, sliding_window, layer_types, trim_tail)
     keep = [useful_length(s) if trim_tail else len(s["input_ids"]) for s in samples]
     n = max(keep)
     b = len(samples)
@@ -121,20 +129,22 @@ def pack_rows(lengths: list[int], order: list[int], max_len: int) -> list[list[i
 # ---------------------------------------------------------------- packing
 
 
-def packed_mask(segments: torch.Tensor, types: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+def packed_mask(segments: torch.Tensor, types: torch.Tensor, sliding_window: int | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
     """4-D boolean mask (b, 1, q, k), True = attend, for rows holding several samples.
 
-    Attention never crosses samples; inside a sample it is causal, limited to the sliding
-    window on sliding layers, and bidirectional inside each image block (what
-    `mm_token_type_ids` switches on in the unpacked path).
+    Attention never crosses samples; inside a sample it is causal (along its tree when the
+    sample is branched: `data_tools.steps`), limited to the sliding window of positions on
+    sliding layers, and bidirectional inside each image block (what `mm_token_type_ids` switches
+    on in the unpacked path).
     """
     b, n = segments.shape
-    q = torch.arange(n).view(1, n, 1)
-    k = torch.arange(n).view(1, 1, n)
+    if positions is None:
+        positions = torch.arange(n).expand(b, n)
     same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)
-    causal = k <= q
+    causal = tree_mask(positions)
     if sliding_window is not None:
-        causal = causal & (q - k < sliding_window)
+        causal = causal & (positions[:, :, None] - positions[:, None, :] < sliding_window)
     vision = (types == 1) | (types == 2)
     starts = vision & ~torch.nn.functional.pad(vision, (1, 0))[:, :-1]
     block = torch.where(vision, torch.cumsum(starts.long(), dim=1), torch.zeros_like(types))
@@ -164,14 +174,14 @@ def collate_packed(rows: list[list[dict]], pad_id: int, sliding_window: int | No
             ids[r, at:at + k] = torch.as_tensor(s["input_ids"][:k])
             labels[r, at:at + k] = torch.as_tensor(s["labels"][:k])
             types[r, at:at + k] = torch.as_tensor(s["mm_token_type_ids"][:k])
-            pos[r, at:at + k] = torch.arange(k)
+            pos[r, at:at + k] = torch.as_tensor(positions(s)[:k])
             seg[r, at:at + k] = j
             at += k
     masks = {}
     if "full_attention" in layer_types:
-        masks["full_attention"] = packed_mask(seg, types, None)
+        masks["full_attention"] = packed_mask(seg, types, None, pos)
     if "sliding_attention" in layer_types:
-        masks["sliding_attention"] = packed_mask(seg, types, sliding_window)
+        masks["sliding_attention"] = packed_mask(seg, types, sliding_window, pos)
     flat = [s for row in rows for s in row]
     return {"input_ids": ids, "labels": labels, "mm_token_type_ids": types, "position_ids": pos,
             "attention_mask": masks, **_media(flat)}

@@ -7,9 +7,11 @@ so the page is one file that opens anywhere), the token sequence with text, imag
 spans and the label tokens highlighted (a media span is one chip, "[image ×64]"), the labelled
 spans decoded one by one, and what overflow did, or why the record was rejected.
 
-`write_jsonl` writes the same samples one line each: `{"id", "text", "labels"}`, `text` the
-decoded sequence with each media block shortened to its one placeholder (`<|image|>`: what the
-chat template wrote), `labels` the decoded labelled spans in order.
+`write_jsonl` writes the same samples one line each: `{"id", "text", "labels", "steps"}`, `text`
+the decoded sequence (the conversation as its last step is served) with each media block
+shortened to its one placeholder (`<|image|>`: what the chat template wrote), `labels` what each
+step writes, in order, and `steps` each step's served prompt and completion
+(`data_tools.steps`: earlier steps served apart are branches of the sample).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from data_tools.media import SAMPLE_RATE
 from data_tools.pipeline import prepare
 from data_tools.render import IGNORE, ChatFormat
 from data_tools.render_pool import RecordWorker, one_thread, records
+from data_tools.steps import main_length, step_ids
 
 KINDS = {1: "image", 2: "video", 3: "audio"}
 COLOURS = {"text": "#4c78a8", "image": "#f58518", "audio": "#54a24b", "mixed": "#b279a2", "video": "#e45756"}
@@ -57,7 +60,7 @@ def write_preview(recipe, processor, out: str, *, recipe_path: str, processor_di
 
 
 def write_jsonl(items: list[dict], processor, out: str) -> Path:
-    """One line per rendered sample of `items`: `{"id", "text", "labels"}` (module doc)."""
+    """One line per rendered sample of `items`: `{"id", "text", "labels", "steps"}` (module doc)."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -69,17 +72,27 @@ def write_jsonl(items: list[dict], processor, out: str) -> Path:
 
 
 def sample_view(sample: dict, processor) -> dict:
-    """{"text": the decoded sequence, each media block as its one placeholder, "labels": the
-    decoded labelled spans in order}."""
+    """{"text": the conversation as its last step is served, decoded, each media block as its one
+    placeholder; "labels": what each step writes, in order; "steps": [{"prompt", "completion"}],
+    each step's served prompt (decoded the same way) and its labelled text}."""
     tok = processor.tokenizer
-    ids, labels = sample["input_ids"], sample["labels"]
+    steps = [{"prompt": shown(prompt, processor), "completion": tok.decode(done, skip_special_tokens=False)}
+             for prompt, done in step_ids(sample)]
+    return {"text": shown(sample["input_ids"][: main_length(sample)], processor),
+            "labels": [s["completion"] for s in steps], "steps": steps}
+
+
+def shown(ids: list[int], processor) -> str:
+    """`ids` decoded with special tokens, each media block (boundary, N placeholders, boundary)
+    shortened to its one placeholder, as the chat template wrote it."""
+    tok = processor.tokenizer
     ends = {tok.convert_tokens_to_ids(processor.boi_token): (tok.convert_tokens_to_ids(processor.eoi_token),
                                                              processor.image_token),
             tok.convert_tokens_to_ids(processor.boa_token): (tok.convert_tokens_to_ids(processor.eoa_token),
                                                              processor.audio_token)}
     pieces, run, i = [], [], 0
     while i < len(ids):
-        if ids[i] in ends:  # a media block: boundary, N placeholders, boundary → one placeholder
+        if ids[i] in ends:
             close, placeholder = ends[ids[i]]
             j = ids.index(close, i) if close in ids[i:] else len(ids) - 1
             pieces += [tok.decode(run, skip_special_tokens=False), placeholder]
@@ -88,21 +101,7 @@ def sample_view(sample: dict, processor) -> dict:
         run.append(ids[i])
         i += 1
     pieces.append(tok.decode(run, skip_special_tokens=False))
-    return {"text": "".join(pieces), "labels": labelled_spans(ids, labels, tok)}
-
-
-def labelled_spans(ids: list[int], labels: list[int], tok) -> list[str]:
-    """Each contiguous run of labelled tokens, decoded (special tokens kept)."""
-    spans, cur = [], []
-    for t, lab in zip(ids, labels):
-        if lab != IGNORE:
-            cur.append(t)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    if cur:
-        spans.append(cur)
-    return [tok.decode(s, skip_special_tokens=False) for s in spans]
+    return "".join(pieces)
 
 
 def preview_items(recipe, processor, chat: ChatFormat, n: int) -> list[dict]:
@@ -223,7 +222,7 @@ def _tokens_html(sample: dict, tokenizer) -> str:
 
 
 def _spans_html(sample: dict, tokenizer) -> str:
-    spans = labelled_spans(sample["input_ids"], sample["labels"], tokenizer)
+    spans = [tokenizer.decode(done, skip_special_tokens=False) for _, done in step_ids(sample)]
     rows = "".join(f"<li><code>{html.escape(s).replace(chr(10), '↵')}</code></li>" for s in spans)
     return f'<details class="spans"><summary>{len(spans)} labelled span(s)</summary><ol>{rows}</ol></details>'
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_tools.chat_text import IGNORE, ChatFormat, ChatText
+from data_tools.chat_text import IGNORE, ChatFormat, ChatText, Rendered
 from data_tools.conversation import BadRecord, Conversation
+from data_tools.steps import attach
 
 __all__ = ["IGNORE", "ChatFormat", "RenderSettings", "Renderer"]
 
@@ -103,6 +104,10 @@ class Renderer:
         """The training text, its unexpanded token ids, and labels (IGNORE where no loss)."""
         return self.chat_text.text_and_labels(conv)
 
+    def rendered(self, conv: Conversation) -> Rendered:
+        """`text_and_labels` plus the branches of earlier served steps (`data_tools.steps`)."""
+        return self.chat_text.rendered(conv)
+
     # ------------------------------------------------------------------ processor
 
     def _process(self, texts: list[str], images: list[list], audios: list[list], budget: int) -> list[dict]:
@@ -145,8 +150,9 @@ class Renderer:
         return rows
 
     def _expand_labels(self, ids: list[int], labels: list[int], expanded: np.ndarray,
-                       origin: str) -> list[int]:
-        out = []
+                       origin: str) -> tuple[list[int], list[int]]:
+        """Labels carried onto the expanded ids, and where each unexpanded token went."""
+        out, where = [], []
         u = 0
         e = 0
         n = len(expanded)
@@ -156,6 +162,7 @@ class Renderer:
         while e < n:
             tok = expanded[e]
             if tok in opens and u < len(ids) and ids[u] in placeholders:
+                where.append(e)
                 try:
                     end = expanded.index(opens[tok], e) + 1
                 except ValueError:  # an unclosed span: the walk below then reports it
@@ -168,15 +175,16 @@ class Renderer:
                 raise BadRecord("render_failed", "the processor changed text tokens while "
                                 "expanding media", origin)
             out.append(labels[u])
+            where.append(e)
             u += 1
             e += 1
         if u != len(ids):
             raise BadRecord("render_failed", "media expansion lost tokens", origin)
-        return out
+        return out, where
 
     def render(self, conv: Conversation, images: list, audios: list) -> dict:
         """One sample: ids, labels, mm types, media arrays, and what overflow did."""
-        return self._render(conv, images, audios, self.text_and_labels(conv), None)
+        return self._render(conv, images, audios, self.rendered(conv), None)
 
     def render_many(self, items: list[tuple[Conversation, list, list]]) -> list[dict | BadRecord]:
         """`render` for several (conv, images, audios) at once; a BadRecord in place of a sample.
@@ -188,7 +196,7 @@ class Renderer:
         pre, groups = {}, {}
         for k, (conv, images, audios) in enumerate(items):
             try:
-                pre[k] = self.text_and_labels(conv)
+                pre[k] = self.rendered(conv)
             except BadRecord as e:
                 out[k] = e
                 continue
@@ -198,7 +206,7 @@ class Renderer:
             first = {}
             if (has_img or has_aud) and len(ks) > 1:
                 try:
-                    rows = self._process([pre[k][0] for k in ks], [items[k][1] for k in ks],
+                    rows = self._process([pre[k].text for k in ks], [items[k][1] for k in ks],
                                          [items[k][2] for k in ks], budget)
                 except BadRecord:  # one sample spoils the call: render each alone to find which
                     self.fallbacks += 1
@@ -261,29 +269,29 @@ class Renderer:
             # Only the tail goes, so every media span stays whole: the eoi/eoa closing the
             # last span sits right after its last placeholder and must fit too.
             if last_media + 2 <= limit and any(x != IGNORE for x in sample["labels"][:limit]):
-                for key in ("input_ids", "labels", "mm_token_type_ids"):
-                    sample[key] = sample[key][:limit]
+                for key in ("input_ids", "labels", "mm_token_type_ids", "position_ids"):
+                    if key in sample:
+                        sample[key] = sample[key][:limit]
                 return sample, "truncate_text"
         raise BadRecord("over_budget", f"{n} tokens > data.max_seq_len {limit} "
                         f"(overflow: {self.s.overflow})", conv.origin)
 
-    def _one(self, conv, pre, images, audios, budget) -> dict:
-        text, ids, labels = pre
+    def _one(self, conv, pre: Rendered, images, audios, budget) -> dict:
         if not images and not audios:
             # Nothing to expand: the processor would only tokenize `text` again into `ids`.
-            return {"input_ids": list(ids), "labels": list(labels), "mm_token_type_ids": [0] * len(ids)}
+            sample = {"input_ids": list(pre.ids), "labels": list(pre.labels),
+                      "mm_token_type_ids": [0] * len(pre.ids)}
+            return attach(sample, pre.branches, range(len(pre.ids)))
         try:
-            (row,) = self._process([text], [images], [audios], budget)
+            (row,) = self._process([pre.text], [images], [audios], budget)
         except BadRecord as e:
             raise BadRecord(e.reason, e.detail, conv.origin) from None
         return self._sample(conv, pre, row)
 
-    def _sample(self, conv, pre, row: dict) -> dict:
-        _, ids, labels = pre
-        sample = {"input_ids": row["ids"].tolist(),
-                  "labels": self._expand_labels(ids, labels, row["ids"], conv.origin),
-                  "mm_token_type_ids": row["types"]}
+    def _sample(self, conv, pre: Rendered, row: dict) -> dict:
+        labels, where = self._expand_labels(pre.ids, pre.labels, row["ids"], conv.origin)
+        sample = {"input_ids": row["ids"].tolist(), "labels": labels, "mm_token_type_ids": row["types"]}
         for key in ("pixel_values", "image_position_ids", "input_features"):
             if key in row:
                 sample[key] = row[key]
-        return sample
+        return attach(sample, pre.branches, where)

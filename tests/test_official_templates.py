@@ -132,7 +132,8 @@ CASES = {
                       {"role": "assistant", "content": "<|channel>thought\nAdd.<channel|>4"},
                       {"role": "user", "content": "3+3?"},
                       {"role": "assistant", "content": "<|channel>thought\nAdd again.<channel|>6"}]},
-        {}, THOUGHT + "Add again.<channel|>6<turn|>", ["4<turn|>", THOUGHT + "Add again.<channel|>6<turn|>"],
+        {}, THOUGHT + "Add again.<channel|>6<turn|>",
+        [THOUGHT + "Add.<channel|>4<turn|>", THOUGHT + "Add again.<channel|>6<turn|>"],
         [THOUGHT + "Add again.<channel|>6<turn|>"]),
     "thinking-off": (
         {"messages": [{"role": "user", "content": "2+2?"},
@@ -152,10 +153,7 @@ CASES = {
         {"tools": [WEATHER], "messages": [USER, {**ONE_CALL, "reasoning_content": "Look it up."}, SUNNY,
                                           {"role": "assistant", "reasoning_content": "Got it.", "content": "Sunny."}]},
         {}, THOUGHT + "Got it.<channel|>Sunny.<turn|>",
-        {MAIN: [THOUGHT + "Look it up.\n<channel|>" + call_text("Paris") + STOP,
-                THOUGHT + "Got it.<channel|>Sunny.<turn|>"],
-         INTERLEAVED: [THOUGHT + "Look it up.<channel|>" + call_text("Paris") + STOP,
-                       THOUGHT + "Got it.<channel|>Sunny.<turn|>"]},
+        [THOUGHT + "Look it up.<channel|>" + call_text("Paris") + STOP, THOUGHT + "Got it.<channel|>Sunny.<turn|>"],
         [THOUGHT + "Got it.<channel|>Sunny.<turn|>"]),
 }
 
@@ -176,12 +174,13 @@ def render(processor, make_recipe, record, base_dir=".", **data):
     return worker.renderer.render(conv, images, audios), conv
 
 
-def served_prompt(processor, name, record, thinking) -> str:
-    """The template applied as a server applies it: the messages before the last answer (text-only
-    content as strings, arguments decoded), the record's tools, the generation prompt. The older
-    (interleaved) template gets tool messages folded into the calling turn, as llama.cpp does."""
+def served_prompt(processor, name, record, thinking, upto: int = -1) -> str:
+    """The template applied as a server applies it: the messages before the answer at `upto` (the
+    last by default; text-only content as strings, arguments decoded), the record's tools, the
+    generation prompt. The older (interleaved) template gets tool messages folded into the calling
+    turn, as llama.cpp does."""
     msgs = []
-    for m in record["messages"][:-1]:
+    for m in record["messages"][:upto]:
         m = dict(m)
         if isinstance(m.get("content"), list) and all(p["type"] == "text" for p in m["content"]):
             m["content"] = "".join(p["text"] for p in m["content"])
@@ -226,6 +225,11 @@ def test_sample_is_the_template_render_and_labels_the_written_parts(official, ma
     else:
         want = spans if train_on == "assistant" else last_spans
         assert view["labels"] == (want[name] if isinstance(want, dict) else want)
+        # Every step after exactly the prompt a server renders before it.
+        steps = [k for k, m in enumerate(record["messages"]) if m["role"] == "assistant"]
+        steps = steps if train_on == "assistant" else steps[-1:]
+        assert [s["prompt"] for s in view["steps"]] == [served_prompt(processor, name, record, thinking, k)
+                                                         for k in steps]
     assert "[{'type'" not in view["text"] and SCAFFOLD + "<|channel>" not in view["text"]
 
 

@@ -70,10 +70,11 @@ def test_jsonl_has_each_sample_as_text_and_labelled_spans(page, processor, make_
             by_id[rec.get("id")] = rec
     kinds = set()
     for row in rows:
-        assert set(row) == {"id", "text", "labels"}
+        assert set(row) == {"id", "text", "labels", "steps"}
         conv = parse_record(by_id[row["id"]], "messages", "x", ".")
         assert row["text"] == r.text_and_labels(conv)[0]
         assert row["labels"] == [conv.messages[-1].text() + "<turn|>"]
+        assert row["steps"] == [{"prompt": r.prompt_text(conv), "completion": row["labels"][0]}]
         assert "<|image>" not in row["text"] and "<|audio>" not in row["text"]
         kinds |= {k for k in ("<|image|>", "<|audio|>") if k in row["text"]}
     assert kinds == {"<|image|>", "<|audio|>"}

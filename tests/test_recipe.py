@@ -263,3 +263,14 @@ def test_validate_exit_codes(recipe_file, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: lora.r: 0 is below the minimum 1. Use a value >= 1.",
                    "error: train.lr: -1.0 is below the minimum 0.0. Use a value >= 0.0."]
+
+
+@pytest.mark.parametrize("written, read", [("off", "off"), ("on", "on"), ("false", "off"), ("true", "on"),
+                                           ("no", "off"), ("yes", "on"), ("auto", "auto")])
+def test_data_thinking_accepts_yaml_booleans(tmp_path, written, read):
+    """YAML 1.1 reads `thinking: off` as false: a boolean means on/off; other values still fail."""
+    path = write(tmp_path, f"model: {{base: b}}\ndatasets: [{{path: d.jsonl}}]\ndata: {{thinking: {written}}}\n")
+    assert load_recipe(path).data.thinking == read
+    assert load_recipe(path, [f"data.thinking={written}"]).data.thinking == read
+    assert errors_of(minimal(data={"thinking": 1})) == ["data.thinking: 1 is not one of 'auto' | 'on' | 'off'. "
+                                                        "Use one of 'auto' | 'on' | 'off'."]

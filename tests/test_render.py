@@ -17,6 +17,7 @@ from data_tools.collate import collate
 from data_tools.conversation import BadRecord
 from data_tools.render import IGNORE, Renderer, RenderSettings
 from data_tools.render_pool import RecordWorker
+from data_tools.steps import main_length, step_ids
 from finetune.model.families import GEMMA4_UNIFIED
 
 CHAT = GEMMA4_UNIFIED.chat
@@ -43,18 +44,9 @@ def render(processor, make_recipe, record, fmt="messages", base_dir=".", **data)
 
 
 def labelled(processor, sample) -> list[str]:
-    """Each contiguous run of labelled tokens, decoded."""
-    runs, cur = [], []
-    for tok, lab in zip(sample["input_ids"], sample["labels"]):
-        if lab != IGNORE:
-            assert lab == tok  # a label is the token itself; the loss shifts
-            cur.append(tok)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return [processor.tokenizer.decode(r) for r in runs]
+    """What each step writes, decoded, in conversation order (`data_tools.steps`)."""
+    assert all(lab in (IGNORE, tok) for tok, lab in zip(sample["input_ids"], sample["labels"]))  # the loss shifts
+    return [processor.tokenizer.decode(done) for _, done in step_ids(sample)]
 
 
 def media_ids(r: Renderer) -> set[int]:
@@ -137,10 +129,12 @@ def test_multi_turn_train_on(processor, make_recipe, train_on, runs):
     s, conv, images, audios, r = render(processor, make_recipe, MULTI, train_on=train_on)
     assert labelled(processor, s) == runs
     check_prompt_prefix(processor, r, s, conv, images, audios)
-    # History answers are labelled as the template renders them in the history (no thinking
-    # scaffold), the last one as the continuation of the generation prompt.
-    text = processor.tokenizer.decode(s["input_ids"])
+    # The history renders the earlier answer without the thinking scaffold; it is trained as
+    # served (a branch after the scaffold), the last one as the continuation of the served prompt.
+    text = processor.tokenizer.decode(s["input_ids"][: main_length(s)])
     assert "<|turn>model\nHalden<turn|>" in text and text.endswith(GEN_PROMPT_END + "Mirovo<turn|>\n")
+    for prompt, _ in step_ids(s):
+        assert processor.tokenizer.decode(prompt).endswith(GEN_PROMPT_END)
 
 
 @pytest.mark.parametrize("history", [
@@ -309,8 +303,9 @@ def test_fast_paths_agree_with_the_processor(processor, make_recipe):
     # Text-only samples skip the processor: same ids, all text.
     s, conv, *_ = render(processor, make_recipe, MULTI)
     ref = processor(text=r.text_and_labels(conv)[0], add_special_tokens=False)
-    assert s["input_ids"] == list(ref["input_ids"][0])
-    assert s["mm_token_type_ids"] == list(ref["mm_token_type_ids"][0])
+    n = main_length(s)
+    assert s["input_ids"][:n] == list(ref["input_ids"][0])
+    assert s["mm_token_type_ids"][:n] == list(ref["mm_token_type_ids"][0])
 
 
 def test_model_facts_come_from_the_processor_and_the_chat_format(processor):
@@ -384,14 +379,15 @@ def test_thinking_off_drops_traces_and_on_serves_without_scaffold(processor, mak
     assert processor.tokenizer.decode(auto["input_ids"]).endswith(GEN_PROMPT_END + "4<turn|>\n")
 
 
-def test_history_thoughts_are_stripped_as_the_template_does(processor, make_recipe):
+def test_history_drops_thoughts_but_each_step_is_trained_with_its_own(processor, make_recipe):
+    """The template strips the earlier thought from the history; served, the model writes it there."""
     record = {"messages": [{"role": "user", "content": "2+2?"},
                            {"role": "assistant", "content": "<|channel>thought\nadd<channel|>4"},
                            {"role": "user", "content": "3+3?"},
                            {"role": "assistant", "reasoning_content": "add again", "content": "6"}]}
     s, *_ = render(processor, make_recipe, record)
-    assert labelled(processor, s) == ["4<turn|>", THOUGHT + "add again<channel|>6<turn|>"]
-    text = processor.tokenizer.decode(s["input_ids"])
+    assert labelled(processor, s) == [THOUGHT + "add<channel|>4<turn|>", THOUGHT + "add again<channel|>6<turn|>"]
+    text = processor.tokenizer.decode(s["input_ids"][: main_length(s)])
     assert "<|turn>model\n4<turn|>" in text and text.count(THOUGHT) == 1
 
 
@@ -432,7 +428,7 @@ def test_parallel_tool_calls_label_the_calls_and_the_answer(processor, make_reci
     s, conv, images, audios, r = render(processor, make_recipe, TOOL_FLOW, train_on=train_on)
     assert labelled(processor, s) == runs
     # Declarations in the system turn and the responses are context; calls end where the tools take over.
-    assert processor.tokenizer.decode(s["input_ids"]) == (
+    assert processor.tokenizer.decode(s["input_ids"][: main_length(s)]) == (
         "<bos><|turn>system\n" + DECLARED + "<turn|>\n<|turn>user\nWeather in Paris and Rome?<turn|>\n"
         "<|turn>model\n" + call_text("Paris") + call_text("Rome") + response_text("sunny") + response_text("rain")
         + "Sunny in Paris, rain in Rome.<turn|>\n")
@@ -455,7 +451,8 @@ def test_reasoning_before_a_call_is_kept_in_the_call_turn(processor, make_recipe
         {"role": "assistant", "reasoning_content": "Two cities.", "tool_calls": TOOL_FLOW["messages"][1]["tool_calls"]},
         *TOOL_FLOW["messages"][2:]]}
     s, *_ = render(processor, make_recipe, flow)
-    assert labelled(processor, s) == [THOUGHT + "Two cities.\n<channel|>" + call_text("Paris") + call_text("Rome")
+    # As the model writes it (the history renders a newline before `<channel|>`).
+    assert labelled(processor, s) == [THOUGHT + "Two cities.<channel|>" + call_text("Paris") + call_text("Rome")
                                       + "<|tool_response>", "Sunny in Paris, rain in Rome.<turn|>"]
     assert processor.tokenizer.decode(s["input_ids"]).startswith("<bos><|turn>system\n<|think|>\n")
 

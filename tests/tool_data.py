@@ -1,5 +1,6 @@
 """A small tool-use dataset for the tiny base: two functions (weather, time of a city), eight
-cities, six phrasings per function, and two greetings answered without a tool.
+cities, six phrasings per function, three phrasings asking for both (two parallel calls), and
+two greetings answered without a tool.
 
 Each (function, city) pair holds out one phrasing (a different one per city), so a held-out
 prompt is a city and a phrasing each seen in training, never together. A training pair comes
@@ -20,6 +21,8 @@ ASK = {
     "get_time": ["What time is it in {c}?", "Tell me the time in {c}.", "What is the time in {c} now?",
                  "Time in {c}?", "What time is it now in {c}?", "Is it late in {c} now?"],
 }
+BOTH = ["What are the weather and the time in {c}?", "Weather and time in {c}?",
+        "Tell me the weather and the time in {c}."]
 GREETINGS = [("Hello!", "Hello! Ask me about the weather or the time."), ("Thanks, bye.", "Bye!")]
 TOOLS = [{"type": "function", "function": {
     "name": name, "description": desc,
@@ -39,6 +42,18 @@ def flow(tool: str, city: str, question: str, k: int) -> dict:
         {"role": "assistant", "content": answer}]}
 
 
+def parallel_flow(city: str, question: str, k: int) -> dict:
+    """user → two calls at once → both responses → one answer with both results."""
+    sky, time = SKY[k % len(SKY)], f"{(k * 5) % 24}:00"
+    calls = [{"id": f"call_{j}", "type": "function", "function": {"name": name, "arguments": json.dumps({"city": city})}}
+             for j, name in enumerate(("get_weather", "get_time"))]
+    return {"tools": TOOLS, "messages": [
+        {"role": "user", "content": question}, {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_0", "content": sky},
+        {"role": "tool", "tool_call_id": "call_1", "content": time},
+        {"role": "assistant", "content": f"It is {sky} at {time} in {city}."}]}
+
+
 def tool_use_data() -> tuple[list[dict], list[dict]]:
     """(train records, held-out flows): see the module doc."""
     train, held = [], []
@@ -52,6 +67,9 @@ def tool_use_data() -> tuple[list[dict], list[dict]]:
                     held.append(record)
                 else:
                     train += [{"tools": TOOLS, "messages": record["messages"][:2]}, record]
+    for c, city in enumerate(CITIES):
+        for q, question in enumerate(BOTH):
+            (held if q == c % len(BOTH) else train).append(parallel_flow(city, question.format(c=city), c + q))
     for question, answer in GREETINGS:
         train += [{"tools": TOOLS, "messages": [{"role": "user", "content": question},
                                                 {"role": "assistant", "content": answer}]}] * 4
@@ -59,6 +77,6 @@ def tool_use_data() -> tuple[list[dict], list[dict]]:
 
 
 def expected_call(record: dict) -> list[dict]:
-    """The held-out flow's call as `finetune.model.generate.read_calls` returns it."""
-    fn = record["messages"][1]["tool_calls"][0]["function"]
-    return [{"name": fn["name"], "arguments": json.loads(fn["arguments"])}]
+    """The held-out flow's calls as `finetune.model.generate.read_calls` returns them."""
+    return [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+            for c in record["messages"][1]["tool_calls"]]

@@ -38,6 +38,11 @@ def cmd_eval(args) -> int:
             from finetune.eval.preference import format_table
 
             print(format_table(result["preference"]))
+        if "agent" in result:
+            a = result["agent"]
+            print(f"agent loop on {a['base']['n']} tool-use item(s): call accuracy base {a['base']['call_accuracy']} "
+                  f"→ adapter {a['adapter']['call_accuracy']}; final answer exact base {a['base']['final_exact']} "
+                  f"→ adapter {a['adapter']['final_exact']}")
         if "drafter" in result:
             from finetune.drafter.alignment import format_pairings
 

@@ -70,7 +70,7 @@ def cmd_tiny_model(args) -> int:
     from finetune.demo.tiny_model import write_tiny_model
 
     out = write_tiny_model(args.dir, seed=args.seed, num_kv_shared_layers=args.kv_shared,
-                           num_layers=args.layers)
+                           num_layers=args.layers, tokenizer=args.tokenizer)
     print(f"tiny gemma4_unified base written to {out} (its MTP drafter: {out / 'drafter'})")
     return 0
 
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kv-shared", type=int, default=0, help="num_kv_shared_layers")
     sp.add_argument("--layers", type=int, default=4, choices=[2, 4, 6, 8],
                     help="decoder layers, alternating sliding/full")
+    sp.add_argument("--tokenizer", default=None, metavar="PATH",
+                    help="a real Gemma 4 tokenizer instead of the tiny one: a tokenizer folder or a llama.cpp "
+                         "vocab GGUF (models/ggml-vocab-gemma-4.gguf); the vocabulary becomes its size")
     sp.set_defaults(func=cmd_tiny_model)
 
     sp = sub.add_parser("demo", help="the bundled end-to-end demo (same as python train.py)")

@@ -148,6 +148,9 @@ class EvalSection:
     max_new_tokens: int = _f(32, lo=1)
     max_items: int | None = _f(None, lo=1)
     batch_size: int = _f(8, lo=1)
+    tool_responder: str | None = _f(None, "module:function(name, arguments) -> str answering tool calls in the "
+                                    "agent-loop evaluation of tool-use items (default: the item's recorded "
+                                    "responses)")
 
 
 @dataclass

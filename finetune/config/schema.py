@@ -82,6 +82,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[UserError]) -> Any:
         return None
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads `on`/`off` (and yes/no) as booleans
         if value in choices and type(value) is type(choices[choices.index(value)]):
             return value
         hint = ""

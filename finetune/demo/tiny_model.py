@@ -165,10 +165,11 @@ properties:{
 """
 
 
-def tiny_config_dict(*, num_kv_shared_layers: int = 0, num_layers: int = 4) -> dict:
-    """Keyword arguments for Gemma4UnifiedConfig; token ids match the shipped tokenizer."""
-    ids = special_ids()
-    vocab_size = len(load_tokenizer())
+def tiny_config_dict(*, num_kv_shared_layers: int = 0, num_layers: int = 4, tokenizer=None) -> dict:
+    """Keyword arguments for Gemma4UnifiedConfig; token ids match the tokenizer (default: the shipped one)."""
+    tokenizer = tokenizer or load_tokenizer()
+    ids = special_ids(tokenizer)
+    vocab_size = len(tokenizer)
     text = {
         "vocab_size": vocab_size,
         "hidden_size": 128,
@@ -205,9 +206,11 @@ def tiny_config_dict(*, num_kv_shared_layers: int = 0, num_layers: int = 4) -> d
     }
 
 
-def special_ids() -> dict[str, int]:
-    """Ids of the special tokens: they come first in the vocabulary, in SPECIAL order."""
-    return {k: i for i, k in enumerate(SPECIAL)}
+def special_ids(tokenizer=None) -> dict[str, int]:
+    """Ids of the special tokens: in the shipped tokenizer they come first, in SPECIAL order."""
+    if tokenizer is None:
+        return {k: i for i, k in enumerate(SPECIAL)}
+    return {k: tokenizer.convert_tokens_to_ids(t) for k, t in SPECIAL.items()}
 
 
 def _corpus() -> list[str]:
@@ -280,22 +283,23 @@ def build_processor(tokenizer=None, image_tokens: int = 70):
     )
 
     tokenizer = tokenizer or load_tokenizer()
+    template = tokenizer.chat_template or CHAT_TEMPLATE
     return Gemma4UnifiedProcessor(
         feature_extractor=Gemma4UnifiedAudioFeatureExtractor(),
         image_processor=Gemma4UnifiedImageProcessor(max_soft_tokens=image_tokens),
         video_processor=Gemma4UnifiedVideoProcessor(),
         tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
         image_seq_length=image_tokens,
     )
 
 
-def build_tiny_model(seed: int = 0, *, num_kv_shared_layers: int = 0, num_layers: int = 4):
+def build_tiny_model(seed: int = 0, *, num_kv_shared_layers: int = 0, num_layers: int = 4, tokenizer=None):
     import torch
     from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
     config = Gemma4UnifiedConfig(**tiny_config_dict(num_kv_shared_layers=num_kv_shared_layers,
-                                                     num_layers=num_layers))
+                                                     num_layers=num_layers, tokenizer=tokenizer))
     torch.manual_seed(seed)
     model = Gemma4UnifiedForConditionalGeneration(config)
     # With initializer_range 0.02 the tied embedding rows have norm ~0.2, so after the final
@@ -307,17 +311,25 @@ def build_tiny_model(seed: int = 0, *, num_kv_shared_layers: int = 0, num_layers
 
 
 def write_tiny_model(out: str | Path, seed: int = 0, *, num_kv_shared_layers: int = 0,
-                     num_layers: int = 4) -> Path:
+                     num_layers: int = 4, tokenizer: str | Path | None = None) -> Path:
     """Write a complete base folder (config, weights, tokenizer, processor, template) and its
-    tiny MTP drafter in `drafter/` (finetune.demo.tiny_drafter)."""
+    tiny MTP drafter in `drafter/` (finetune.demo.tiny_drafter). `tokenizer`: a real Gemma 4
+    tokenizer (folder or llama.cpp vocab GGUF, finetune.demo.tokenizer) instead of the tiny one;
+    the base then has its vocabulary and, when it carries one, its chat template."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_model(seed, num_kv_shared_layers=num_kv_shared_layers, num_layers=num_layers)
-    processor = build_processor()
+    tok = None
+    if tokenizer is not None:
+        from finetune.demo.tokenizer import load_gemma4_tokenizer
+
+        tok = load_gemma4_tokenizer(tokenizer, chat_template=CHAT_TEMPLATE)
+    model = build_tiny_model(seed, num_kv_shared_layers=num_kv_shared_layers, num_layers=num_layers,
+                             tokenizer=tok)
+    processor = build_processor(tok)
     assert len(processor.tokenizer) == model.config.text_config.vocab_size, "vocab mismatch"
     # Like the released instruction-tuned Gemma 4: generation stops at the end of a turn and at
     # the token that hands a turn of tool calls over to the tools, not only at <eos>.
-    ids = special_ids()
+    ids = special_ids(tok)
     model.generation_config.eos_token_id = [ids["eos"], ids["turn_end"], ids["response_start"]]
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -199,6 +199,7 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
     `result["drafter"]` is its acceptance (finetune.drafter.acceptance) on both models, measured on
     `drafter.eval_items` of the items with the models already loaded."""
     from finetune.drafter.acceptance import pairing_rows, pick_items, report
+    from finetune.eval.agent import agent_eval, is_agent_item
     from finetune.model.adapters import load_adapter, open_adapter
     from finetune.model.generate import generate_items
     from finetune.model.load import base_family, load_processor, load_recipe_base
@@ -217,21 +218,32 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
            "batch_size": recipe.eval.batch_size, "progress": progress, "thinking": recipe.data.thinking}
     drafters = _drafters(recipe, drafter, model.config)
     measured = (pick_items(items, recipe.drafter.eval_items), recipe)  # acceptance: a few items per modality
+    # Tool-use items run as an agent loop (finetune.eval.agent); the rest answer once.
+    agents = [it for it in items if is_agent_item(it.conv)]
+    plain = [it for it in items if not is_agent_item(it.conv)]
+    loop = {"responder_spec": recipe.eval.tool_responder, "max_new_tokens": recipe.eval.max_new_tokens,
+            "image_tokens": recipe.data.image_tokens, "thinking": recipe.data.thinking, "match": exact_match}
     rows = []
     if "shipped" in drafters:
         rows += pairing_rows(model, "base", {"shipped": drafters["shipped"]}, processor, family.chat, *measured)
-    base_out = generate_items(model, processor, family.chat, items, **gen)
+    base_out = generate_items(model, processor, family.chat, plain, **gen)
+    base_agent = agent_eval(model, processor, family.chat, agents, **loop) if agents else None
     model = load_adapter(model, str(adapter), allow_pickle=m.allow_pickle)
-    adapter_out = generate_items(model, processor, family.chat, items, **gen)
+    adapter_out = generate_items(model, processor, family.chat, plain, **gen)
     if drafters:
         rows += pairing_rows(model, "adapted", drafters, processor, family.chat, *measured)
-    result = score(items, base_out, adapter_out)
+    result = score(plain, base_out, adapter_out)
+    if agents:
+        adapter_agent = agent_eval(model, processor, family.chat, agents, **loop)
+        result["agent"] = {"base": base_agent[0], "adapter": adapter_agent[0],
+                           "items": [{"id": b["id"], "base": b, "adapter": a}
+                                     for b, a in zip(base_agent[1], adapter_agent[1])]}
     result["summary"].update(skipped=skipped, adapter=str(adapter), base=m.base)
     if drafters:
         result["drafter"] = report(rows, recipe, len(measured[0]))
     if any(s.format == "preference" for s in recipe.eval_datasets or recipe.datasets):
         result["preference"] = _preference(model, recipe, processor, family.chat, log)
-    return result, items
+    return result, plain + agents  # result["items"] pairs with the plain items, first
 
 
 def _preference(model, recipe, processor, chat, log) -> dict:

@@ -99,6 +99,16 @@ def _drafter_table(d: dict) -> str:
             f"<th>output = plain greedy</th><th>drafter</th></tr>{rows}</table>")
 
 
+def _agent_table(a: dict) -> str:
+    """The agent loop on tool-use items (result["agent"], finetune.eval.agent)."""
+    def cell(v):
+        return "–" if v is None else f"{v:.3f}"
+    rows = "".join(f"<tr><td>{side}</td><td>{a[side]['n']}</td><td>{cell(a[side]['call_accuracy'])}</td>"
+                   f"<td>{cell(a[side]['final_exact'])}</td></tr>" for side in ("base", "adapter"))
+    return ("<h2>Tool use as an agent loop</h2><table><tr><th>model</th><th>items</th><th>call accuracy "
+            f"(per step)</th><th>final answer exact</th></tr>{rows}</table>")
+
+
 def write_report(path: Path, result: dict, items: list[EvalItem], title: str) -> Path:
     s = result["summary"]
     body = [f"<h1>{html.escape(title)}</h1>",
@@ -106,6 +116,7 @@ def write_report(path: Path, result: dict, items: list[EvalItem], title: str) ->
             f"ties <b>{s['ties']}</b>.</p>",
             _agg_table("Overall", {"all": s}), _agg_table("By modality", result["by_modality"]),
             _agg_table("By dataset", result["by_dataset"]),
+            *([_agent_table(result["agent"])] if "agent" in result else []),
             *([_drafter_table(result["drafter"])] if "drafter" in result else []), "<h2>Items</h2>"]
     body += [_item_html(row, it) for row, it in zip(result["items"], items)]
     path.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -12,6 +12,7 @@ import itertools
 import random
 
 from data_tools.collate import collate, collate_packed, length_grouped_batches, pack_rows, random_batches
+from data_tools.steps import main_row
 from finetune.errors import UserError
 
 
@@ -26,6 +27,8 @@ class BatchPlan:
         # packing for objectives that don't pack
         self.pack = pack_fn or (lambda rows, pad, sliding, types: collate_packed(rows, pad, sliding, types,
                                                                                  trim_tail=True))
+        if collate_fn is None:
+            self.collate = branch_aware(self.collate, self.pack, text_cfg)
         self.lengths = data.lengths if hasattr(data, "lengths") else [len(s["input_ids"]) for s in data]
         self.world, self.rank, self.max_len = world, rank, max_len
         self.sliding = text_cfg.sliding_window
@@ -69,6 +72,21 @@ class BatchPlan:
             return self.pack([[self.data[j] for j in row] for row in mine], self.pad_id,
                              self.sliding, self.layer_types)
         return self.collate([self.data[j] for j in mine], self.pad_id)
+
+
+def branch_aware(collate_fn, pack_fn, text_cfg):
+    """`collate_fn` for samples that may be branched (data_tools.steps: earlier steps served apart).
+    Those need 4-D masks, so a micro-batch holding one goes one sample per row through `pack_fn`;
+    with no `pack_fn` (an objective that does not pack) they keep their main row only."""
+    sliding, types = text_cfg.sliding_window, list(text_cfg.layer_types)
+
+    def make(samples: list[dict], pad_id: int) -> dict:
+        if not any("position_ids" in s for s in samples):
+            return collate_fn(samples, pad_id)
+        if pack_fn is None:
+            return collate_fn([main_row(s) for s in samples], pad_id)
+        return pack_fn([[s] for s in samples], pad_id, sliding, types)
+    return make
 
 
 class StreamPlan:

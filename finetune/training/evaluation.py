@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from finetune.model.load import held_out_mode, unwrap
+from finetune.training.batches import branch_aware
 from finetune.training.sharding import is_sharded
 from finetune.training.step import forward_loss
 from finetune.training.wrappers import to_device
@@ -19,12 +20,14 @@ def eval_loss(model, objective, data, pad_id, dtype, device) -> dict:
     is small. Runs on every rank (no gradients, so no DDP involvement; a sharded model through its
     root module, which gathers the weights)."""
     peft_model = unwrap(model, peft=True)
+    make = branch_aware(objective.collate, objective.pack if objective.packs else None,
+                        unwrap(model).config.get_text_config())
     run = model if is_sharded(model) else peft_model
     sums: dict[str, list[float]] = {}
     with held_out_mode(peft_model), torch.no_grad():
         for j in range(len(data)):
             s = data[j]
-            b = to_device(objective.collate([s], pad_id), device, dtype)
+            b = to_device(make([s], pad_id), device, dtype)
             ls, _ = forward_loss(run, objective, b)
             acc = sums.setdefault(s["modality"], [0.0, 0])
             acc[0] += float(ls)

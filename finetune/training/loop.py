@@ -29,7 +29,7 @@ from finetune.errors import TrainingStopped, UserError
 from finetune.model.load import unwrap
 from finetune.model.memory_tricks import tile_mlp
 from finetune.plan.checks import sharding_problems
-from finetune.training.batches import BatchPlan, StreamPlan
+from finetune.training.batches import BatchPlan, StreamPlan, branch_aware
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from finetune.training.evaluation import eval_loss, preview
 from finetune.training.metrics import EvalWatch, MetricsLog
@@ -157,10 +157,11 @@ class _Run:
     def _batch_plan(self, text_cfg):
         """The order of micro-batches; with `train.epochs`, the step count it implies."""
         t, acc, o = self.t, self.acc, self.objective
+        collate = branch_aware(o.collate, o.pack if o.packs else None, text_cfg)
         if self.data.streaming:
-            return StreamPlan(self.data.train, t, self.pad_id, acc.num_processes, acc.process_index, o.collate)
+            return StreamPlan(self.data.train, t, self.pad_id, acc.num_processes, acc.process_index, collate)
         plan = BatchPlan(self.data.train, t, self.pad_id, text_cfg, acc.num_processes, acc.process_index,
-                         self.recipe.data.max_seq_len, o.collate, o.pack)
+                         self.recipe.data.max_seq_len, collate, o.pack)
         if t.epochs is not None:  # known only now: the batches an epoch makes
             steps = max(1, math.ceil(t.epochs * plan.batches_per_epoch() / t.grad_accum))
             self.t = plan.t = dataclasses.replace(t, max_steps=steps)
