@@ -28,6 +28,7 @@ test: setup
 test-llamacpp: setup
 	$(BIN)/python -m pytest -q -m llamacpp
 	$(BIN)/python -m pytest -q -m templates
+	$(BIN)/python -m pytest -q -m ollama_template
 	$(BIN)/python -m pytest -q -m realtok
 
 lint: setup
@@ -42,7 +43,8 @@ bench: setup
 
 # Wheels a bare GPU machine may lack (its own CUDA torch is kept): downloaded into the ignored
 # .whl/ and installed by benchmarks/gpu_run.sh there. Python 3.12, x86-64.
-GPU_WHEELS := transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2
+GPU_WHEELS := transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 \
+	trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 fsspec==2026.9.0
 gpu-wheels:
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \

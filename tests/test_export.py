@@ -331,6 +331,28 @@ def _fake_base_gguf(path: Path, blocks: int) -> Path:
     return path
 
 
+def test_modelfile_carries_the_template_as_ollama_reads_it():
+    """Ollama's Modelfile parser takes a triple-quoted value up to the first line that ends in
+    three quotes and drops unprintable characters: the TEMPLATE comes back whole, stops one a line."""
+    from finetune.export.ollama import STOPS, modelfile
+    from finetune.export.ollama_template import TEMPLATE
+
+    text = modelfile("/m/base.gguf", projector=True, adapter=True)
+    head, rest = text.split('TEMPLATE """', 1)
+    assert head == "FROM /m/base.gguf\nFROM ./mmproj.gguf\nADAPTER ./adapter.gguf\n"
+    lines = rest.split("\n")
+    end = next(i for i, line in enumerate(lines) if line.rstrip().endswith('"""'))
+    assert "\n".join(lines[:end + 1]).rstrip()[:-3] == TEMPLATE
+    assert all(c == "\n" or c.isprintable() for c in TEMPLATE)
+    assert lines[end + 1:] == [f'PARAMETER stop "{s}"' for s in STOPS] + [""]
+    assert set(STOPS) == {"<turn|>", "<|turn>", "<|tool_response>"}
+    for part in ("<|tool>", "<|tool_call>call:", "<|tool_response>response:", "<|think|>",
+                 "<|turn>model\n{{ if not .Think }}<|channel>thought\n<channel|>"):
+        assert part in TEMPLATE, part
+    assert modelfile("x", projector=False, adapter=False) == (
+        f'FROM x\nTEMPLATE """{TEMPLATE}"""\n' + "".join(f'PARAMETER stop "{s}"\n' for s in STOPS))
+
+
 def test_ollama_folder(base, adapters, tmp_path):
     from finetune.export.ollama import PLACEHOLDER, export_ollama
 
@@ -339,7 +361,7 @@ def test_ollama_folder(base, adapters, tmp_path):
     assert f"FROM {PLACEHOLDER}" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
     assert "FROM ./mmproj.gguf" in modelfile and (tmp_path / "o" / "mmproj.gguf").is_file()  # the base's projector
     assert report["serve"]["command"] == f"ollama create o -f {tmp_path / 'o' / 'Modelfile'} && ollama run o"
-    assert 'TEMPLATE """' in modelfile and "<|turn>model\n<|channel>thought\n<channel|>" in modelfile
+    assert 'TEMPLATE """' in modelfile and "<|turn>model\n{{ if not .Think }}<|channel>thought\n<channel|>" in modelfile
     assert 'PARAMETER stop "<turn|>"' in modelfile
     assert "ollama create o -f Modelfile" in (tmp_path / "o" / "README.md").read_text()
     assert report["template_matches_base"] and report["max_rel_update_diff"] <= 2e-3

@@ -115,9 +115,18 @@ class TrainSection:
     gradient_checkpointing: bool = _f(True, "recompute decoder layers in backward")
     offload_activations: bool = _f(True, "keep checkpointed layer inputs in pinned host memory "
                                    "(CUDA only; the loss is unchanged)")
+    offload_prefetch: bool = _f(False, "with offload_activations: copy on a side CUDA stream (overlapping "
+                                "compute) and bring each layer input back one layer ahead")
     mlp_tile_tokens: int = _f(0, "run each layer's MLP in sequence tiles of this many tokens under "
                               "their own recompute (0 = off): less memory on long sequences, one "
                               "extra MLP forward", lo=0)
+    attention: Literal["sdpa", "sdpa_gqa", "blocked"] = _f(
+        "sdpa", "the language model's attention (the loss is unchanged): sdpa, transformers' own (k/v "
+        "repeated to every query head when a mask is passed); sdpa_gqa, one sdpa call with native GQA; "
+        "blocked, queries in blocks with k/v never repeated, each block's keys cut to what its mask "
+        "allows and each block recomputed in backward (less memory on long rows, no masked-away scores)")
+    attention_block_rows: int = _f(4096, "train.attention blocked: query rows of one block (block "
+                                   "queries × query heads per k/v head)", lo=1)
     group_by_length: bool = _f(True, "batch samples of similar length")
     packing: bool = _f(False, "pack several samples per row")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = _f("adamw")

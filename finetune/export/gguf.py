@@ -150,9 +150,19 @@ def _prove(adapter: Path, base: str, family, cfg, config: dict, pairs: dict, upd
         names = runtime_names(family, cfg, list(weights))
         replace = {names[k]: t for k, t in weights.items()}
     got = logits_with(base, family, ref.batch, add=updates, replace=replace)
-    exact = (got if outtype == "f32" else
-             logits_with(base, family, ref.batch, add={m: delta(config, m, *p) for m, p in pairs.items()}))
-    report = {**ref.report(), "merge_diff": max_diff(exact, ref.logits), "rounding_diff": max_diff(got, exact),
+    if outtype == "f32":
+        exact = projector_only = got
+    else:
+        exact_updates = {m: delta(config, m, *p) for m, p in pairs.items()}
+        exact = logits_with(base, family, ref.batch, add=exact_updates)
+        # The same exact updates over the projector as written: what the LoRA's own rounding adds
+        # is measured against this, apart from the base projector's rounding to the outtype
+        # (llama.cpp users get that from the base's own mmproj too; its values are pinned by the
+        # read-back checks). On the tiny random base the projector's q8_0 rounding alone moved the
+        # probe by more than a quarter of a small adapter's effect.
+        projector_only = logits_with(base, family, ref.batch, add=exact_updates, replace=replace) if replace else exact
+    report = {**ref.report(), "merge_diff": max_diff(exact, ref.logits), "rounding_diff": max_diff(got, projector_only),
+              "projector_rounding_diff": max_diff(projector_only, exact),
               "max_abs_diff": max_diff(got, ref.logits), "rounding_tolerance": ROUNDING_SHARE[outtype] * ref.lora_effect}
     report["ok"] = report["merge_diff"] <= ref.merge_tol and report["rounding_diff"] <= max(
         ref.tol, report["rounding_tolerance"])

@@ -15,30 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune.export.gguf import export_gguf
+from finetune.export.ollama_template import TEMPLATE
 from finetune.model.adapters import write_report
 
 PLACEHOLDER = "./REPLACE-WITH-BASE-MODEL.gguf"
 
-# Go template rendering the same text as the Gemma 4 chat template: `<|turn>{role}\n…<turn|>\n`
-# per turn, the assistant as `model`, and the generation prompt with the empty thinking
-# scaffold the model was trained to answer after. BOS comes from the tokenizer, not here.
-TEMPLATE = """{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "system" }}<|turn>system
-{{ .Content }}<turn|>
-{{ else if eq .Role "user" }}<|turn>user
-{{ .Content }}<turn|>
-{{ if $last }}<|turn>model
-<|channel>thought
-<channel|>{{ end }}
-{{- else if eq .Role "assistant" }}<|turn>model
-{{ .Content }}{{ if not $last }}<turn|>
-{{ end }}
-{{- end }}
-{{- end }}"""
 # What TEMPLATE renders for one user message "Hi"; checked against the base's own template.
 TEMPLATE_SAMPLE = "<|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
-STOPS = ("<turn|>", "<|turn>")
+# The end of a turn, and the end of a call turn (the model writes <|tool_response> after its calls).
+STOPS = ("<turn|>", "<|turn>", "<|tool_response>")
 
 
 def _template_matches_base(base: str) -> bool:
@@ -47,6 +32,13 @@ def _template_matches_base(base: str) -> bool:
     tok = AutoTokenizer.from_pretrained(base)
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     return text == (tok.bos_token or "") + TEMPLATE_SAMPLE
+
+
+def modelfile(source: str, *, projector: bool, adapter: bool) -> str:
+    """The Modelfile: FROM the base (and the projector), ADAPTER, TEMPLATE, one stop per line."""
+    stops = "".join(f'PARAMETER stop "{s}"\n' for s in STOPS)
+    return (f"FROM {source}\n" + ("FROM ./mmproj.gguf\n" if projector else "")
+            + ("ADAPTER ./adapter.gguf\n" if adapter else "") + f'TEMPLATE """{TEMPLATE}"""\n{stops}')
 
 
 def export_ollama(adapter: str | Path, out: str | Path, *, base_gguf: str | None = None, outtype: str = "f32",
@@ -58,13 +50,11 @@ def export_ollama(adapter: str | Path, out: str | Path, *, base_gguf: str | None
                          log=lambda line: None if line.startswith("serve with") else log(line))
     out = Path(report["out"])
     source = str(Path(base_gguf).resolve()) if base_gguf else PLACEHOLDER
-    stops = "".join(f'PARAMETER stop "{s}"\n' for s in STOPS)
     fill = "" if base_gguf else (f"# Replace {PLACEHOLDER} with the base model as GGUF (llama.cpp's "
                                  f"convert_hf_to_gguf.py on {report['base']}).\n")
-    projector = "FROM ./mmproj.gguf\n" if "mmproj.gguf" in report["serve"].get("mmproj", "") else ""
-    adapter_line = "ADAPTER ./adapter.gguf\n" if report["serve"]["adapter"] else ""
-    (out / "Modelfile").write_text(f"{fill}FROM {source}\n{projector}{adapter_line}"
-                                   f'TEMPLATE """{TEMPLATE}"""\n{stops}')
+    projector = "mmproj.gguf" in report["serve"].get("mmproj", "")
+    adapter_file = bool(report["serve"]["adapter"])
+    (out / "Modelfile").write_text(fill + modelfile(source, projector=projector, adapter=adapter_file))
     name = re.sub(r"[^a-z0-9._-]+", "-", out.name.lower()).strip("-.") or "finetuned"
     (out / "README.md").write_text(
         f"# {name} for Ollama\n\n"
@@ -89,6 +79,8 @@ def export_ollama(adapter: str | Path, out: str | Path, *, base_gguf: str | None
         "FROM ./mmproj.gguf: the projector (vision/audio updates merged)" if projector else "no projector file",
         "ADAPTER: the GGUF LoRA in this folder (Ollama takes one GGUF adapter per model)",
         f"TEMPLATE renders one user turn as the base's chat template does: {matches}",
+        "TEMPLATE renders system, tools, calls and tool responses as Google's Gemma 4 template does, thinking "
+        "off and on (checked by Go's text/template in the ollama_template test tier)",
     ]
     write_report(out, "export_report.json", report)
     if not matches:

@@ -31,7 +31,7 @@ from data_tools.preference import answer_span
 from data_tools.render import IGNORE
 from finetune.errors import UserError
 from finetune.model.load import unwrap
-from finetune.model.memory_tricks import offload_activations
+from finetune.model.memory_tricks import offload_activations, offload_mode
 from finetune.objectives.base import Objective, register
 from finetune.objectives.losses import chunked_logps
 
@@ -143,8 +143,7 @@ class PairObjective(Objective):
         t, p = recipe.train, recipe.preference
         self.beta = p.beta
         self.chunk_size = t.ce_chunk_size
-        # Host memory is the GPU's overflow; on a CPU-only run offloading would only copy.
-        self.offload = t.offload_activations and torch.cuda.is_available()
+        self.offload = offload_mode(t)
 
     def collate(self, samples: list[dict], pad_id: int) -> dict:
         return pair_batch(samples, pad_id)

@@ -12,7 +12,7 @@ import torch
 
 from data_tools.render import IGNORE
 from finetune.model.load import unwrap
-from finetune.model.memory_tricks import offload_activations
+from finetune.model.memory_tricks import offload_activations, offload_mode
 from finetune.objectives.base import Objective, register
 from finetune.objectives.losses import chunked_ce_sum, full_ce_sum
 
@@ -56,8 +56,7 @@ class SFT(Objective):
         super().__init__(recipe)
         t = recipe.train
         self.chunked, self.chunk_size = t.chunked_ce, t.ce_chunk_size
-        # Host memory is the GPU's overflow; on a CPU-only run offloading would only copy.
-        self.offload = t.offload_activations and torch.cuda.is_available()
+        self.offload = offload_mode(t)
 
     def weight(self, batch: dict) -> int:
         return n_labels(batch)

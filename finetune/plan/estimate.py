@@ -28,7 +28,10 @@ gemma4_unified, PEFT 0.21, bitsandbytes 0.50 and `finetune.training`/`finetune.o
   norm and RoPE are saved by sdpa with k/v already repeated to all heads (transformers
   repeats kv whenever a mask is passed); sdpa's memory-efficient kernel keeps no seq²
   scores, but the boolean masks (one per layer type) live through the step and each layer's
-  sdpa call holds a float copy.
+  sdpa call holds a float copy. `train.attention` changes that part (finetune.model.attention):
+  `sdpa_gqa` keeps k/v and their grads at their own width; `blocked` also saves no attention
+  output, log-sum-exp or float mask (each block is recomputed) and holds one block's folded
+  mask, scores workspace and q/k/v grads in its backward.
 - **Loss**: chunked CE (recomputed per chunk) holds one chunk's soft-capped fp32 logits,
   fp32 log-softmax and two fp32 grads in flight (16 bytes per logit); unchunked holds the
   same for every token.
@@ -143,19 +146,20 @@ def _optimizer_bytes(shapes: list[tuple[int, int]], optimizer: str) -> int:
 
 
 def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: int,
-                 dropout: bool) -> tuple[int, int]:
+                 dropout: bool, attention: str = "sdpa") -> tuple[int, int]:
     """Bytes per token one decoder layer keeps for its backward: (attention side, MLP side).
 
     The MLP side is what `train.mlp_tile_tokens` holds for one tile instead of the sequence."""
     Dq, Dk, inter = L.q_out, L.k_out, L.inter
-    repeated = L.kv_heads < L.heads
-    kv_saved = ab * (Dq if repeated else Dk)  # sdpa saves k and v after repeat_kv
+    repeated = L.kv_heads < L.heads and attention == "sdpa"
+    kv_saved = ab * (Dq if repeated else Dk)  # stock sdpa saves k and v after repeat_kv
+    # blocked: the block outputs and their log-sum-exp are recomputed, not kept
+    sdpa_out = 0 if attention == "blocked" else ab * Dq + 4 * L.heads
     attn = (4 * NORM_BYTES * hid                # the layer's 4 RMSNorms keep their fp32 upcast (the two
                                                 # around the MLP sit outside it: never tiled)
             + NORM_BYTES * Dq + ab * Dq         # q_norm upcast; q after RoPE (sdpa input)
             + 2 * (NORM_BYTES * Dk + kv_saved)  # k_norm / v_norm upcasts; k, v for sdpa
-            + ab * Dq                           # attention output (sdpa out = o_proj input)
-            + 4 * L.heads)                      # sdpa logsumexp, fp32
+            + sdpa_out)                         # attention output (= o_proj input), fp32 logsumexp
     mlp = 3 * ab * inter                        # gate out (gelu input), gelu out, up out
     ins = {"q_proj": hid, "k_proj": hid, "v_proj": hid, "o_proj": Dq,
            "gate_proj": hid, "up_proj": hid, "down_proj": inter}
@@ -183,6 +187,22 @@ def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: in
         else:
             attn += extra
     return attn, mlp
+
+
+def _attention_backward(L: Layer, t, B: int, S: int, ab: int) -> int:
+    """Bytes one layer's attention backward holds at its top, by `train.attention`."""
+    T, Dq, Dk = B * S, L.q_out, L.k_out
+    if t.attention == "sdpa":  # fp32 grad-of-q workspace; q, k, v grads with k/v repeated to all heads
+        return T * (NORM_BYTES * Dq + 3 * ab * Dq)
+    if t.attention == "sdpa_gqa":  # the same with k/v grads at their own width
+        return T * (NORM_BYTES * Dq + ab * Dq + 2 * ab * Dk)
+    # blocked: the q grads of every block and their concatenation, the k/v grad accumulators and a
+    # block's sliced k/v grad at full length; one block's folded mask (boolean + its float copy,
+    # against at most every key), fp32 grad-of-q workspace, q fold, output and q grad
+    g = max(1, L.heads // max(L.kv_heads, 1))
+    C = min(S, max(1, t.attention_block_rows // g))
+    return (T * (2 * ab * Dq + 4 * ab * Dk) + B * g * C * S * (1 + ab)
+            + B * L.heads * C * L.head_dim * (NORM_BYTES + 3 * ab))
 
 
 def estimate(recipe, sk: Skeleton, device: str) -> dict:
@@ -245,24 +265,28 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
     layers = sk.layers
     tile = t.mlp_tile_tokens if 0 < t.mlp_tile_tokens < S else 0
     if layers:
-        sides = [_layer_saved(L, H, targeted, r, ab, lb, dropout) for L in layers]
+        sides = [_layer_saved(L, H, targeted, r, ab, lb, dropout, t.attention) for L in layers]
         inter = max(L.inter for L in layers)
         down_lora = any(f"{L.prefix}.mlp.down_proj" in targeted for L in layers)
         # Tiled: one tile's MLP intermediates, plus the whole MLP input the tiles recompute from.
         mlp_tokens = B * tile if tile else T
-        saved = [a * T + m * mlp_tokens + (ab * H * T if tile else 0) + ab * B * S * S for a, m in sides]
+        float_mask = 0 if t.attention == "blocked" else ab * B * S * S  # each sdpa call's float copy
+        saved = [a * T + m * mlp_tokens + (ab * H * T if tile else 0) + float_mask for a, m in sides]
         # Short-lived in a layer's backward, whichever part runs it to the top: the MLP's (grads of
         # down input, gelu out, gate/up outs and the fp32 grad of down's LoRA input; one tile's
-        # when tiled) or attention's (sdpa's fp32 grad-of-q workspace and the q/k/v grads, k/v
-        # repeated to every head: 8192 wide on the 12B's full layers). Plus the hidden-state grad
+        # when tiled) or attention's (`_attention_backward`: with stock sdpa the fp32 grad-of-q
+        # workspace and q/k/v grads, k/v repeated to every head: 8192 wide on the 12B's full
+        # layers). Plus the hidden-state grad
         # pair between layers. (Measured: with 1k MLP tiles at 16k the attention part is the
         # larger, 1.4 GiB on the H200.)
         mlp_back = mlp_tokens * (3 * ab * inter + (lb * inter if down_lora else 0))
-        attn_back = T * max(NORM_BYTES * L.q_out + 3 * ab * L.q_out for L in layers)
+        attn_back = max(_attention_backward(L, t, B, S, ab) for L in layers)
         transient = max(mlp_back, attn_back) + T * 2 * ab * H
         if t.gradient_checkpointing:
             # offloaded: the inputs in flight to and from host memory (4 measured at 16k on an H200)
-            persistent["checkpointed_inputs"] = (OFFLOAD_RESIDENT_INPUTS if offload else len(layers)) * T * H * ab
+            # (+1 with prefetch: the next layer's input comes back while this one recomputes)
+            resident = OFFLOAD_RESIDENT_INPUTS + (1 if t.offload_prefetch else 0)
+            persistent["checkpointed_inputs"] = (resident if offload else len(layers)) * T * H * ab
             backward["layer_recompute"] = max(saved)  # recomputed in backward, outside the offload hooks
         else:
             persistent["saved_activations"] = 2 * max(saved) if offload else sum(saved)

@@ -91,6 +91,8 @@ def _candidates(recipe, device: str) -> list[list[str]]:
         out.append([f"train.ce_chunk_size={t.ce_chunk_size // 2}"])
     if t.mlp_tile_tokens == 0 and d.max_seq_len > 1024:
         out.append(["train.mlp_tile_tokens=1024"])
+    if t.attention != "blocked" and d.max_seq_len > 1024:
+        out.append(["train.attention=blocked"])
     return out
 
 

@@ -26,6 +26,8 @@ import torch
 
 from finetune.config.recipe import Recipe, dump_recipe
 from finetune.errors import TrainingStopped, UserError
+from finetune.model.attention import STOCK as STOCK_ATTENTION
+from finetune.model.attention import set_attention
 from finetune.model.load import unwrap
 from finetune.model.memory_tricks import tile_mlp
 from finetune.plan.checks import sharding_problems
@@ -146,6 +148,8 @@ class _Run:
         model = self.objective.setup(model, self.family)
         if t.mlp_tile_tokens:
             tile_mlp(model, t.mlp_tile_tokens, self.family.mlp_blocks)
+        if t.attention != STOCK_ATTENTION:
+            set_attention(model, t.attention, t.attention_block_rows)
         if self.objective.trains_model:
             self.main_log("trainable parameters by part:\n" + format_table(trainable_table(model, self.family)))
         model.train()
