@@ -4,6 +4,9 @@
 `Stats.check()` asserts `records == used + rejected`. `Ledger` keeps one `Stats` per dataset,
 writes each reject to rejects.jsonl, and raises at the first bad record under
 `on_bad_record: error`. `dataset_name` is how a dataset is named in all of these.
+`check_yield` is the one rule every data pass ends with (train, `data stats`, `validate`): no
+dataset may lose all its records, more than `data.max_rejected_fraction` of them, or any to a
+cut-off media file.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from data_tools.render import IGNORE
 from finetune.errors import UserError
 
 HIST_BINS = 20
+# Rejects that fail a run whatever their share: the file is damaged, not the record unsuitable.
+FATAL_REASONS = ("truncated_media",)
+# Reasons that mean the records are not in the declared layout (`format:`).
+FORMAT_REASONS = ("wrong_shape", "unparseable", "no_user_turn", "no_answer")
 
 
 def dataset_name(i: int, spec) -> str:
@@ -54,6 +61,8 @@ class Stats:
         self.by_modality[modality] += 1
         if s.get("overflow", "none") != "none":
             self.overflow_actions[s["overflow"]] += 1
+        for action in s.get("media_actions", ()):  # set while decoding; not kept in the cache
+            self.overflow_actions[action] += 1
 
     def add_reject(self, reason: str) -> None:
         self.rejected += 1
@@ -147,3 +156,42 @@ class Ledger:
             total.merge(st)
         total.check()
         return total
+
+
+def yield_problems(datasets: dict[str, dict], max_rejected_fraction: float) -> list[tuple[str, str, str]]:
+    """What is wrong with each dataset's yield ({name: Stats dict}): (name, kind, line) per dataset,
+    kind being "empty", "fraction" or "truncated"."""
+    out = []
+    for name, d in datasets.items():
+        reasons = {k: v for k, v in d["rejected_by_reason"].items() if v}
+        fatal = {k: reasons[k] for k in FATAL_REASONS if k in reasons}
+        if d["used"] == 0:
+            out.append((name, "empty", f"{name} yielded no usable sample: all {d['records']} records "
+                        f"rejected {reasons or ''}"))
+        elif d["rejected"] > max_rejected_fraction * d["records"]:
+            out.append((name, "fraction", f"{name} lost {d['rejected']} of {d['records']} records, over "
+                        f"data.max_rejected_fraction={max_rejected_fraction} {reasons}"))
+        elif fatal:
+            out.append((name, "truncated", f"{name}: {sum(fatal.values())} record(s) name a media "
+                        f"file that is cut off {fatal}"))
+    return out
+
+
+def check_yield(stats: dict, max_rejected_fraction: float, rejects: str = "rejects.jsonl") -> None:
+    """Raise one UserError naming every dataset (train and eval) that breaks the rule (see the
+    module docstring); `stats` is `prepare`'s {"datasets": {...}, "eval_datasets": {...}}."""
+    groups = {**(stats.get("datasets") or {}),
+              **{f"eval {k}": v for k, v in (stats.get("eval_datasets") or {}).items()}}
+    problems = yield_problems(groups, max_rejected_fraction)
+    if not problems:
+        return
+    reasons = {k for name, _, _ in problems for k, v in groups[name]["rejected_by_reason"].items() if v}
+    fix = f"See {rejects} for each rejected record and why (`finetune data stats` counts them)"
+    if reasons & set(FORMAT_REASONS):
+        fix += "; check the dataset's format: (`finetune validate` names the format its records look like)"
+    kinds = {kind for _, kind, _ in problems}
+    if reasons & set(FATAL_REASONS):
+        fix += "; replace the cut-off media files"
+    if "fraction" in kinds:
+        fix += "; or raise data.max_rejected_fraction if losing these records is intended"
+    raise UserError("datasets", "; ".join(line for _, _, line in problems), fix)

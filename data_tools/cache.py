@@ -58,6 +58,21 @@ def cache_key(recipe, processor_dir: str, chat: ChatFormat | None = None) -> str
     return h.hexdigest()[:16]
 
 
+def data_fingerprint(specs) -> str:
+    """A hash of what the datasets `specs` hold: each spec and the content of its files (not
+    their times: a copy or a touch is the same data). An adapter keeps it to tell, on resume or
+    reuse, whether the records changed since it was trained (`finetune.model.provenance`)."""
+    h = hashlib.sha256()
+    for spec in specs:
+        h.update(json.dumps(asdict(spec), sort_keys=True, default=str).encode())
+        for f in sorted(_files_of(spec.path)):
+            h.update(f"{f.name}:{f.stat().st_size}:".encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def _files_of(path: str) -> list[Path]:
     p = Path(path)
     if p.is_file():

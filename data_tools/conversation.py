@@ -62,6 +62,9 @@ class Conversation:
     tools: list[dict] = field(default_factory=list)
     # The record as read, kept so a reject can be written back out verbatim.
     raw: dict | None = field(default=None, repr=False)
+    # What decoding its media changed on purpose ("cut_audio", "resample_audio"), set by
+    # `data_tools.media.load_media` and counted in the stats' overflow_actions.
+    media_actions: list[str] = field(default_factory=list)
 
     def modality(self) -> str:
         """text | image | audio | mixed: which media this sample carries."""

@@ -4,9 +4,19 @@
 `load_audio` for one part.
 
 Every failure is a `BadRecord` with a stable reason (missing_media, corrupt_media,
-media_too_large, network_media), so a bad file rejects one sample instead of stopping a run.
-Caps (bytes, pixels, seconds) are checked before the expensive decode wherever the format
-allows it: a decompression bomb or an hour-long clip is refused from its header.
+media_too_large, network_media, truncated_media), so a bad file rejects one sample instead of
+stopping a run. Caps (bytes, pixels, seconds) are checked before the expensive decode wherever
+the format allows it: a decompression bomb or an hour-long clip is refused from its header.
+An audio file that decodes shorter than its header says (a cut-off download) is truncated_media,
+never a shorter clip: its transcript would no longer match. What decoding changed on purpose
+(audio cut to max_audio_seconds, resampled to 16 kHz) is appended to `Conversation.media_actions`.
+
+16-bit grey images keep their high byte (v >> 8, what llama.cpp's loader does; 32-bit and float
+grey are scaled from their range onto 0..255 the same way). PIL's own `convert("RGB")`, which
+HF processors and vLLM apply to a file, clips them at 255 instead: mostly white. Training,
+`generate`, `eval` and `chat` all decode through `load_image`, so the model is trained and judged
+on the same pixels; that such an image was scaled is recorded ("scale_16bit_image", counted
+in overflow_actions), since a server that clips would show the model other pixels.
 """
 
 from __future__ import annotations
@@ -29,11 +39,15 @@ from data_tools.conversation import BadRecord, Conversation, Part
 
 SAMPLE_RATE = 16_000
 FETCH_TIMEOUT_S = 30
+# Compressed formats (MP3) may decode a codec frame or two off the length their header states
+# (encoder delay and padding); 50 ms is above that and far below any cut-off that loses a word.
+TRUNCATION_SLACK_S = 0.05
 
 
 def load_image(part: Part, base_dir: str, *, max_pixels: int, max_bytes: int, allow_network: bool,
-               origin: str = "") -> Image.Image:
-    """The image of `part` as RGB, upright (EXIF orientation applied), transparency on white."""
+               origin: str = "", actions: list | None = None) -> Image.Image:
+    """The image of `part` as RGB, upright (EXIF orientation applied), transparency on white;
+    more than 8 bits per grey level scaled down (appends "scale_16bit_image" to `actions`)."""
     data, name = _read_bytes(part, base_dir, max_bytes=max_bytes, allow_network=allow_network, origin=origin)
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
@@ -41,6 +55,8 @@ def load_image(part: Part, base_dir: str, *, max_pixels: int, max_bytes: int, al
             raise BadRecord("media_too_large", f"image {name} has {img.width}x{img.height} pixels, "
                             f"over max_image_pixels={max_pixels}", origin)
         img.load()  # decode now, so a truncated file is rejected here and not inside the processor
+        if actions is not None and (img.mode.startswith("I") or img.mode == "F"):
+            actions.append("scale_16bit_image")
         return _to_rgb(ImageOps.exif_transpose(img))  # an animated GIF/WebP keeps its first frame
     except Image.DecompressionBombError as e:
         raise BadRecord("media_too_large", f"image {name}: {e}", origin) from None
@@ -51,28 +67,40 @@ def load_image(part: Part, base_dir: str, *, max_pixels: int, max_bytes: int, al
 
 
 def load_audio(part: Part, base_dir: str, *, max_seconds: float, policy: str, max_bytes: int,
-               allow_network: bool, origin: str = "") -> np.ndarray:
+               allow_network: bool, origin: str = "", actions: list | None = None) -> np.ndarray:
     """The audio of `part` as float32 mono at 16 kHz, in [-1, 1] for integer formats.
 
-    Longer than `max_seconds`: `policy="trim"` keeps the start, `"reject"` raises media_too_large.
+    Longer than `max_seconds`: `policy="trim"` keeps the start (and appends "cut_audio" to
+    `actions`), `"reject"` raises media_too_large. Resampling appends "resample_audio".
     """
     data, name = _read_bytes(part, base_dir, max_bytes=max_bytes, allow_network=allow_network, origin=origin)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate, frames = f.samplerate, f.frames
+            rate = f.samplerate
+            # libsndfile corrects a WAV's frame count to what the file holds; the header's own
+            # count is what the file was meant to hold.
+            frames = max(f.frames, wav_header_frames(data) or 0)
             if frames > max_seconds * rate and policy == "reject":
                 raise BadRecord("media_too_large", f"audio {name} lasts {frames / rate:.1f} s, "
                                 f"over max_audio_seconds={max_seconds}", origin)
             # Read only what is kept; int PCM comes back scaled to [-1, 1] by libsndfile.
-            wave = f.read(min(frames, math.ceil(max_seconds * rate)), dtype="float32", always_2d=True)
+            want = min(frames, math.ceil(max_seconds * rate))
+            wave = f.read(want, dtype="float32", always_2d=True)
     except (RuntimeError, TypeError, ValueError) as e:  # sf.LibsndfileError is a RuntimeError
         raise BadRecord("corrupt_media", f"cannot decode audio {name} ({e}); soundfile reads "
                         "WAV, FLAC, OGG/Vorbis/Opus, MP3 and more, not AAC/M4A", origin) from None
     if wave.shape[0] == 0:
         raise BadRecord("corrupt_media", f"audio {name} has no samples", origin)
+    if wave.shape[0] < want - TRUNCATION_SLACK_S * rate:
+        raise BadRecord("truncated_media", f"audio {name} decodes to {wave.shape[0] / rate:.2f} s but its "
+                        f"header says {frames / rate:.2f} s: the file is cut off", origin)
+    if actions is not None and frames > want:
+        actions.append("cut_audio")
     mono = wave.mean(axis=1)  # frames x channels -> frames
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE)
+        if actions is not None:
+            actions.append("resample_audio")
     mono = mono[: int(max_seconds * SAMPLE_RATE)]  # trim exactly; the read above rounds up
     if not np.isfinite(mono).all():
         raise BadRecord("corrupt_media", f"audio {name} holds NaN or infinite samples", origin)
@@ -84,16 +112,35 @@ def load_media(conv: Conversation, data) -> tuple[list[Image.Image], list[np.nda
     data section, or anything with the same fields: max_image_pixels, max_media_bytes,
     allow_network_media, max_audio_seconds, audio_overflow)."""
     images, audios = [], []
+    conv.media_actions = []
     for p in conv.media():
         if p.type == "image":
             images.append(load_image(p, conv.base_dir, max_pixels=data.max_image_pixels,
                                      max_bytes=data.max_media_bytes,
-                                     allow_network=data.allow_network_media, origin=conv.origin))
+                                     allow_network=data.allow_network_media, origin=conv.origin,
+                                     actions=conv.media_actions))
         else:
             audios.append(load_audio(p, conv.base_dir, max_seconds=data.max_audio_seconds,
                                      policy=data.audio_overflow, max_bytes=data.max_media_bytes,
-                                     allow_network=data.allow_network_media, origin=conv.origin))
+                                     allow_network=data.allow_network_media, origin=conv.origin,
+                                     actions=conv.media_actions))
     return images, audios
+
+
+def wav_header_frames(data: bytes) -> int | None:
+    """The frame count a RIFF/WAVE header declares (its data chunk's size over the frame size),
+    or None when `data` is no WAV or the size is left open (a streamed WAV)."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, block = 12, 0
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if cid == b"fmt " and pos + 22 <= len(data):
+            block = int.from_bytes(data[pos + 20:pos + 22], "little")  # nBlockAlign
+        elif cid == b"data":
+            return size // block if block and 0 < size < 0xFFFFFFFF else None
+        pos += 8 + size + (size & 1)  # chunks are padded to even sizes
+    return None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -112,17 +159,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
-    """Map 16-bit, 32-bit int and float grey levels onto 0..255."""
+    """Map 16-bit, 32-bit int and float grey levels onto 0..255 (see the module docstring)."""
     a = np.nan_to_num(pixels.astype(np.float64))
     lo, hi = float(a.min()), float(a.max())
-    if mode.startswith("I;16"):
-        scale = 65535.0
-    elif lo >= 0 and hi <= 1 and mode == "F":  # float images are usually 0..1
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):  # 16-bit data
+        return (pixels.astype(np.uint32) >> 8).astype(np.uint8)  # the high byte, as llama.cpp reads it
+    if lo >= 0 and hi <= 1 and mode == "F":  # float images are usually 0..1
         scale = 1.0
     elif lo >= 0 and hi <= 255:
         scale = 255.0
-    elif lo >= 0 and hi <= 65535:  # 16-bit data that PIL opened as 32-bit "I"
-        scale = 65535.0
     else:  # anything else (negative, huge): stretch what is there
         a, scale = a - lo, max(hi - lo, 1e-12)
     return np.clip(np.rint(a / scale * 255.0), 0, 255).astype(np.uint8)

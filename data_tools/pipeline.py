@@ -10,6 +10,10 @@ Every record read ends up in exactly one place: a used sample, or a reject with 
   record while the trainer consumes them; nothing is written but rejects.jsonl, and the
   accounting is complete when the first epoch ends.
 
+Every pass ends with `data_tools.accounting.check_yield` (a dataset that lost all its records, more
+than `data.max_rejected_fraction`, or any to a cut-off media file stops the run), unless the
+caller asks to check later (`check=False`: `data stats` prints its counts first).
+
 Model-specific facts arrive as arguments: the processor, its folder, the model family's chat
 format. Where rejects.jsonl goes is the caller's choice (`rejects_path`).
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools import cache
+from data_tools.accounting import check_yield
 from data_tools.mixing import held_out, mix, split_eval
 from data_tools.render import ChatFormat
 from data_tools.render_pool import collect
@@ -44,7 +49,7 @@ class Prepared:
 
 
 def prepare(recipe, processor, processor_dir: str, *, rejects_path: Path, chat: ChatFormat,
-            log=None, use_cache: bool = True, streaming: bool | None = None) -> Prepared:
+            log=None, use_cache: bool = True, streaming: bool | None = None, check: bool = True) -> Prepared:
     """Everything the trainer needs from the recipe's datasets and data section, cached by
     content hash.
 
@@ -53,6 +58,7 @@ def prepare(recipe, processor, processor_dir: str, *, rejects_path: Path, chat: 
     `chat`: the model family's chat format. `log`: a callback for progress lines; None is
     silent and also hides the progress bar.
     `streaming` overrides `data.streaming` (e.g. `data stats` wants the full pass).
+    `check`: apply `check_yield` (a streamed pass is checked by its consumer when it completes).
     """
     quiet = log is None
     log = log or (lambda *_: None)
@@ -61,12 +67,15 @@ def prepare(recipe, processor, processor_dir: str, *, rejects_path: Path, chat: 
     if streaming:
         return _prepare_streaming(recipe, processor, chat, rejects_path, log)
     use_cache = use_cache and recipe.data.cache
+    d = recipe.data
     cdir = cache_folder(recipe, processor_dir, chat)
     if use_cache and cache.is_complete(cdir):
         changed = cache.changed_media(cdir)
         if not changed:
             t0 = time.time()
             train, ev, stats = cache.load(cdir, rejects_path)
+            if check:
+                check_yield(stats, d.max_rejected_fraction, str(rejects_path))
             log(f"data: reusing cached tokenized data {cdir} ({len(train)} train, {len(ev)} "
                 f"eval, {time.time() - t0:.2f}s; data.cache=false or `finetune data clear-cache` "
                 "renders again)")
@@ -76,24 +85,30 @@ def prepare(recipe, processor, processor_dir: str, *, rejects_path: Path, chat: 
 
     rejects_path.write_text("")
     t0 = time.time()
-    d = recipe.data
     samples, per, total, media = collect(recipe.datasets, processor, d, chat, rejects_path=rejects_path,
                                          progress=not quiet, desc="train data")
     if recipe.eval_datasets:
         train_s = samples
-        eval_s, _, eval_total, eval_media = collect(recipe.eval_datasets, processor, d, chat,
+        eval_s, eval_per, eval_total, eval_media = collect(recipe.eval_datasets, processor, d, chat,
                                                     rejects_path=rejects_path, progress=not quiet,
                                                     desc="eval data")
         media |= eval_media
     else:
         train_s, eval_s = split_eval(samples, d.eval_fraction, d.seed)
-        eval_total = None
+        eval_total, eval_per = None, {}
     train_s = mix(train_s, recipe.datasets, d.mix_by, d.seed)
     stats = {"total": total.to_dict(), "datasets": {k: v.to_dict() for k, v in per.items()},
-             "eval": eval_total.to_dict() if eval_total else None}
+             "eval": eval_total.to_dict() if eval_total else None,
+             "eval_datasets": {k: v.to_dict() for k, v in eval_per.items()}}
     log(f"data: {total.records} records → {total.used} used, {total.rejected} rejected "
         f"{dict(total.rejected_by_reason) or ''} in {time.time() - t0:.1f}s; "
         f"{len(train_s)} train samples after mixing, {len(eval_s)} eval")
+    for name, st in per.items():
+        if st.overflow_actions:
+            done = ", ".join(f"{k} {v}" for k, v in st.overflow_actions.items())
+            log(f"data: {name}: media and overflow actions: {done} (data_stats.json overflow_actions)")
+    if check:
+        check_yield(stats, d.max_rejected_fraction, str(rejects_path))
     if not use_cache:
         return Prepared(train_s, eval_s, stats, None, False)
     cache.save(cdir, train_s, eval_s, stats, rejects_path, media)

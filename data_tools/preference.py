@@ -220,7 +220,8 @@ class PreferenceWorker:
             except BadRecord as e:
                 out[k] = reject(e, items[k])
                 continue
-            sample.update(modality=pref.chosen.modality(), origin=items[k][0], dataset=items[k][4])
+            sample.update(modality=pref.chosen.modality(), origin=items[k][0], dataset=items[k][4],
+                          media_actions=list(pref.chosen.media_actions))
             out[k] = sample
         return out
 

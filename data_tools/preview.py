@@ -45,9 +45,10 @@ def write_preview(recipe, processor, out: str, *, recipe_path: str, processor_di
     `recipe` is loaded, `processor` loaded from `processor_dir` (hashed into the cache key),
     `chat` is the model family's chat format; `recipe_path` names the recipe on the page.
     """
-    # The stats need the full pass; a streaming recipe gets it without writing a cache.
+    # The stats need the full pass; a streaming recipe gets it without writing a cache. No yield
+    # rule: the page is where one looks at what a run would lose, and why.
     prep = prepare(recipe, processor, processor_dir, rejects_path=rejects_path, chat=chat, log=None,
-                   streaming=False, use_cache=not recipe.data.streaming)
+                   streaming=False, use_cache=not recipe.data.streaming, check=False)
     items = preview_items(recipe, processor, chat, n)
     page = render_page(str(recipe_path), prep.stats, items, processor.tokenizer)
     path = Path(out)

@@ -87,7 +87,8 @@ class RecordWorker:
             if isinstance(r, BadRecord):
                 out[k] = _reject(r, items[k])
             else:
-                r.update(modality=conv.modality(), origin=items[k][0], dataset=items[k][4])
+                r.update(modality=conv.modality(), origin=items[k][0], dataset=items[k][4],
+                         media_actions=list(conv.media_actions))
                 out[k] = r
         for r, f in zip(out, files):
             r["media_files"] = f

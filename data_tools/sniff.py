@@ -3,7 +3,9 @@
 `looks_like(record)` names the format a record's keys say it is in; `sample_records(spec, n)`
 parses the first `n` records with the declared format and reports how they fared, so a wrong
 `format:` (a LLaVA file declared as `messages`, say) is named before a model is loaded rather
-than showing up as "0 used" after minutes of work.
+than showing up as "0 used" after minutes of work. Given the recipe's data section, it also
+decodes the media those records name (missing or undecodable files are named before training),
+and `Sample.as_stats` lets the run's own yield rule (`accounting.check_yield`) judge the sample.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class Sample:
     bad: list[BadRecord] = field(default_factory=list)
     shapes: Counter = field(default_factory=Counter)  # what the bad ones look like
 
+    def as_stats(self) -> dict:
+        """The sample's counts in the shape of a dataset's stats (what `yield_problems` reads)."""
+        return {"records": self.read, "used": self.read - len(self.bad), "rejected": len(self.bad),
+                "rejected_by_reason": dict(Counter(b.reason for b in self.bad))}
+
     def wrong_format(self, declared: str) -> str | None:
         """The format most records look like, when most of them fail as `declared`."""
         wrong = [b for b in self.bad if b.reason in ("wrong_shape", "unparseable", "no_user_turn", "no_answer")]
@@ -49,9 +56,11 @@ class Sample:
         return guess if guess != declared else None
 
 
-def sample_records(spec, n: int = 20) -> Sample:
-    """Parse the first `n` records of `spec` (a `DatasetSpec`) without loading media."""
+def sample_records(spec, n: int = 20, data=None) -> Sample:
+    """Parse the first `n` records of `spec` (a `DatasetSpec`); with `data` (the recipe's data
+    section: its media caps) also decode the media each names."""
     from data_tools.formats import parse_record
+    from data_tools.media import load_media
     from data_tools.sources import iter_records
 
     out = Sample()
@@ -62,7 +71,9 @@ def sample_records(spec, n: int = 20) -> Sample:
         try:
             if isinstance(record, BadRecord):
                 raise record
-            parse_record(record, spec.format, origin, base_dir)
+            conv = parse_record(record, spec.format, origin, base_dir)
+            if data is not None:
+                load_media(conv, data)
         except BadRecord as e:
             out.bad.append(e)
             guess = looks_like(record if isinstance(record, dict) else None)

@@ -183,10 +183,14 @@ def test_mlp_tiles_through_the_trainer_give_the_same_run(assets):
         raw = raw_recipe(assets, f"tile-{tile}", max_steps=3, mlp_tile_tokens=tile, gradient_checkpointing=True)
         runs[tile] = (train(recipe_from_dict(raw)).losses,
                       load_file(str(Path(raw["train"]["output_dir"]) / "adapter" / "adapter_model.safetensors")))
-    assert runs[16][0] == pytest.approx(runs[0][0], abs=1e-5)
-    assert runs[16][1].keys() == runs[0][1].keys()
+    # The first loss is the same float32 forward in another summation order: a few ulps apart
+    # (float32's relative rounding is 6e-8; 1e-6 is 16 of them).
+    assert runs[16][0][0] == pytest.approx(runs[0][0][0], rel=1e-6)
     # Adam divides by sqrt(v): for near-zero gradients, summation-order noise becomes a visible
-    # share of a step (lr 1e-3 here), so the weights agree to 1e-4, the losses to 1e-5.
+    # share of a step (lr 1e-3 here), so the weights agree to 1e-4 and the later losses to 1e-5
+    # of their size (an absolute 1e-5 on losses near 7 failed on one 2-core CPU: 1.24e-5).
+    assert runs[16][0] == pytest.approx(runs[0][0], rel=1e-5)
+    assert runs[16][1].keys() == runs[0][1].keys()
     assert max(float((runs[16][1][k] - runs[0][1][k]).abs().max()) for k in runs[0][1]) < 1e-4
 
 

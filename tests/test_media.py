@@ -98,14 +98,36 @@ def test_cmyk_and_grey_modes(tmp_path):
 
 
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
-    levels = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    """16-bit grey keeps its high byte (what llama.cpp's loader does); PIL's convert would clip
+    every level above 255 to white."""
+    levels = np.array([[0, 400, 32896, 65535]], dtype=np.uint16)
     Image.fromarray(levels).save(tmp_path / "16.png")
     assert Image.open(tmp_path / "16.png").mode == "I;16"
-    assert [p[0] for p in image(tmp_path / "16.png").getdata()] == [0, 128, 255]
+    assert [p[0] for p in image(tmp_path / "16.png").getdata()] == [0, 1, 128, 255]
+    assert [p[0] for p in Image.open(tmp_path / "16.png").convert("RGB").getdata()] == [0, 255, 255, 255]
     Image.fromarray(levels.astype(np.int32)).save(tmp_path / "32.tif")  # mode "I" holding 16-bit data
-    assert [p[0] for p in image(tmp_path / "32.tif").getdata()] == [0, 128, 255]
+    assert [p[0] for p in image(tmp_path / "32.tif").getdata()] == [0, 1, 128, 255]
     Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)).save(tmp_path / "f.tif")
     assert [p[0] for p in image(tmp_path / "f.tif").getdata()] == [0, 128, 255]
+
+
+def test_a_16_bit_grey_png_is_the_same_pixels_in_training_generate_and_eval(tmp_path):
+    """One loader: the data pipeline (training, eval's held-out items) and `generate`/`chat`'s
+    command-line media decode a 16-bit grey PNG to the same RGB pixels, and the scaling is
+    recorded where the data's stats count it."""
+    from finetune.cli.eval import media_for_prompt
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    Image.fromarray((xx * 2000 + yy * 40).astype(np.uint16)).save(tmp_path / "grey16.png")
+    conv = Conversation([Message("user", [Part("image", ref="grey16.png", ref_kind="path")])],
+                        base_dir=str(tmp_path))
+    (trained,), _ = load_media(conv, _caps())
+    assert conv.media_actions == ["scale_16bit_image"]
+    served = media_for_prompt("image", str(tmp_path / "grey16.png"))
+    assert trained.mode == served.mode == "RGB"
+    assert np.array_equal(np.asarray(trained), np.asarray(served))
+    want = (xx * 2000 + yy * 40) >> 8
+    assert np.array_equal(np.asarray(trained)[..., 0], want) and float(want.mean()) < 200
 
 
 def test_base64_and_relative_path(tmp_path):
@@ -302,3 +324,47 @@ def test_load_media_keeps_order_per_kind_and_applies_the_caps(tmp_path):
     assert bad_reason(load_media, conv, _caps(max_media_bytes=50)).reason == "media_too_large"
     url = Conversation([Message("user", [Part("image", ref="http://127.0.0.1:9/x.png", ref_kind="url")])])
     assert bad_reason(load_media, url, _caps()).reason == "network_media"
+
+
+# -- cut-off files and what decoding changed (issue 24) ------------------------------------------
+
+@pytest.mark.parametrize("subtype,rate", [("PCM_24", 44100), ("PCM_16", 16000)])
+def test_truncated_wav_is_rejected_not_shortened(tmp_path, subtype, rate):
+    """A WAV cut after 30 % of its bytes keeps a header that says 0.9 s; libsndfile reads the
+    0.27 s that are there. It is rejected (its transcript would describe the lost 0.63 s)."""
+    buf = io.BytesIO()
+    sf.write(buf, sine(rate, seconds=0.9), rate, format="WAV", subtype=subtype)
+    whole = buf.getvalue()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) * 3 // 10])
+    bad = bad_reason(audio, tmp_path / "cut.wav")
+    assert bad.reason == "truncated_media"
+    assert "header says 0.90 s" in bad.detail and "cut.wav" in bad.detail
+    # The whole file, and a cut one whose kept start is all that max_audio_seconds keeps, pass.
+    (tmp_path / "whole.wav").write_bytes(whole)
+    assert len(audio(tmp_path / "whole.wav")) == int(0.9 * SAMPLE_RATE)
+    assert len(audio(tmp_path / "cut.wav", max_seconds=0.2)) == int(0.2 * SAMPLE_RATE)
+
+
+def test_truncated_mp3_is_rejected(tmp_path):
+    """An MP3 cut in half: its Xing header still counts 1.7 s of frames."""
+    assert "MP3" in sf.available_formats()
+    buf = io.BytesIO()
+    sf.write(buf, sine(16000, seconds=1.7), 16000, format="MP3", subtype="MPEG_LAYER_III")
+    whole = buf.getvalue()
+    (tmp_path / "cut.mp3").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "whole.mp3").write_bytes(whole)
+    bad = bad_reason(audio, tmp_path / "cut.mp3")
+    assert bad.reason == "truncated_media" and "header says 1.70 s" in bad.detail
+    assert abs(len(audio(tmp_path / "whole.mp3")) - int(1.7 * SAMPLE_RATE)) <= 2000
+
+
+def test_load_media_records_cutting_and_resampling(tmp_path):
+    sf.write(tmp_path / "long.wav", sine(44100, seconds=3.0), 44100)
+    sf.write(tmp_path / "native.wav", sine(SAMPLE_RATE, seconds=1.0), SAMPLE_RATE)
+    conv = Conversation([Message("user", [Part("audio", ref="long.wav", ref_kind="path"),
+                                          Part("audio", ref="native.wav", ref_kind="path")])],
+                        base_dir=str(tmp_path))
+    load_media(conv, _caps(max_audio_seconds=2.0))
+    assert conv.media_actions == ["cut_audio", "resample_audio"]
+    load_media(conv, _caps())
+    assert conv.media_actions == ["resample_audio"]

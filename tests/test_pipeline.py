@@ -71,7 +71,9 @@ def messy(tmp_path):
     return datasets, reasons, f"{a}:2"
 
 
-MESSY_DATA = {"max_seq_len": 128, "overflow": "drop", "image_tokens": 70, "on_bad_record": "skip"}
+# 7 of the 9 records of a.jsonl are bad on purpose: allowed here, so every reason is counted.
+MESSY_DATA = {"max_seq_len": 128, "overflow": "drop", "image_tokens": 70, "on_bad_record": "skip",
+              "max_rejected_fraction": 0.9}
 
 
 def test_skip_accounts_for_every_record_and_writes_rejects(processor, make_recipe, messy, tiny_base):

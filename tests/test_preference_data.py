@@ -132,7 +132,8 @@ def test_both_answers_follow_the_served_prompt(recipe_for, processor, demo_data,
 def test_bad_pairs_are_counted_and_written_to_rejects(recipe_for, processor, demo_data, tmp_path):
     rows = good_rows(demo_data)[:2] + [rec for rec, _ in BAD] + ["{not json"]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    data = run_prepare(recipe_for(path), processor, use_cache=False)
+    # 11 of 13 records are bad on purpose: the counts are the point here, not the yield rule.
+    data = run_prepare(recipe_for(path), processor, use_cache=False, check=False)
     total = data.stats["total"]
     want = {}
     for _, reason in BAD:
@@ -158,7 +159,8 @@ def test_bad_pairs_stop_the_run_under_on_bad_record_error(recipe_for, processor,
 def test_overflow_sees_the_longer_answer(recipe_for, processor, tmp_path):
     long = " ".join(["Halden"] * 40)
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Capital of Norvia?", "chosen": "Halden", "rejected": long}])
-    dropped = run_prepare(recipe_for(path, max_seq_len=48, overflow="drop"), processor, use_cache=False)
+    dropped = run_prepare(recipe_for(path, max_seq_len=48, overflow="drop"), processor, use_cache=False,
+                          check=False)  # the one record dropped: counted here, a run would stop on it
     assert dropped.stats["total"]["rejected_by_reason"] == {"over_budget": 1}
     cut = run_prepare(recipe_for(path, max_seq_len=48, overflow="truncate_text"), processor, use_cache=False).train[0]
     start = next(k for k, x in enumerate(cut["labels"]) if x != IGNORE)

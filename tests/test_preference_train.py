@@ -54,9 +54,9 @@ def test_chunked_logps_equal_full_log_softmax():
     """Kept reference: soft-capped logits for every position, log-softmax, gather."""
     from finetune.objectives.losses import chunked_logps
 
-    torch.manual_seed(0)
-    hidden = torch.randn(3, 9, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
+    torch.manual_seed(0)  # float64: the two orders of summation then agree to ~1e-13
+    hidden = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 50, (3, 9))
     labels[:, :4] = IGNORE
     labels[1, 6:] = IGNORE
@@ -67,14 +67,16 @@ def test_chunked_logps_equal_full_log_softmax():
     want = (lp * (labels[:, 1:] != IGNORE)).sum(1)
     g_want = torch.autograd.grad(want.sum() * 1.5, (hidden, weight))
     assert tokens.tolist() == [5, 2, 5]
-    assert torch.allclose(got, want, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_got, g_want))
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, want, rtol=0, atol=1e-10)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-10) for a, b in zip(g_got, g_want))
 
 
 def test_pairs_accumulate_like_one_batch(assets, processor):
     """Micro-batches of 1 pair sum to the loss and gradients of 1 micro-batch of 2 pairs."""
     from finetune.model.load import base_family, load_base
     from finetune.objectives import build
+    from finetune.training.wrappers import to_device
 
     r = recipe_from_dict(raw(assets, "acc", preference={"sft_weight": 0.5}))
     objective = build(r)
@@ -95,17 +97,22 @@ def test_pairs_accumulate_like_one_batch(assets, processor):
     pad = processor.tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
 
+    # float64, but for transformers' eager attention softmax (float32 even then: 6e-8 relative
+    # rounding, moved by a few of those in another batch layout; all-float32 moved 1.3e-5).
+    model = model.double()
+
     def grads(batches):
         model.zero_grad()
         total = sum(objective.loss(model, b)[0] for b in batches)
         total.backward()
         return total.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
-    one, g_one = grads([objective.collate(samples, pad)])
-    two, g_two = grads([objective.collate([s], pad) for s in samples])
-    assert abs(float(one - two)) < 1e-5
+    one, g_one = grads([to_device(objective.collate(samples, pad), "cpu", torch.float64)])
+    two, g_two = grads([to_device(objective.collate([s], pad), "cpu", torch.float64) for s in samples])
+    assert one.dtype == torch.float64
+    assert abs(float(one - two)) < 1e-6
     a, b = torch.cat([g.flatten() for g in g_one]), torch.cat([g.flatten() for g in g_two])
-    assert float((a - b).abs().max() / b.abs().max()) < 1e-5 and float(b.abs().max()) > 0.1
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-6 and float(b.abs().max()) > 0.1
 
 
 @pytest.mark.parametrize("objective,first", [("dpo", math.log(2)), ("kto", 0.5)])

@@ -60,6 +60,18 @@ def test_shipped_recipe_loads_and_validates(path, capsys):
     assert capsys.readouterr().out.startswith("ok:")
 
 
+def test_shipped_files_name_no_path_of_the_machine_that_made_them():
+    """Recipes and bundled configs travel: an absolute path of a build machine in them (a
+    `_source` naming a file in someone's workspace) means nothing, or something else, elsewhere."""
+    import re
+
+    machine = re.compile(r"(?<![\w.])/(?:work|home|Users|root|tmp|mnt|private)/")
+    shipped = [*SHIPPED, *sorted((ROOT / "finetune").rglob("configs/*.json"))]
+    assert len(shipped) > len(SHIPPED)
+    found = {str(p.relative_to(ROOT)): m.group(0) for p in shipped if (m := machine.search(p.read_text()))}
+    assert found == {}
+
+
 # ---------------------------------------------------------------- good recipes
 
 

@@ -19,9 +19,11 @@ def cmd_eval(args) -> int:
     from finetune.config.recipe import load_recipe
     from finetune.eval.evaluate import evaluate_adapter
     from finetune.eval.report import write_report
+    from finetune.model.provenance import check_base
 
     recipe = load_recipe(args.recipe, args.overrides)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    check_base(args.adapter, recipe.model.base, force=getattr(args, "force", False), log=log)
     result, items = evaluate_adapter(recipe, args.adapter, max_items=args.max_items, log=log, progress=True,
                                      drafter=getattr(args, "drafter", None))
     out = Path(args.out) if args.out else default_eval_dir(args.adapter)
@@ -77,7 +79,7 @@ def _reward_table(rewards: dict) -> str:
 # ---------------------------------------------------------------- generate / chat
 
 
-def _media(kind: str, path: str):
+def media_for_prompt(kind: str, path: str):
     """One file from the command line, decoded by the data pipeline's loader under a recipe's
     default caps (data: section)."""
     from data_tools.media import load_media
@@ -122,8 +124,8 @@ def cmd_generate(args) -> int:
 
     from finetune.model.generate import generate, load_for_inference
 
-    images = [_media("image", p) for p in args.image]  # bad paths fail before the model loads
-    audios = [_media("audio", p) for p in args.audio]
+    images = [media_for_prompt("image", p) for p in args.image]  # bad paths fail before the model loads
+    audios = [media_for_prompt("audio", p) for p in args.audio]
     conv = Conversation([Message("user", user_parts(args.prompt, len(images), len(audios),
                                                     getattr(args, "media_order", None)))])
     model, processor, chat, image_tokens = load_for_inference(args.adapter, args.base)
@@ -173,7 +175,7 @@ def cmd_chat(args) -> int:
         if cmd in ("/image", "/audio"):
             kind = cmd[1:]
             try:
-                media = _media(kind, rest.strip())
+                media = media_for_prompt(kind, rest.strip())
             except UserError as e:  # a typo must not end the conversation
                 print(f"error: {e.line()}", file=sys.stderr)
                 continue

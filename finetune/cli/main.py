@@ -26,9 +26,11 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     preflight(recipe)
-    refuse_overwrite(recipe, resume=args.resume, overwrite=args.overwrite)
+    removed = refuse_overwrite(recipe, resume=args.resume, overwrite=args.overwrite)
+    if removed:
+        print(f"--overwrite: removing the previous run in {recipe.train.output_dir}: {', '.join(removed)}")
     try:
-        result = train(recipe, resume=args.resume, log=print)
+        result = train(recipe, resume=args.resume, force=args.force, log=print)
     except TrainingStopped as e:
         overrides = " ".join(args.overrides)
         print(f"stopped at step {e.step}: checkpoint {e.checkpoint}\nresume with: finetune train "
@@ -95,12 +97,9 @@ def cmd_data_stats(args) -> int:
         from finetune.workflows.data import format_stats
 
         print(format_stats(stats))
-    empty = [name for name, d in stats["datasets"].items() if d["used"] == 0]
-    if empty:
-        reasons = {name: stats["datasets"][name]["rejected_by_reason"] for name in empty}
-        raise UserError("datasets", f"{', '.join(empty)} yielded no usable sample ({reasons})",
-                        "Check its format: (`finetune validate` names the format its records look like) "
-                        "and rejects.jsonl")
+    from data_tools.accounting import check_yield
+
+    check_yield(stats, stats["max_rejected_fraction"], stats["rejects_file"])  # the run's own rule
     return 0
 
 
@@ -185,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = recipe_verb("train", cmd_train, "train an adapter")
     sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     sp.add_argument("--overwrite", action="store_true",
-                    help="replace the run already in train.output_dir (adapter/, checkpoints/)")
+                    help="replace the run already in train.output_dir: everything in that folder is removed "
+                         "(but a data cache inside it)")
+    sp.add_argument("--force", action="store_true",
+                    help="--resume even when the base or the data changed since the run began (provenance.json)")
     sp = recipe_verb("align-drafter", cmd_align_drafter, "align the MTP drafter (drafter.path) to base + adapter")
     sp.add_argument("--adapter", help="the adapter to align to (default: the base itself)")
     sp.add_argument("--out", help="drafter folder and run (default: <train.output_dir>/drafter)")
@@ -244,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out", help="a new folder for the merged model")
     sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the saved weights")
     sp.add_argument("--base", help="the full-precision base (default: the adapter's base_model_name_or_path)")
+    sp.add_argument("--force", action="store_true",
+                    help="go on when the adapter's provenance.json names another base (or the run's, other data)")
     sp.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
     sp.add_argument("--low-memory", action="store_true", default=None,
                     help="merge tensor by tensor from the safetensors files (a few GiB of RAM for a 12B); "
@@ -272,10 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--format merged: dtype of the saved weights")
     sp.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
     sp.add_argument("--low-memory", action="store_true", default=None, help="--format merged: as in merge")
+    sp.add_argument("--force", action="store_true",
+                    help="go on when the adapter's provenance.json names another base (or the run's, other data)")
     sp.set_defaults(func=_lazy("finetune.cli.export", "cmd_export"))
 
     sp = recipe_verb("eval", _lazy("finetune.cli.eval", "cmd_eval"), "base vs adapter, item by item")
     sp.add_argument("--adapter", required=True, help="the adapter folder to judge against its base")
+    sp.add_argument("--force", action="store_true",
+                    help="go on when the adapter's provenance.json names another base (or the run's, other data)")
     sp.add_argument("--out", help="folder for eval.json and report.html (default: <adapter's run>/eval)")
     sp.add_argument("--json", action="store_true", help="print eval.json instead of the table")
     sp.add_argument("--max-items", type=int, help="judge at most this many held-out items")

@@ -51,6 +51,9 @@ class DatasetSpec:
 class DataSection:
     max_seq_len: int = _f(2048, "tokens per sample, media included", lo=16, hi=1_048_576)
     on_bad_record: Literal["error", "skip"] = _f("error", "stop on a bad record, or skip and log it")
+    max_rejected_fraction: float = _f(0.5, "skipped records allowed per dataset, as a share of its records: "
+                                      "more stops the run (a dataset that yields nothing always does)",
+                                      lo=0.0, hi=1.0)
     train_on: Literal["assistant", "last_assistant", "all"] = _f("assistant", "which tokens carry loss")
     thinking: Literal["auto", "on", "off"] = _f(
         "auto", "render with thinking on (the model writes its trace), off (traces dropped), or auto: "

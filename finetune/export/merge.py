@@ -169,7 +169,9 @@ def _finish(report: dict, out: Path, name: str, what: str, log: Callable[[str], 
             "back equal base + update rounded once to the dtype")
     log(f"report: {out / name}")
     if not report["ok"]:
-        raise ParityError(f"{out}: the saved model does not reproduce base+adapter (see {out / name})")
+        odd = report.get("mismatched_tensors")
+        raise ParityError(f"{out}: the saved model does not reproduce base+adapter"
+                          + (f" ({', '.join(odd[:3])} differ)" if odd else "") + f" (see {out / name})")
     return report
 
 

@@ -109,10 +109,13 @@ def _text_adapter(out: Path, config: dict, pairs: dict, text: list[str], cfg, se
     # Read back what a server reads and hold every update against the source adapter's.
     written_config, written = read_adapter(out)
     written_pairs = lora_pairs(written)
-    worst = max(max_rel_diff(delta(written_config, m, *written_pairs[m]), delta(config, src, *pairs[src]))
-                for m, src in served.items())
+    diffs = {m: max_rel_diff(delta(written_config, m, *written_pairs[m]), delta(config, src, *pairs[src]))
+             for m, src in served.items()}
+    worst_module = max(diffs, key=diffs.get)
+    worst = diffs[worst_module]
     return {"modules": len(served), "rank": rank, "v_proj_from_k_proj_layers": sorted(copied),
-            "max_rel_update_diff": worst, "tolerance": TOLERANCE.get(next(iter(pairs.values()))[1].dtype, 1e-2)}
+            "max_rel_update_diff": worst, "worst_module": worst_module,
+            "tolerance": TOLERANCE.get(next(iter(pairs.values()))[1].dtype, 1e-2)}
 
 
 def serve_command(server: str, model: str, adapter: Path | None, rank: int | None) -> str:
@@ -170,7 +173,8 @@ def export_vllm(adapter: str | Path, out: str | Path, *, server: str = "vllm", m
             f"{text['max_rel_update_diff']:.2g})"]
         if text["max_rel_update_diff"] > text["tolerance"]:
             write_report(out, "export_report.json", {**report, "checks": checks})
-            raise ParityError(f"{out}: exported updates differ from the adapter's by {text['max_rel_update_diff']:.3g}")
+            raise ParityError(f"{out}: the exported update of {text['worst_module']} differs from the adapter's by "
+                              f"{text['max_rel_update_diff']:.3g}")
     attach = out if parts["text"] else None
     if linked:
         report["linked_base"] = _linked_base(adapter, out, base, family, keys, want, config, pairs, attach, link, log)

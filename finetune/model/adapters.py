@@ -180,7 +180,25 @@ def open_adapter(path: str | Path, *, base: str | None = None, allow_pickle: boo
     config, state = read_adapter(path, allow_pickle=allow_pickle)
     base = base_of(path, config, base)
     family, cfg = check_base(path, state, base)
+    refuse_unexportable(path, state, cfg)
     return config, state, base, family, cfg
+
+
+UNEXPORTABLE = ("vllm and sglang serve LoRA on linear layers only and would drop it; Gemma ties the token "
+                "embedding to the output head, so merged, gguf and ollama would change both")
+
+
+def refuse_unexportable(path: str | Path, state: dict[str, torch.Tensor], cfg) -> None:
+    """LoRA no format carries exactly (on an embedding, or on an output head tied to one) is
+    refused before anything is written, by every export (training refuses such targets too)."""
+    odd = sorted({k.removeprefix(PREFIX).split(".lora_embedding_")[0] for k in state if ".lora_embedding_" in k})
+    kind = "an embedding"
+    if not odd and getattr(cfg.get_text_config(), "tie_word_embeddings", False):
+        odd, kind = sorted({m for m in lora_pairs(state, where=str(path)) if m.split(".")[-1] == "lm_head"}), \
+            "the output head, tied to the token embedding"
+    if odd:
+        raise UserError(str(path), f"LoRA on {', '.join(odd)} ({kind}): no export carries it exactly ({UNEXPORTABLE})",
+                        "Retrain with LoRA on linear layers only (lora.targets: attention, mlp, vision, audio)")
 
 
 def load_adapter(model, adapter: str, *, is_trainable: bool = False, allow_pickle: bool = False):

@@ -23,6 +23,7 @@ from data_tools.chat_text import split_thought
 from data_tools.conversation import Conversation
 from data_tools.render import ChatFormat, Renderer, RenderSettings
 from finetune.errors import UserError
+from finetune.model.load import held_out_mode
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,14 +87,11 @@ def greedy(model, processor, chat: ChatFormat, inputs: dict, *, max_new_tokens: 
     dtype = model.get_input_embeddings().weight.dtype  # media enter in the embeddings' dtype
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     tok = processor.tokenizer
-    was_training = model.training
-    model.eval()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=stop_ids(processor, chat), pad_token_id=tok.pad_token_id,
-                         bad_words_ids=suppressed_ids(processor, chat, thinking), streamer=streamer,
-                         use_cache=True)
-    if was_training:
-        model.train()
+    with held_out_mode(model):
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop_ids(processor, chat), pad_token_id=tok.pad_token_id,
+                             bad_words_ids=suppressed_ids(processor, chat, thinking), streamer=streamer,
+                             use_cache=True)
     n = inputs["input_ids"].shape[1]
     close = tok.convert_tokens_to_ids(chat.channel_close)
     answers = []

@@ -159,6 +159,36 @@ def enable_gradient_checkpointing(model) -> None:
     model.enable_input_require_grads()
 
 
+@contextlib.contextmanager
+def held_out_mode(model):
+    """`model.eval()` for a pass on held-out data (eval loss, previews, generation), leaving
+    nothing behind: the mode and every RNG state come back as they were, and bitsandbytes' 4-bit
+    layers stay in the mode they had. Their eval mode only picks a kernel, and on a CPU with
+    AVX512-BF16 it repacks the weight for that kernel for good, so every training step after the
+    first eval would compute differently (a run resumed across an eval would not equal a straight
+    one). Dropout, the only other mode-dependent layer here, is off during the pass."""
+    import random
+
+    import numpy as np
+
+    was = model.training
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    model.eval()
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            m.train(was)
+    try:
+        yield model
+    finally:
+        model.train(was)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
+
+
 def unwrap(model, *, peft: bool = False):
     """The transformers model (or, with `peft`, the PEFT model) under every wrapper the loop puts
     around it: DDP/FSDP (`.module`), the loss wrapper (`.model` beside `.objective`), PEFT (LoRA

@@ -27,6 +27,11 @@ def ce_chunk_rows(vocab: int, budget_bytes: int = CE_CHUNK_BYTES) -> int:
     return max(1, budget_bytes // (vocab * CE_BYTES_PER_LOGIT))
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32: half-precision logits are widened, float64 (equivalence tests) is kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     if cap is None:
         return logits
@@ -35,7 +40,7 @@ def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 cap: float | None) -> torch.Tensor:
-    logits = _softcap(F.linear(hidden, weight).float(), cap)
+    logits = _softcap(_wide(F.linear(hidden, weight)), cap)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
@@ -52,7 +57,7 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.
     """Summed CE over label positions, `chunk_size` positions at a time (None: `ce_chunk_rows`)."""
     h, t = shifted_targets(hidden, labels)
     # An empty sum still hangs off the graph: a window without labels backpropagates zeros.
-    total = h[:0].sum().float()
+    total = _wide(h[:0].sum())
     for piece in _by_chunk(_chunk_loss, h, t, lm_weight, cap, chunk_size):
         total = total + piece
     return total
@@ -73,7 +78,7 @@ def _by_chunk(fn, h: torch.Tensor, t: torch.Tensor, lm_weight: torch.Tensor, cap
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  cap: float | None) -> torch.Tensor:
-    logits = _softcap(F.linear(hidden, weight).float(), cap)
+    logits = _softcap(_wide(F.linear(hidden, weight)), cap)
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -87,7 +92,7 @@ def chunked_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.T
     keep = labels[:, 1:].to(hidden.device) != IGNORE
     row_of = keep.nonzero()[:, 0]  # the row of each selected position, in `shifted_targets` order
     h, t = shifted_targets(hidden, labels)
-    pieces = [h[:0].sum(-1).float()]  # keeps an empty selection on the graph
+    pieces = [_wide(h[:0].sum(-1))]  # keeps an empty selection on the graph
     pieces += _by_chunk(_chunk_logps, h, t, lm_weight, cap, chunk_size)
     per_token = torch.cat(pieces)
     sums = per_token.new_zeros(rows).index_add(0, row_of, per_token)
@@ -96,7 +101,7 @@ def chunked_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.T
 
 def full_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The reference path: logits for every position (already soft-capped by the model)."""
-    lg = logits[:, :-1].float()
+    lg = _wide(logits[:, :-1])
     t = labels[:, 1:].to(logits.device)
     return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")

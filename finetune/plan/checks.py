@@ -44,6 +44,7 @@ def _base(recipe) -> list[UserError]:
 
 
 def _data(recipe) -> list[UserError]:
+    from data_tools.accounting import dataset_name, yield_problems
     from data_tools.sniff import sample_records
     from data_tools.sources import check_source
 
@@ -52,7 +53,7 @@ def _data(recipe) -> list[UserError]:
         for i, spec in enumerate(specs):
             try:
                 check_source(spec)
-                sample = sample_records(spec, SAMPLE)
+                sample = sample_records(spec, SAMPLE, recipe.data)  # media decoded too
             except UserError as e:
                 errors.append(UserError(f"{key}[{i}].path", f"{e.where}: {e.what}", e.fix))
                 continue
@@ -66,11 +67,18 @@ def _data(recipe) -> list[UserError]:
                     errors.append(UserError(bad.origin or spec.path, f"bad record ({bad.reason}): {bad.detail}",
                                             "Fix it, or set data.on_bad_record: skip to count it in "
                                             "rejects.jsonl and go on"))
+            elif sample.bad:  # skipped: the run's own rule, on the sample
+                name = ("eval " if key == "eval_datasets" else "") + dataset_name(i, spec)
+                for _, _, line in yield_problems({name: sample.as_stats()}, recipe.data.max_rejected_fraction):
+                    errors.append(UserError(f"{key}[{i}]", f"in the first {sample.read} records: {line}",
+                                            "See why with `finetune data stats` (rejects.jsonl); fix the records "
+                                            "or their media files"))
     return errors
 
 
 def _targets(recipe) -> list[UserError]:
     """Each LoRA target (preset or regex) must match a module of the model."""
+    from finetune.model.adapters import UNEXPORTABLE
     from finetune.model.families import family_for
     from finetune.model.lora import target_regex
     from finetune.plan.skeleton import load_config, skeleton
@@ -80,7 +88,8 @@ def _targets(recipe) -> list[UserError]:
     except UserError:
         return []  # the base check reports it
     family = family_for(config.model_type)
-    names = [n for n, _, _ in skeleton(config, source).lora_candidates]
+    sk = skeleton(config, source)
+    names = [n for n, _, _ in sk.lora_candidates]
     errors = []
     for i, t in enumerate(recipe.lora.targets):
         if family is None and t in ("attention", "mlp", "vision", "audio", "all"):
@@ -91,6 +100,13 @@ def _targets(recipe) -> list[UserError]:
             errors.append(UserError(f"lora.targets[{i}]", f"{t!r} matches no module of {recipe.model.base} "
                                     f"(a full match of module names such as {example})",
                                     "Use a preset (attention, mlp, vision, audio, all) or a regex like q_proj|v_proj"))
+            continue
+        odd = next((n for n in names if n in sk.unexportable and pattern.fullmatch(n)), None)
+        if odd:
+            errors.append(UserError(f"lora.targets[{i}]", f"{t!r} matches {odd}, {sk.unexportable[odd]}: no export "
+                                    f"carries its LoRA exactly ({UNEXPORTABLE})",
+                                    "Target linear layers only: the presets attention, mlp, vision, audio, or "
+                                    "a regex that leaves out embed_tokens and lm_head"))
     return errors
 
 
@@ -111,20 +127,32 @@ def _output(recipe) -> list[UserError]:
     return []
 
 
-def refuse_overwrite(recipe, *, resume: bool, overwrite: bool) -> None:
-    """A run folder that holds a finished or started run is never replaced silently."""
+def refuse_overwrite(recipe, *, resume: bool, overwrite: bool) -> list[str]:
+    """A run folder that holds a finished or started run is never replaced silently; with
+    `overwrite` everything in it goes (an old run's best/, eval/, metrics would otherwise pass for
+    the new run's), except a data cache kept inside it. Returns the names removed."""
     import shutil
 
     out = Path(recipe.train.output_dir)
     found = [name for name in ("adapter", "checkpoints") if (out / name).exists()]
     if not found or resume:
-        return
+        return []
     if not overwrite:
         raise UserError("train.output_dir", f"{out} already holds a run ({', '.join(found)})",
                         "Pass --resume to continue it, --overwrite to replace it, or choose a new "
                         "train.output_dir")
-    for name in found:
-        shutil.rmtree(out / name)
+    cache = Path(recipe.data.cache_dir).absolute()
+    removed = []
+    for entry in sorted(out.iterdir()):
+        if entry.absolute() == cache or entry.absolute() in cache.parents:
+            continue
+        folder = entry.is_dir() and not entry.is_symlink()
+        removed.append(entry.name + ("/" if folder else ""))
+        if folder:
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return removed
 
 
 def sharding_problems(recipe) -> None:

@@ -57,6 +57,8 @@ class Skeleton:
     quant_tensors: list[tuple[str, int, int]] = field(default_factory=list)
     # (name, in, out) of every module PEFT could wrap (Linear and Embedding)
     lora_candidates: list[tuple[str, int, int]] = field(default_factory=list)
+    # Candidates whose LoRA no export carries exactly: embeddings, and a head tied to one
+    unexportable: dict[str, str] = field(default_factory=dict)  # name -> why
     skipped: list[str] = field(default_factory=list)
     layers: list[Layer] = field(default_factory=list)
     hidden: int = 0
@@ -178,6 +180,11 @@ def skeleton(config, source: str = "") -> Skeleton:
             s.lora_candidates.append((name, m.in_features, m.out_features))
         elif isinstance(m, nn.Embedding):
             s.lora_candidates.append((name, m.num_embeddings, m.embedding_dim))
+            s.unexportable[name] = "an embedding"
+    if getattr(config.get_text_config(), "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False):
+        for name, m in modules.items():
+            if name.split(".")[-1] == "lm_head" and isinstance(m, nn.Linear):
+                s.unexportable[name] = "the output head, tied to the token embedding"
 
     text = config.get_text_config()
     s.hidden, s.vocab = text.hidden_size, text.vocab_size

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.model.load import unwrap
+from finetune.model.load import held_out_mode, unwrap
 from finetune.training.batches import branch_aware
 from finetune.training.sharding import is_sharded
 from finetune.training.step import forward_loss
@@ -24,8 +24,7 @@ def eval_loss(model, objective, data, pad_id, dtype, device) -> dict:
                         unwrap(model).config.get_text_config())
     run = model if is_sharded(model) else peft_model
     sums: dict[str, list[float]] = {}
-    peft_model.eval()
-    with torch.no_grad():
+    with held_out_mode(peft_model), torch.no_grad():
         for j in range(len(data)):
             s = data[j]
             b = to_device(make([s], pad_id), device, dtype)
@@ -33,7 +32,6 @@ def eval_loss(model, objective, data, pad_id, dtype, device) -> dict:
             acc = sums.setdefault(s["modality"], [0.0, 0])
             acc[0] += float(ls)
             acc[1] += objective.weight(b)
-    peft_model.train()
     out = {f"eval_loss_{m}": v[0] / max(1, v[1]) for m, v in sums.items()}
     out["eval_loss"] = sum(v[0] for v in sums.values()) / max(1, sum(v[1] for v in sums.values()))
     return out

@@ -56,12 +56,18 @@ def _silent(*_):
     pass
 
 
-def train(recipe: Recipe, *, resume: bool = False, log=None, progress: bool | None = None) -> TrainResult:
+def train(recipe: Recipe, *, resume: bool = False, force: bool = False, log=None,
+          progress: bool | None = None) -> TrainResult:
     """Train `recipe`'s objective; `log` receives progress lines (None: silent), `progress` shows a
-    bar (default: when `log` is given)."""
+    bar (default: when `log` is given). A resumed run must have the base and data it began with
+    (`finetune.model.provenance`; `force` logs a mismatch instead of refusing)."""
+    from finetune.model import provenance
+
     run = _Run(recipe, log, progress)
+    run.resuming = resume
     if resume:
         check_resume(recipe, run.out, run.log)
+        provenance.check_resume(recipe, run.out, force=force, log=run.log)
     run.fsdp = fsdp_plugin()  # `accelerate launch` with configs/accelerate/fsdp2.yaml
     if run.fsdp is not None:
         sharding_problems(recipe)
@@ -84,6 +90,7 @@ class _Run:
         self.log = log or _silent
         self.out = Path(self.t.output_dir)
         self.step, self.position = 0, 0
+        self.resuming = False
 
     # ------------------------------------------------------------ setup steps
 
@@ -107,8 +114,12 @@ class _Run:
             data = prepare(r, self.processor, r.model.base, chat=self.family.chat,
                            rejects_path=self.out / "rejects.jsonl", log=self.main_log)
         if acc.is_main_process:
+            from finetune.model import provenance
+
             (self.out / "data_stats.json").write_text(json.dumps(data.stats, indent=1))
             dump_recipe(r, self.out / "recipe.lock.yaml")
+            if not (self.resuming and provenance.read(self.out)):  # what the run began with
+                provenance.write(self.out, provenance.of_recipe(r))
         self.main_log(f"data: records that could not be used are listed in {self.out / 'rejects.jsonl'}")
         need = self.t.batch_size * acc.num_processes
         if not data.streaming and len(data.train) < need:
@@ -275,17 +286,19 @@ class _Run:
         full = gather_for_save(self.model, None) if is_sharded(self.model) else None
         if self.acc.is_main_process:
             self.objective.save(unwrap(self.model, peft=True), folder, **({"state_dict": full["adapter"]} if full else {}))
+            _keep_provenance(self.out, folder)
 
     def _finish(self) -> TrainResult:
         """Save what was trained (main process), check the ranks agree, close the processes."""
         acc = self.acc
         acc.wait_for_everyone()
         adapter_dir = self.out / self.objective.saves_as
+        if acc.is_main_process:
+            self._finish_data_stats()  # a streamed run's yield rule, before an adapter is saved
         self._save_trained(adapter_dir)
         if acc.is_main_process:
             self.metrics.flush()
             self.metrics.plot(self.out)
-            self._finish_data_stats()
         if is_sharded(self.model):
             self.main_log(f"adapter gathered from {acc.num_processes} shards (FSDP2)")
         elif acc.num_processes > 1:
@@ -300,10 +313,25 @@ class _Run:
 
     def _finish_data_stats(self) -> None:
         """A streamed run's accounting is complete only now: render the held-out records if nothing
-        asked for them (their rejects belong in rejects.jsonl too), then write the stats again."""
+        asked for them (their rejects belong in rejects.jsonl too), write the stats again, and
+        hold them to the yield rule before an adapter is saved as if all went well."""
         if self.data.streaming:
+            from data_tools.accounting import check_yield
+
             self.data.render_eval()
             (self.out / "data_stats.json").write_text(json.dumps(self.data.stats, indent=1))
+            if self.data.stats.get("complete", True):
+                check_yield(self.data.stats, self.recipe.data.max_rejected_fraction, str(self.out / "rejects.jsonl"))
+
+
+def _keep_provenance(out: Path, folder: Path) -> None:
+    """The run's provenance.json (base and data) goes with every adapter it saves."""
+    import shutil
+
+    from finetune.model.provenance import FILE
+
+    if (out / FILE).is_file() and folder.is_dir() and folder.resolve() != out.resolve():  # a drafter saves in out
+        shutil.copyfile(out / FILE, folder / FILE)
 
 
 def _agreed(flag: bool, acc) -> bool:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 
 def data_stats(recipe_path: str, overrides=()) -> dict:
-    """Render every record of the recipe; {records, used, rejected, …, datasets: {...}}."""
+    """Render every record of the recipe; {records, used, rejected, …, datasets: {...}}. The
+    run's yield rule is not applied here (the caller shows the counts first, then
+    `data_tools.accounting.check_yield(stats, stats["max_rejected_fraction"], ...)`)."""
     from data_tools.pipeline import prepare
     from finetune.config.recipe import load_recipe
     from finetune.model.load import base_family, load_processor
@@ -18,10 +20,12 @@ def data_stats(recipe_path: str, overrides=()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # Stats need the full pass, also for a streaming recipe (which then just isn't cached).
     prep = prepare(recipe, processor, recipe.model.base, chat=chat, rejects_path=out / "rejects.jsonl",
-                   log=None, streaming=False, use_cache=not recipe.data.streaming)
+                   log=None, streaming=False, use_cache=not recipe.data.streaming, check=False)
     total = dict(prep.stats["total"])
     total["datasets"] = prep.stats["datasets"]
     total["eval"] = prep.stats["eval"]
+    total["eval_datasets"] = prep.stats.get("eval_datasets") or {}
+    total["max_rejected_fraction"] = recipe.data.max_rejected_fraction
     total["train_samples_after_mixing"] = len(prep.train)
     total["rejects_file"] = str(out / "rejects.jsonl")
     return total
@@ -58,4 +62,6 @@ def format_stats(s: dict) -> str:
     for name, d in s.get("datasets", {}).items():
         lines.append(f"  {name}: records {d['records']} used {d['used']} rejected {d['rejected']} "
                      f"{d['rejected_by_reason'] or ''}")
+        if d.get("overflow_actions"):
+            lines.append("    overflow actions: " + ", ".join(f"{k} {v}" for k, v in d["overflow_actions"].items()))
     return "\n".join(lines)
