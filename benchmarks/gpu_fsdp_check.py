@@ -4,7 +4,7 @@ without FSDP.
 
     python benchmarks/gpu_fsdp_check.py --out benchmarks/results/gpu_fsdp.json
 
-The CPU tests (tests/test_fsdp.py) run FSDP2 + QLoRA on 2 gloo processes with bitsandbytes' CPU
+The CPU tests (tests/training/test_fsdp.py) run FSDP2 + QLoRA on 2 gloo processes with bitsandbytes' CPU
 kernels in fp32 and find it bit-identical to one process. What only a GPU shows: the CUDA
 4-bit kernels reading weights that FSDP all-gathered (the quant state travels with the module,
 not the parameter), bf16 compute under the sharded forward, NCCL collectives, and that the loss

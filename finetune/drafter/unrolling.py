@@ -12,7 +12,7 @@ drafting round that starts at token x_t (the token the target just produced, at 
 
 `unroll` computes exactly that, for every start t of a sequence at once (each row of the batch
 dimension a start, each with its own mask), feeding back the drafter's own argmax and state, so k
-steps cost k drafter forwards over all starts. `tests/test_drafter.py` holds it against the
+steps cost k drafter forwards over all starts. `tests/drafter/test_drafter.py` holds it against the
 generator itself. It is exact for the first round after the prompt and after a fully accepted
 round; after a partly accepted one, transformers 5.24 also lets the drafter see the target's k/v
 of the rejected drafts (it cuts the returned states by length, not by what was accepted), which

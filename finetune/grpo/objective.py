@@ -7,7 +7,7 @@ within each prompt's group: (r - mean) / (std + 1e-4), std with Bessel's correct
 `scale_rewards="group"` (or r - mean with `scale_rewards: none`, Dr. GRPO's choice).
 
 The loss over completion tokens follows TRL 1.16's `GRPOTrainer._compute_loss` (checked in
-tests/test_grpo.py): per token -min(ρ·A, clip(ρ, 1-ε_low, 1+ε_high)·A) with ρ = π/π_old, plus
+tests/objectives/test_grpo.py): per token -min(ρ·A, clip(ρ, 1-ε_low, 1+ε_high)·A) with ρ = π/π_old, plus
 β·ρ·KL(π‖π_ref) by the k3 estimator when `grpo.beta` > 0 (π_ref: the base with the adapter off,
 one no-grad forward per rollout). Log-probabilities are those of the sampling distribution:
 soft-capped logits divided by the temperature. `loss_type` normalises as TRL does:

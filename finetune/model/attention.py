@@ -17,7 +17,7 @@ builder through `AttentionMaskInterface`) and chosen with `set_attn_implementati
   backward holds one block's folded mask, scores and fp32 workspace at a time. Every block is a
   plain sdpa call (any head size, any mask: the image's bidirectional spans, packed rows).
 
-The loss and gradients equal the stock path (tests/test_attention.py, float64).
+The loss and gradients equal the stock path (tests/model/test_attention.py, float64).
 """
 
 from __future__ import annotations

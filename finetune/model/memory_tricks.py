@@ -1,5 +1,5 @@
 """Memory tricks, each a named function behind a recipe flag, each leaving the loss unchanged
-(tests/test_train.py holds loss and gradients against the plain path).
+(tests/training/test_train.py holds loss and gradients against the plain path).
 
 - `offload_activations` (`train.offload_activations`): tensors saved for backward wait in
   pinned host memory. Under non-reentrant checkpointing the only tensors a decoder layer saves

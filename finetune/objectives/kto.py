@@ -6,7 +6,7 @@ the n rejected ones). Each example's reward is β·(log π − log π_ref) over 
 loss pulls desirable rewards above and undesirable ones below a KL baseline, estimated per
 micro-batch from mismatched pairs (prompt i with the answer of example i−1, TRL's rotation),
 detached and clamped at 0. The weight is the number of examples. Losses and metrics follow TRL
-1.16's `KTOTrainer._compute_loss` (tests/test_preference.py); TRL also averages the KL estimate
+1.16's `KTOTrainer._compute_loss` (tests/objectives/test_preference.py); TRL also averages the KL estimate
 over processes, here each process uses its own micro-batch's. With unpaired data give
 `train.batch_size` >= 2: one example's mismatched row is itself (TRL refuses batch size 1).
 """

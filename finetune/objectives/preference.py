@@ -12,7 +12,7 @@ adapter loaded a second time as a frozen PEFT adapter named `ref` while its firs
 and in eval mode (no dropout), so its activations are gone before the policy's forward.
 
 Losses and metrics follow TRL 1.16 (`DPOTrainer._compute_loss`, the experimental
-`ORPOTrainer`), checked against them in tests/test_preference.py. The weight is the number of
+`ORPOTrainer`), checked against them in tests/objectives/test_preference.py. The weight is the number of
 pairs: a step's loss is the mean over the pairs of its whole accumulation window. NLL terms
 (ORPO's, and DPO's optional `preference.sft_weight`) are the chosen answer's mean token NLL per
 pair; TRL averages them over all the batch's chosen tokens instead (and its ORPO trainer also

@@ -144,7 +144,7 @@ def _objective_state(model) -> dict[str, torch.Tensor]:
 def _test_pause_in_save(step: int) -> None:
     """Test hook, inert unless FINETUNE_TEST_SLOW_SAVE="STEP:SECONDS" is set: sleep halfway
     through writing checkpoint STEP (adapter written, trainer state not yet), so a test can
-    SIGKILL a real run in the middle of a save (tests/test_resume_ddp.py)."""
+    SIGKILL a real run in the middle of a save (tests/training/test_resume_ddp.py)."""
     spec = os.environ.get("FINETUNE_TEST_SLOW_SAVE")
     if spec:
         at, _, seconds = spec.partition(":")

@@ -20,7 +20,7 @@ from finetune.config.schema import resolve_paths
 from finetune.config.yaml_io import SafeYamlLoader
 from finetune.errors import RecipeErrors, UserError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.y*ml")
                  if isinstance(yaml.safe_load(p.read_text()), dict) and "model" in yaml.safe_load(p.read_text()))
 

@@ -26,14 +26,14 @@ import yaml
 
 from finetune.errors import RecipeErrors, UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_base, demo_data):
-    from tests.test_preference_train import write_pairs
+    from tests.training.test_preference_train import write_pairs
 
     root = tmp_path_factory.mktemp("fsdp")
     return SimpleNamespace(root=root, base=tiny_base, data=Path(demo_data), pairs=write_pairs(root, demo_data))

@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from data_tools.collate import collate, collate_packed
 from data_tools.render import IGNORE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # float64: the paths differ only in summation order (blocks, folded heads), ~1e-16 relative
 TOL = 1e-10
 

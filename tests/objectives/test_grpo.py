@@ -21,7 +21,7 @@ from finetune.grpo.rollout import Group, rows
 
 TOL = 1e-5
 TEMPERATURE = 0.7
-TRL_ARGS = {"use_cpu": True, "bf16": False, "report_to": []}  # fp32 (see tests/test_preference.py)
+TRL_ARGS = {"use_cpu": True, "bf16": False, "report_to": []}  # fp32 (see tests/objectives/test_preference.py)
 
 
 def image_prompts(demo_data, tiny_base, processor, tmp):

@@ -2,7 +2,7 @@
 `ollama_template`: needs `go` (Debian golang-go) and llama-cpp-python's source archive from
 `bash scripts/setup_llamacpp.sh --source-only`).
 
-tests/ollama_template/render.go executes the TEMPLATE with Go's text/template over data shaped
+tests/export/ollama_template/render.go executes the TEMPLATE with Go's text/template over data shaped
 as Ollama's (its structs and `json` func mirrored from Ollama's source). For each conversation,
 every prompt a server builds (before each assistant message, and at the end when the
 conversation ends on a user or tool message) equals the official template's rendering with
@@ -24,7 +24,7 @@ import pytest
 
 from finetune.export.ollama import TEMPLATE_SAMPLE
 from finetune.export.ollama_template import TEMPLATE
-from tests.test_official_templates import MAIN, WEATHER, official_template
+from tests.data_tools.test_official_templates import MAIN, WEATHER, official_template
 
 pytestmark = pytest.mark.ollama_template
 

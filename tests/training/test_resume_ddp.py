@@ -23,7 +23,7 @@ import yaml
 
 from finetune.training.checkpoint import latest_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -413,7 +413,7 @@ def test_tiled_mlp_leaves_loss_unchanged(assets, mixed_batch, checkpointing):
 # Four QLoRA steps (NF4 base, fp32 compute on CPU, seed 0) on DEMO_SIZES data with
 # make_recipe's settings. A change here means training changed: the model, the tokenizer,
 # rendering, batching, the loss, or the optimizer. If the change is intended, regenerate with
-#   GOLDEN_PRINT=1 pytest tests/test_train.py -k golden -s
+#   GOLDEN_PRINT=1 pytest tests/training/test_train.py -k golden -s
 # and paste the printed list. Step 1 is the same on every CPU; later steps drift by up to ~2e-3
 # between CPUs (bitsandbytes' and oneDNN's kernels pick different vector paths), far below what
 # any change to the training itself moves them (a different loss, batch or lr moves them by >0.05).

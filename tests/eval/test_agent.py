@@ -1,7 +1,7 @@
 """The agent loop of `finetune eval` (finetune.eval.agent): calls read in the official syntax,
 answered from the recorded responses or a named function, fed back exactly as the template serves
 them, scored per step and on the final answer. The model here writes a fixed script, so that the
-harness is checked against known answers; tests/test_tool_use.py runs it on trained models."""
+harness is checked against known answers; tests/eval/test_tool_use.py runs it on trained models."""
 
 from __future__ import annotations
 
@@ -89,17 +89,17 @@ def test_wrong_calls_and_answers_are_scored_per_step(processor):
 
 
 def weather(name: str, arguments: dict) -> str:
-    """A tool implementation for `eval.tool_responder: tests.test_agent:weather`."""
+    """A tool implementation for `eval.tool_responder: tests.eval.test_agent:weather`."""
     return {"get_weather": "sunny", "get_time": "0:00"}[name] if arguments["city"] == "Halden" else "rainy"
 
 
 def test_a_named_function_answers_the_calls(processor):
     conv = parse_record(json.loads(json.dumps(RECORD)), "messages", "t", ".")
     seen = []
-    out = run_agent(conv, scripted(processor, conv, GOOD, seen), CHAT, python_responder("tests.test_agent:weather"), exact_match)
+    out = run_agent(conv, scripted(processor, conv, GOOD, seen), CHAT, python_responder("tests.eval.test_agent:weather"), exact_match)
     assert out["call_accuracy"] == 1.0 and "<|tool_response>response:get_weather{value:<|\"|>rainy" in seen[2]
     with pytest.raises(UserError) as e:
-        python_responder("tests.test_agent:nothing")
+        python_responder("tests.eval.test_agent:nothing")
     assert e.value.where == "eval.tool_responder"
 
 

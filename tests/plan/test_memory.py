@@ -13,7 +13,7 @@ from finetune.config.recipe import load_recipe, recipe_from_dict
 from finetune.errors import UserError
 from finetune.plan.report import plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes" / "gemma4-12b").glob("*.yaml"))
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-import tests.test_official_templates as official_cases
-import tests.test_steps as step_cases
+import tests.data_tools.test_official_templates as official_cases
+import tests.data_tools.test_steps as step_cases
 from data_tools.formats import parse_record
 from data_tools.render import Renderer, RenderSettings
 from data_tools.steps import step_ids
@@ -33,7 +33,7 @@ from tests.tool_data import tool_use_data
 
 pytestmark = pytest.mark.realtok
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHAT = GEMMA4_UNIFIED.chat
 THOUGHT = "<|channel>thought\n"
 SCAFFOLD = THOUGHT + "<channel|>"

@@ -164,7 +164,7 @@ def test_train_refuses_to_replace_a_run_and_eval_gets_its_own_folder(tmp_path, t
 
 # ---------------------------------------------------------------- 3. shipped recipes on the CPU
 
-SHIPPED = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml"))
 
 
 @pytest.mark.slow
@@ -222,7 +222,7 @@ def test_rejects_keep_a_reference_and_a_size_not_the_media_bytes(tmp_path):
 
 
 def test_plan_check_exits_non_zero_when_it_does_not_fit(capsys):
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "gemma4-12b" / "image-qa.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "gemma4-12b" / "image-qa.yaml"
     assert main(["plan", str(recipe), "--check"]) == 0
     assert main(["plan", str(recipe), "--check", "data.max_seq_len=65536"]) == 3
     assert "DOES NOT FIT" in capsys.readouterr().out

@@ -4,7 +4,7 @@ Adapters are made with PEFT on the tiny base from each recipe's own `lora` secti
 alpha), with random nonzero B so that every update, the vision/audio projections' included,
 moves the probe (text + an image + an audio clip). The references are kept implementations:
 PEFT on the base (logits), the merge (tensors), llama.cpp's converter's layout rules (golden
-types below, checked against the converter itself in tests/test_llamacpp.py).
+types below, checked against the converter itself in tests/export/test_llamacpp.py).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from finetune.errors import UserError
 from finetune.model.families import GEMMA4_UNIFIED
 from finetune.model.lora import target_regex
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Every shipped recipe that trains an adapter (a drafter-alignment recipe's result is a drafter:
-# `export --format drafter`, tests/test_drafter.py).
+# `export --format drafter`, tests/drafter/test_drafter.py).
 RECIPES = {p.stem: p for p in sorted((REPO / "recipes").rglob("*.yaml"))
            if (yaml.safe_load(p.read_text()).get("train") or {}).get("objective") != "drafter"}
 FORMATS = ("vllm", "sglang", "gguf", "ollama", "merged")

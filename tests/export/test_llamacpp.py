@@ -30,7 +30,7 @@ import torch
 pytestmark = pytest.mark.llamacpp
 llama_cpp = pytest.importorskip("llama_cpp")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The quick brown fox jumps over the lazy dog. What is this? Answer with one word."
 
 
@@ -146,7 +146,7 @@ def projector_case(tmp_path_factory):
     import yaml
 
     from finetune.demo.tiny_model import write_tiny_model
-    from tests import test_export_whole as whole
+    from tests.export import test_export_whole as whole
 
     root = tmp_path_factory.mktemp("projector")
     base = whole.textured_base(write_tiny_model(root / "tiny", seed=0), root / "base")

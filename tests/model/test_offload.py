@@ -4,7 +4,7 @@ unpack started the copy back of the tensor saved before it."""
 
 from __future__ import annotations
 
-from tests.test_attention import batches, loss_and_grads, model, samples  # noqa: F401 (fixtures)
+from tests.model.test_attention import batches, loss_and_grads, model, samples  # noqa: F401 (fixtures)
 
 
 def test_offload_with_prefetch_leaves_loss_unchanged(model, samples, monkeypatch):  # noqa: F811

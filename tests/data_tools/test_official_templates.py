@@ -34,7 +34,7 @@ from tests.tool_data import tool_use_data
 
 pytestmark = pytest.mark.templates
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHAT = GEMMA4_UNIFIED.chat
 MAIN, INTERLEAVED = "google-gemma-4-31B-it.jinja", "google-gemma-4-31B-it-interleaved.jinja"
 THOUGHT = "<|channel>thought\n"

@@ -1,4 +1,4 @@
-"""User reward functions for tests/test_grpo_rewards.py (imported as `module:function`)."""
+"""User reward functions for tests/objectives/test_grpo_rewards.py (imported as `module:function`)."""
 
 
 def length_bonus(prompts, completions, **columns):

@@ -191,7 +191,7 @@ def test_plan_counts_both_answers():
     from finetune.config.recipe import load_recipe, with_overrides
     from finetune.plan.report import plan
 
-    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "gemma4-12b" / "preference-dpo.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "gemma4-12b" / "preference-dpo.yaml")
     dpo = plan(recipe)
     a = dpo["assumptions"]
     assert a["sequences_per_sample"] == 2 and a["tokens_per_micro_batch"] == 2 * 2048

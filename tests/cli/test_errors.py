@@ -24,7 +24,7 @@ from PIL import Image
 from finetune.cli.main import main
 from finetune.errors import RecipeErrors, UserError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODULE = "model.language_model.layers.0.self_attn.q_proj"  # a 128 -> 128 linear of the tiny base
 GOOD_RECORD = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
 

@@ -16,7 +16,7 @@ import torch
 from data_tools.render import IGNORE
 from finetune.objectives.losses import chunked_ce_sum, full_ce_sum
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _softcapped_logits(h, w, cap):

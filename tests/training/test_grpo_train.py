@@ -24,7 +24,7 @@ def raw(demo_data, root: Path, name: str, grpo=None, **train) -> dict:
                       "max_steps": 3, "group_by_length": False, "scheduler": "constant", **train},
             # a random base is never right: the length bonus (a user function) gives the groups a spread
             "grpo": {"group_size": 4, "max_new_tokens": 5, "rewards": [
-                {"name": "exact_match"}, {"name": "tests.grpo_rewards_user:length_bonus", "weight": 0.5}],
+                {"name": "exact_match"}, {"name": "tests.objectives.grpo_rewards_user:length_bonus", "weight": 0.5}],
                      **(grpo or {})}}
 
 
@@ -71,7 +71,7 @@ def test_metrics_of_a_run(root, demo_data):
     train(recipe_from_dict(raw(demo_data, root, "metrics", max_steps=1)))
     (row,) = metrics_of(root / "metrics")
     for key in ("reward", "reward_std", "rewards/exact_match/mean", "rewards/exact_match/std",
-                "rewards/tests.grpo_rewards_user:length_bonus/mean", "completion_length", "clip_ratio", "kl", "rollout/tokens_per_s",
+                "rewards/tests.objectives.grpo_rewards_user:length_bonus/mean", "completion_length", "clip_ratio", "kl", "rollout/tokens_per_s",
                 "rollout/tokens_per_forward"):
         assert key in row, key
     assert 1 <= row["completion_length"] <= 5  # at most max_new_tokens
@@ -122,7 +122,7 @@ def test_the_12b_plan_fits_16_gib():
     from finetune.config.recipe import load_recipe
     from finetune.plan.report import plan
 
-    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "gemma4-12b" / "grpo.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "gemma4-12b" / "grpo.yaml")
     p = plan(recipe, budget_gib=16.0)
     assert p["fits"] and p["peak_gib"] <= 16.0
     g = p["assumptions"]["grpo"]
@@ -185,6 +185,6 @@ def test_two_process_ddp_equals_one_process(root, demo_data, train_on_two_ranks)
     ddp, single = metrics_of(root / "ddp"), metrics_of(root / "ddp-one")
     # (on-policy the loss's value is -mean(advantage) = 0; what step 2 samples shows the update)
     assert [r["loss"] for r in ddp] == pytest.approx(one.losses, abs=1e-5)
-    for key in ("reward", "completion_length", "rewards/tests.grpo_rewards_user:length_bonus/mean"):
+    for key in ("reward", "completion_length", "rewards/tests.objectives.grpo_rewards_user:length_bonus/mean"):
         assert [r[key] for r in ddp] == pytest.approx([r[key] for r in single], abs=1e-6), key
     assert [r["tokens"] for r in ddp] == [r["tokens"] for r in single] == [8, 8]

@@ -321,7 +321,7 @@ def test_two_process_ddp_aligns_like_one_process(assets, tmp_path):
 
     raw = raw_recipe(assets, "ddp", max_steps=3, group_by_length=False)
     (tmp_path / "r.yaml").write_text(json.dumps(raw))
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "finetune.cli", "align-drafter", str(tmp_path / "r.yaml"), "--out",
                            str(tmp_path / "ddp")], cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -424,7 +424,7 @@ def test_plan_covers_aligning_the_12b_drafter():
     from finetune.config.recipe import load_recipe
     from finetune.plan.report import plan
 
-    root = Path(__file__).resolve().parent.parent / "recipes" / "gemma4-12b" / "image-qa.yaml"
+    root = Path(__file__).resolve().parents[2] / "recipes" / "gemma4-12b" / "image-qa.yaml"
     runs = {}
     for method in ("full", "lora"):
         recipe = load_recipe(root, ["train.objective=drafter", "drafter.path=google/gemma-4-12B-it-assistant",
@@ -442,7 +442,7 @@ def test_the_shipped_drafter_recipe_fits_16_gib():
     from finetune.config.recipe import load_recipe
     from finetune.plan.report import plan
 
-    path = Path(__file__).resolve().parent.parent / "recipes" / "gemma4-12b" / "drafter" / "align-image-qa.yaml"
+    path = Path(__file__).resolve().parents[2] / "recipes" / "gemma4-12b" / "drafter" / "align-image-qa.yaml"
     out = plan(load_recipe(path), budget_gib=16.0)
     assert out["fits"] and out["peak_gib"] < 15.0 and out["suggestions"] == []
     assert out["assumptions"]["drafter"]["method"] == "lora"
@@ -477,7 +477,7 @@ def test_the_drafter_section_is_checked_like_every_section(assets):
 
 
 def _converter() -> Path:
-    root = Path(os.environ.get("LLAMACPP_SRC") or Path(__file__).resolve().parents[1] / ".cache" / "llamacpp-src")
+    root = Path(os.environ.get("LLAMACPP_SRC") or Path(__file__).resolve().parents[2] / ".cache" / "llamacpp-src")
     found = sorted(root.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py")) + sorted(
         root.glob("vendor/llama.cpp/convert_hf_to_gguf.py"))
     if not found:
@@ -586,7 +586,7 @@ def test_llamacpp_converts_the_aligned_drafter_and_drafts_like_transformers(asse
     first, rows = _llamacpp_drafts(files["base"][1], files["drafter"][1], prompt, feed)
     assert first == nxt  # the target agrees on the token drafting starts from
     diff, scale = float(abs(rows - ref).max()), float(abs(ref).max())
-    # llama.cpp's target and transformers differ by ~1e-2 on their own (tests/test_llamacpp.py);
+    # llama.cpp's target and transformers differ by ~1e-2 on their own (tests/export/test_llamacpp.py);
     # the drafter reads that target's hidden state and k/v
     assert diff < 0.05 * scale, (diff, scale)
     for r, want in zip(rows, ref):
