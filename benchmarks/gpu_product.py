@@ -98,23 +98,7 @@ def grpo_step(model, family, config, common: list[str], device: str, dtype, prom
         why = str(e)
     if found is None:
         return {"skipped": f"no grpo objective in this commit ({why})"}
-    from finetune.config.recipe import load_recipe
-    from finetune.objectives import build
-
-    recipes = sorted((ROOT / "recipes").rglob("*grpo*.yaml"))
-    if not recipes:
-        return {"skipped": "a grpo objective but no shipped grpo recipe to measure"}
-    try:
-        recipe = load_recipe(recipes[0], [*common, f"data.max_seq_len={prompt_tokens + GRPO['new_tokens']}",
-                                          f"grpo.group_size={GRPO['group']}",
-                                          f"grpo.max_new_tokens={GRPO['new_tokens']}",
-                                          "train.batch_size=1", "train.grad_accum=1"])
-    except Exception as e:  # noqa: BLE001 - the objective's keys are another helper's: recorded
-        return {"skipped": f"the grpo recipe did not take this run's overrides: {str(e).splitlines()[0][:300]}"}
-    objective = build(recipe)
-    pad = config.get_text_config().pad_token_id or 0
-    rng = random.Random(0)
-    samples = [make_sample(config, rng, text=prompt_tokens, answer=16, image_tokens=0, audio_s=0) for _ in range(2)]
-    batches = [objective.collate([s], pad) for s in samples]
-    out = run_ours(model, recipe, family, batches, device, dtype, objective=objective)
-    return {"recipe": str(recipes[0].relative_to(ROOT)), **GRPO, **out, **_planned(recipe)}
+    # The objective exists now, but its loss samples rollouts, which needs its `setup` (processor,
+    # sampling, rewards, the starting adapter) on a model the steps before have frozen: not wired
+    # here yet, so the GPU run says so rather than timing a different step.
+    return {"skipped": "grpo exists, but the benchmark does not yet run its setup (rollouts) on the shared model"}

@@ -160,7 +160,10 @@ def _prove(adapter: Path, base: str, family, cfg, config: dict, pairs: dict, upd
         # (llama.cpp users get that from the base's own mmproj too; its values are pinned by the
         # read-back checks). On the tiny random base the projector's q8_0 rounding alone moved the
         # probe by more than a quarter of a small adapter's effect.
-        projector_only = logits_with(base, family, ref.batch, add=exact_updates, replace=replace) if replace else exact
+        # (the projector's own LoRA updates are merged into the written projector: only the text
+        # modules' exact updates are added here)
+        text_updates = {m: d for m, d in exact_updates.items() if m in updates}
+        projector_only = logits_with(base, family, ref.batch, add=text_updates, replace=replace) if replace else exact
     report = {**ref.report(), "merge_diff": max_diff(exact, ref.logits), "rounding_diff": max_diff(got, projector_only),
               "projector_rounding_diff": max_diff(projector_only, exact),
               "max_abs_diff": max_diff(got, ref.logits), "rounding_tolerance": ROUNDING_SHARE[outtype] * ref.lora_effect}

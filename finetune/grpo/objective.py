@@ -103,6 +103,7 @@ def policy_loss(logps, old, advantages, mask, *, eps_low: float, eps_high: float
 class GRPO(Objective):
     """Group relative policy optimisation with verifiable rewards, online, on the one loop."""
 
+    shards = False  # rollouts generate on the whole model: untested under FSDP2
     formats = CHAT_FORMATS
     previews = False
     packs = False  # a micro-batch is prompts: `collate` makes it

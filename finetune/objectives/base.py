@@ -42,6 +42,8 @@ class Objective(torch.nn.Module):
     `finetune plan` multiplies activations by."""
     previews: bool = True
     """Whether greedy previews of held-out answers (`train.preview_every`) mean anything for it."""
+    shards: bool = True
+    """Whether it runs under FSDP2 (`configs/accelerate/fsdp2.yaml`); False: refused before training."""
     trains_model: bool = True
     """Whether the model holds the trained weights (checkpoints then carry its adapter), or only the
     objective's own parameters train (a drafter aligned to a frozen target)."""
