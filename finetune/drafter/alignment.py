@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.errors import UserError
-
 
 def _silent(*_):
     pass
@@ -35,11 +33,12 @@ def align_drafter(recipe, adapter: str | None, out: str | Path, *, resume: bool 
                   progress: bool | None = None) -> dict:
     """Align `recipe.drafter.path` to base + `adapter`; the drafter folder and run go to `out`.
     Returns (and writes as `align_report.json`) what was trained and how it ended."""
+    from finetune.drafter.objective import DrafterAlignment
     from finetune.training.loop import train
 
-    if recipe.drafter.path is None:
-        raise UserError("drafter.path", "no drafter to align",
-                        "Set drafter.path to the shipped drafter (google/gemma-4-12B-it-assistant for the 12B)")
+    # the user's recipe trains another objective: the drafter objective's own check, asked now
+    for problem in DrafterAlignment.check(recipe):
+        raise problem
     # A wrong drafter or adapter fails now, before the base and the data load.
     from finetune.drafter.model import check_pair, read_config
     from finetune.model.families import family_config
