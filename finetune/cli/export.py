@@ -32,7 +32,14 @@ def _run(fn, *args, out: str | None = None, **kwargs) -> int:
 
 
 def _remove(out: str | None, fresh: bool) -> None:
+    """Remove a new output folder; a failed proof's report (the one file that explains the failure,
+    and that no server reads) is kept beside it as OUT.failed_report.json."""
     if fresh and out and Path(out).exists():
+        reports = sorted(Path(out).glob("*_report.json"))
+        if reports:
+            kept = Path(f"{Path(out)}.failed_report.json")
+            shutil.move(str(reports[0]), kept)
+            print(f"the failed proof's report: {kept}", file=sys.stderr)
         shutil.rmtree(out)
         print(f"removed the partial output {out}", file=sys.stderr)
 

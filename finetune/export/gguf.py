@@ -31,6 +31,7 @@ import torch
 from finetune.errors import UserError
 from finetune.export.merge_low_memory import does_not_fit, merge_targets, runtime_names, tensor_files
 from finetune.export.mmproj import check_mmproj, encode, projector_weights, supported, write_mmproj
+from finetune.export.proof import furthest
 from finetune.export.vllm import refuse_unservable
 from finetune.model.adapters import (
     ParityError,
@@ -219,6 +220,12 @@ def export_gguf(adapter: str | Path, out: str | Path, *, outtype: str = "f32", b
         written = write_mmproj(mmproj, base, cfg, keys, want, config, pairs, outtype)
         report["mmproj"] = {"file": str(mmproj), "merged_modules": sorted(want.values()),
                             **check_mmproj(mmproj, base, cfg, written, outtype)}
+        # As read back, written values can still mean other weights (a layout, a name): each tensor
+        # with its layout undone is held to base + update within the outtype's rounding.
+        served = furthest(*_served_projector(mmproj, cfg, keys, want, config, pairs))
+        report["mmproj"]["as_served"] = {**served, "tolerance": TOLERANCE[outtype],
+                                         "ok": served["max_rel_diff"] <= TOLERANCE[outtype]}
+        report["mmproj"]["ok"] = report["mmproj"]["ok"] and report["mmproj"]["as_served"]["ok"]
         ok = ok and report["mmproj"]["ok"]
         report["checks"].append(
             f"mmproj: {report['mmproj']['tensors']} projector tensors with llama.cpp's converter's names, layout and "
@@ -241,9 +248,11 @@ def export_gguf(adapter: str | Path, out: str | Path, *, outtype: str = "f32", b
     if not base_gguf:
         report["serve"]["model_from"] = (f"{PLACEHOLDER}: {base} converted with llama.cpp's convert_hf_to_gguf.py "
                                          "(or pass --base-gguf)")
+    if not ok:
+        report["furthest"] = _furthest(base, cfg, config, pairs, updates, mmproj, keys, want)
     write_report(out, "export_report.json", report)
     if not ok:
-        raise ParityError(f"{out}: read-back or probe check failed (see {out / 'export_report.json'})")
+        raise ParityError(_failure(out, report))
     if text:
         log(f"gguf: {len(text)} LoRA modules ({outtype}), alpha {report['alpha']:g}, update max rel diff "
             f"{report['max_rel_update_diff']:.2g} -> {lora_file}")
@@ -254,3 +263,42 @@ def export_gguf(adapter: str | Path, out: str | Path, *, outtype: str = "f32", b
             f"(adapter moves them by {report['logits']['lora_effect']:.3g})")
     log(f"serve with: {command}")
     return report
+
+
+def _served_projector(mmproj: Path, cfg, keys, want: dict, config: dict, pairs: dict) -> tuple[dict, dict]:
+    """({checkpoint key: the projector tensor llama.cpp reads, layout undone}, {key: the base's
+    tensor + its LoRA update}): what the file means next to what it should mean."""
+    from safetensors import safe_open
+
+    got, wanted = projector_weights(mmproj, cfg), {}
+    for key in got:
+        with safe_open(keys[key], "pt") as st:
+            t = st.get_tensor(key).float()
+        wanted[key] = t + delta(config, want[key], *pairs[want[key]]) if key in want else t
+    return got, wanted
+
+
+def _furthest(base: str, cfg, config: dict, pairs: dict, updates: dict, mmproj: Path | None, keys, want) -> dict:
+    """Of everything written, the tensor furthest from base + adapter: each text update read back
+    vs PEFT's B·A·scale, each projector tensor read back (layout undone) vs the base's + its update."""
+    got, wanted = dict(updates), {m: delta(config, m, *pairs[m]) for m in updates}
+    if mmproj is not None:
+        more, should = _served_projector(mmproj, cfg, keys, want, config, pairs)
+        got, wanted = got | more, wanted | should
+    return furthest(got, wanted)
+
+
+def _failure(out: Path, report: dict) -> str:
+    from finetune.export.proof import failure
+
+    if "logits" in report and not report["logits"]["ok"]:
+        return failure(out, report["logits"], report["furthest"], "export_report.json")
+    mm = report["mmproj"] if isinstance(report.get("mmproj"), dict) else {}
+    bad = mm.get("mismatched_tensors")
+    what = (f"mmproj.gguf reads back other values than were written for {', '.join(bad[:3])}" if bad else
+            f"mmproj.gguf holds {mm['as_served']['tensor']} as other weights than the base's + update (max rel "
+            f"diff {mm['as_served']['max_rel_diff']:.3g}, allowed {mm['as_served']['tolerance']:.3g})"
+            if mm and not mm["as_served"]["ok"] else
+            f"a file reads back other than written; furthest from base + adapter: {report['furthest']['tensor']} "
+            f"(max rel diff {report['furthest']['max_rel_diff']:.3g})")
+    return f"{out}: {what} (see {out / 'export_report.json'})"

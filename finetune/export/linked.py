@@ -244,4 +244,11 @@ def prove_linked(adapter: Path, out: Path, base: str, family, keys: dict[str, Pa
     report = {**ref.report(), "merge_diff": max_diff(exact, ref.logits), "rounding_diff": max_diff(as_written, ref.logits),
               "reload_diff": max_diff(served, as_written), "max_abs_diff": max_diff(served, ref.logits)}
     report["ok"] = report["merge_diff"] <= ref.merge_tol and report["reload_diff"] <= ref.tol
+    if not report["ok"]:  # which of the folder's tensors, as loaded, is not the base's + its update
+        from finetune.export.proof import furthest, load_base
+
+        loaded = dict(load_base(str(out), family).named_parameters())
+        wanted = dict(load_base(base, family).named_parameters()) | expected
+        report["furthest"] = furthest({k: loaded[k].detach() for k in wanted if k in loaded},
+                                      {k: v.detach() for k, v in wanted.items()})
     return report

@@ -63,3 +63,29 @@ def logits_with(base: str, family, batch: dict, *, folder: str | Path | None = N
     for module, d in (add or {}).items():
         params[f"{module}.weight"] += d.to(params[f"{module}.weight"].dtype)
     return logits(model, batch, attach)
+
+
+def furthest(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict:
+    """{"tensor", "max_rel_diff"}: of the tensors a proof put in, the one furthest (max |got - want|
+    over max |want|) from what base + adapter holds there. A failed probe says one number for the
+    whole model; this names where to look (a layout, a scale, a file pointing at the wrong bytes)."""
+    from finetune.model.adapters import max_rel_diff
+
+    rel = {k: max_rel_diff(got[k].double(), want[k].double()) if got[k].shape == want[k].shape else float("inf")
+           for k in want if k in got}
+    rel |= {k: float("inf") for k in want if k not in got}
+    name = max(rel, key=rel.get) if rel else None
+    return {"tensor": name, "max_rel_diff": rel.get(name)}
+
+
+def failure(out: Path, report: dict, blame: dict, report_file: str) -> str:
+    """The ParityError text of a failed probe: both figures and the tensor furthest off."""
+    if not blame.get("tensor"):
+        where = ""
+    elif blame["max_rel_diff"] == 0:
+        where = "; every tensor it holds equals base + adapter's: the difference is in its config or how it is read"
+    else:
+        where = f"; furthest from base + adapter: {blame['tensor']} (max rel diff {blame['max_rel_diff']:.3g})"
+    return (f"{out}: the exported files do not reproduce base+adapter on the probe (max |dlogits| "
+            f"{report['max_abs_diff']:.3g}, the adapter moves them by {report['lora_effect']:.3g}){where} "
+            f"(see {out / report_file})")

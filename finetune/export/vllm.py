@@ -196,9 +196,14 @@ def export_vllm(adapter: str | Path, out: str | Path, *, server: str = "vllm", m
     write_report(out, "export_report.json", report)
     if linked:  # (merge_modules raises by itself)
         account = report["linked_base"]
-        if not account["tensor_check"]["ok"] or isinstance(account["logits"], dict) and not account["logits"]["ok"]:
-            raise ParityError(f"{out}: the served model does not reproduce base+adapter (see "
-                              f"{out / 'export_report.json'})")
+        if not account["tensor_check"]["ok"]:
+            bad = account["tensor_check"]["mismatched_tensors"] or account["tensor_check"]["tensors_in_two_files"]
+            raise ParityError(f"{out}/base: {', '.join(bad[:3]) or 'its index'} read back other than the base's "
+                              f"+ update (see {out / 'export_report.json'})")
+        if isinstance(account["logits"], dict) and not account["logits"]["ok"]:
+            from finetune.export.proof import failure
+
+            raise ParityError(failure(out, account["logits"], account["logits"]["furthest"], "export_report.json"))
     if parts["text"]:
         log(f"{server}: {report['modules']} LoRA modules, rank {rank}, update max rel diff "
             f"{report['max_rel_update_diff']:.2g} -> {out}")

@@ -377,10 +377,30 @@ def test_mmproj_read_back_catches_a_corrupt_file(recipe_adapters, tmp_path, monk
     real = mmproj.to_gguf_layout  # a writer that forgets patch_ln1's CHW order
     monkeypatch.setattr(mmproj, "to_gguf_layout", lambda t, layout, cfg: real(t, None if layout == "chw" else layout,
                                                                              cfg))
-    with pytest.raises(ParityError, match="probe check failed"):
-        export_gguf(recipe_adapters["image-qa"], tmp_path / "g", outtype="f32")
-    report = json.loads((tmp_path / "g" / "export_report.json").read_text())
-    assert report["mmproj"]["ok"] and not report["logits"]["ok"]  # the file is as written; the probe sees the bug
+    for outtype in ("f32", "q8_0"):  # (q8_0: the rounding's allowance must not hide it)
+        with pytest.raises(ParityError, match="mmproj.gguf holds model.vision_embedder.patch_ln1"):
+            export_gguf(recipe_adapters["image-qa"], tmp_path / outtype, outtype=outtype)
+        report = json.loads((tmp_path / outtype / "export_report.json").read_text())
+        served = report["mmproj"]["as_served"]
+        # the file is as written; what its values mean to llama.cpp is not
+        assert not report["mmproj"]["mismatched_tensors"] and not served["ok"] and served["max_rel_diff"] > 0.1
+
+
+def test_a_failed_proof_leaves_no_files_to_serve(recipe_adapters, tmp_path, monkeypatch, capsys):
+    """The CLI removes what a failed export wrote and keeps its report beside the folder."""
+    import finetune.export.mmproj as mmproj
+    from finetune.cli.main import main
+
+    real = mmproj.to_gguf_layout  # the same forgotten CHW order, through the verb a user runs
+    monkeypatch.setattr(mmproj, "to_gguf_layout", lambda t, layout, cfg: real(t, None if layout == "chw" else layout,
+                                                                             cfg))
+    out = tmp_path / "o"
+    assert main(["export", "--format", "ollama", str(recipe_adapters["image-qa"]), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "model.vision_embedder.patch_ln1" in err and f"removed the partial output {out}" in err
+    assert not out.exists()
+    kept = json.loads((tmp_path / "o.failed_report.json").read_text())
+    assert kept["furthest"]["tensor"].startswith("model.vision_embedder.patch_ln1")
 
 
 # --- the serve line --------------------------------------------------------------------------
@@ -404,3 +424,43 @@ def test_cli_prints_the_serve_command_and_checks_its_options(recipe_adapters, tm
         assert err in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "g").exists()
     np.testing.assert_equal(report["serve"]["model"], str(tmp_path / "v" / "base"))
+
+
+def test_a_failed_linked_folder_names_the_tensor_or_its_config(recipe_adapters, tmp_path, monkeypatch):
+    """vLLM's linked base folder: a tensor written wrong is named by the read-back; a config that
+    changes how the (right) tensors are read is named as such by the probe."""
+    import shutil
+
+    import safetensors.torch
+
+    import finetune.export.linked as linked
+    from finetune.export.vllm import export_vllm
+    from finetune.model.adapters import ParityError
+
+    real_patch = linked._patch
+
+    def off_by_one(dst, src, changed, config, pairs):  # one updated projection written wrong
+        n = real_patch(dst, src, changed, config, pairs)
+        tensors = safetensors.torch.load_file(dst)
+        key = sorted(changed)[0]
+        safetensors.torch.save_file({**tensors, key: tensors[key] + 1}, dst, metadata={"format": "pt"})
+        return n
+
+    monkeypatch.setattr(linked, "_patch", off_by_one)
+    with pytest.raises(ParityError, match=r"/base: model\.\S+ read back other than the base's"):
+        export_vllm(recipe_adapters["demo"], tmp_path / "v")
+    monkeypatch.setattr(linked, "_patch", real_patch)
+
+    real_copy = shutil.copy2
+
+    def other_eps(src, dst):  # the folder's config read differently: every tensor right, logits not
+        real_copy(src, dst)
+        if Path(src).name == "config.json":
+            cfg = json.loads(Path(dst).read_text())
+            cfg.get("text_config", cfg)["rms_norm_eps"] = 0.5
+            Path(dst).write_text(json.dumps(cfg))
+
+    monkeypatch.setattr(linked.shutil, "copy2", other_eps)
+    with pytest.raises(ParityError, match="every tensor it holds equals base [+] adapter's: the difference is in its "
+                                          "config"):
+        export_vllm(recipe_adapters["demo"], tmp_path / "w")
