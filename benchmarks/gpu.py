@@ -52,8 +52,9 @@ from finetune.plan.skeleton import load_config  # noqa: E402
 
 RECIPE = ROOT / "recipes/gemma4-12b/mixed-image-audio-text.yaml"
 FULL = {"seq": [4096, 16384], "mixed_samples": 32, "text_samples": 24, "hf_steps": 2, "dpo_seq": 2048, "prompt": 1024,
-        "shard_bytes": 4 * 2**30}
-DRY = {"seq": [160, 320], "mixed_samples": 6, "text_samples": 8, "hf_steps": 2, "dpo_seq": 160, "prompt": 96, "shard_bytes": 2**20}
+        "grpo_new_tokens": 256, "shard_bytes": 4 * 2**30}
+DRY = {"seq": [160, 320], "mixed_samples": 6, "text_samples": 8, "hf_steps": 2, "dpo_seq": 160, "prompt": 96,
+       "grpo_new_tokens": 16, "shard_bytes": 2**20}
 ATTENTION = ["train.attention=blocked"]  # the new path: what `runs` measure
 TRAVEL_LIMIT = 64 * 2**20  # what the device tool carries: the tree + the ignored paths named
 PARTS = ("train", "product")
@@ -244,8 +245,8 @@ def part_product(run: Run, skip: list[str]) -> None:
     objectives["drafter"] = run.guarded(gpu_product.drafter_step, run.model, run.family, run.config, common,
                                         run.processor_from, run.tmp, run.device, run.dtype, s["prompt"])
     run.save()
-    objectives["grpo"] = run.guarded(gpu_product.grpo_step, run.model, run.family, run.config, common, run.device,
-                                     run.dtype, s["prompt"])
+    objectives["grpo"] = run.guarded(gpu_product.grpo_step, run.model, run.family, run.config, common,
+                                     run.processor_from, run.device, run.dtype, s["prompt"], s["grpo_new_tokens"])
     run.save()
     if "load" in skip:
         return

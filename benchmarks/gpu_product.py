@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DPO_RECIPE = ROOT / "recipes/gemma4-12b/preference-dpo.yaml"
 DRAFTER_RECIPE = ROOT / "recipes/gemma4-12b/drafter/align-image-qa.yaml"
 ASSISTANT_CONFIG = ROOT / "finetune/configs/gemma-4-12b-assistant.json"
+GRPO_RECIPE = ROOT / "recipes/gemma4-12b/grpo.yaml"
 GRPO = {"group": 8, "new_tokens": 256}
 
 
@@ -87,18 +88,27 @@ def drafter_step(model, family, config, common: list[str], processor_from: str, 
             **_planned(recipe)}
 
 
-def grpo_step(model, family, config, common: list[str], device: str, dtype, prompt_tokens: int) -> dict:
-    """A GRPO step (group 8, 256 new tokens) if this commit has a `grpo` objective; else why not."""
-    from finetune.objectives import get
+def grpo_step(model, family, config, common: list[str], processor_from: str, device: str, dtype,
+              prompt_tokens: int, new_tokens: int) -> dict:
+    """Two GRPO steps (the first warms) of one prompt each: group 8 completions of `new_tokens`
+    sampled from the LoRA policy, rewarded, then the clipped policy loss over them. The steps
+    before froze the shared model, so its LoRA is made trainable again and only the rollout half
+    of the objective's setup runs (the LoRA is already attached)."""
+    from finetune.config.recipe import load_recipe
+    from finetune.objectives import build
 
-    found, why = None, "none registered"
-    try:
-        found = get("grpo")
-    except ModuleNotFoundError as e:  # the registry names it; its package isn't in this commit
-        why = str(e)
-    if found is None:
-        return {"skipped": f"no grpo objective in this commit ({why})"}
-    # The objective exists now, but its loss samples rollouts, which needs its `setup` (processor,
-    # sampling, rewards, the starting adapter) on a model the steps before have frozen: not wired
-    # here yet, so the GPU run says so rather than timing a different step.
-    return {"skipped": "grpo exists, but the benchmark does not yet run its setup (rollouts) on the shared model"}
+    recipe = load_recipe(GRPO_RECIPE, [*common, f"model.base={processor_from}", "train.reference_adapter=",
+                                       f"data.max_seq_len={prompt_tokens}", f"grpo.group_size={GRPO['group']}",
+                                       f"grpo.max_new_tokens={new_tokens}", "train.batch_size=1",
+                                       "train.grad_accum=1"])
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    objective = build(recipe)
+    objective.prepare_rollouts(model, family)
+    pad = config.get_text_config().pad_token_id or 0
+    rng = random.Random(0)
+    samples = [make_sample(config, rng, text=prompt_tokens - 8, answer=8, image_tokens=0, audio_s=0) for _ in range(2)]
+    batches = [objective.collate([dict(s, origin=f"bench-{i}")], pad) for i, s in enumerate(samples)]
+    out = run_ours(model, recipe, family, batches, device, dtype, objective=objective)
+    return {"group": GRPO["group"], "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, **out,
+            **_planned(recipe)}

@@ -38,7 +38,8 @@ def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def _chunk_logps(h, weight, targets, cap, temperature):
-    logits = _softcap(F.linear(h, weight).float(), cap) / temperature
+    logits = F.linear(h, weight)  # at least fp32 (a float64 model stays float64: the TRL parity test)
+    logits = _softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)), cap) / temperature
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -55,12 +56,13 @@ def completion_logps(model, rows: dict, temperature: float, chunk: int = 64) -> 
     h = hidden[:, p - 1: p - 1 + t][mask]  # position j predicts completion token j
     targets = rows["completion_ids"][mask]
     cap = cg.config.get_text_config().final_logit_softcapping
-    pieces = [h[:0].sum(-1).float()]  # keeps an empty selection on the graph
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    pieces = [h[:0].sum(-1).to(dtype)]  # keeps an empty selection on the graph
     for s in range(0, len(targets), chunk):
         args = (h[s:s + chunk], cg.lm_head.weight, targets[s:s + chunk], cap, temperature)
         pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                       else _chunk_logps(*args))
-    return torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, torch.cat(pieces))
+    return torch.zeros(mask.shape, dtype=dtype, device=h.device).masked_scatter(mask, torch.cat(pieces))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
@@ -150,13 +152,17 @@ class GRPO(Objective):
         return lambda r, sk, device: estimate_grpo(r, sk, device, config)
 
     def setup(self, model, family):
+        return self.prepare_rollouts(self._policy(model, family), family)
+
+    def prepare_rollouts(self, model, family):
+        """What rollouts need on a model that already holds its trainable LoRA: the processor,
+        sampling, rewards and the drafter; returns the model (the policy rollouts sample from)."""
         from finetune.grpo.rewards import Rewards
         from finetune.grpo.rollout import Sampling
         from finetune.model.generate import stop_ids, suppressed_ids
         from finetune.model.load import load_processor
 
         r = self.recipe
-        model = self._policy(model, family)
         self.processor = load_processor(r.model.base, r.data.image_tokens, r.model.trust_remote_code)
         self.chat = family.chat
         tok = self.processor.tokenizer
