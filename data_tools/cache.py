@@ -23,7 +23,7 @@ import numpy as np
 
 from data_tools.render import ChatFormat
 
-CACHE_VERSION = "4"
+CACHE_VERSION = "5"
 _COLUMNS = ("input_ids", "labels", "mm_token_type_ids", "modality", "origin", "dataset", "overflow")
 # Media key → (dtype, column holding each row's array width). Position ids are (x, y) pairs.
 _MEDIA = {"pixel_values": (np.uint8, "pixel_width"), "image_position_ids": (np.int32, None),
@@ -31,7 +31,7 @@ _MEDIA = {"pixel_values": (np.uint8, "pixel_width"), "image_position_ids": (np.i
 _PAIRS = 2
 # Preference samples (data_tools.preference) carry one of these, branched samples
 # (data_tools.steps) position ids; other rows store the default.
-_OPTIONAL = {"rejected_ids": [], "desirable": -1, "position_ids": []}
+_OPTIONAL = {"rejected_ids": [], "desirable": -1, "position_ids": [], "columns": ""}
 
 
 def cache_key(recipe, processor_dir: str, chat: ChatFormat | None = None) -> str:
@@ -103,6 +103,7 @@ def _features():
         "pixel_width": datasets.Value("int32"), "feature_width": datasets.Value("int32"),
         "rejected_ids": datasets.Sequence(datasets.Value("int32")), "desirable": datasets.Value("int8"),
         "position_ids": datasets.Sequence(datasets.Value("int32")),
+        "columns": datasets.Value("string"),  # a `prompt` record's other columns, as JSON
     })
 
 

@@ -294,7 +294,7 @@ class ChatText:
         trace = (m.thinking or trace) if thinking else None
         head = chat.channel_open + chat.thought + trace + chat.channel_close if trace else ""
         if not m.tool_calls:
-            if not answer:
+            if not answer and conv.kind != "prompt":  # a prompt record's answer turn may be empty
                 raise BadRecord("no_answer", "the assistant answer is empty", conv.origin)
             return head + answer + chat.turn_end
         if not chat.call_stop:

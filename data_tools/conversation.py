@@ -56,7 +56,7 @@ class Conversation:
     origin: str = "<memory>"
     base_dir: str = "."
     # "chat" trains on assistant turns; "text" (continued pre-training) trains on everything.
-    kind: Literal["chat", "text"] = "chat"
+    kind: Literal["chat", "text", "prompt"] = "chat"  # prompt: a prompt record (its answer turn may be empty)
     dataset: str = ""
     # Function declarations offered to the model (OpenAI `{"type": "function", "function": {...}}`).
     tools: list[dict] = field(default_factory=list)

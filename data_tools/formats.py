@@ -1,6 +1,6 @@
 """Record layouts → the canonical `Conversation`.
 
-`parse_record` knows four layouts (the recipe's `format`):
+`parse_record` knows five layouts (the recipe's `format`):
 - `messages`: `{"messages": [{"role", "content": str | [parts]}]}` (OpenAI / Hugging Face chat).
   Parts: `{"type": "text", "text"}`, `{"type": "image"|"audio", "path"|"url"|"base64"|"image"|"audio"}`,
   OpenAI's `image_url` / `input_audio` and vLLM's `audio_url`. A media part with no reference is
@@ -13,6 +13,10 @@
 - `text`: `{"text"}`, continued pre-training: one user message, trained on in full.
 - `instruction`: `prompt`|`instruction`(+`input`) and `response`|`output`|`completion`, optional
   `system` and `image(s)` / `audio(s)` (placed before the prompt).
+- `prompt` (online RL, TRL's prompt-only layout): `prompt` as text or a list of chat messages,
+  optional `system` and `image(s)` / `audio(s)`, and any other columns, which travel with the
+  sample to the reward functions (`prompt_columns`); a `solution` column is also the reference
+  answer the built-in rewards and `finetune eval` compare with.
 
 A media reference is a path (relative to the data file's folder), an http(s) URL, a `data:`
 URL, base64 text, raw bytes, or a Hugging Face `{"bytes", "path"}` cell. Every problem with a
@@ -48,12 +52,12 @@ def parse_record(record: dict, fmt: str, origin: str, base_dir: str) -> Conversa
         if not isinstance(record, dict):
             raise BadRecord("wrong_shape", f"a {type(record).__name__}, not an object")
         messages = parser(record)
-        tools = parse_tools(record.get("tools")) if fmt == "messages" else []
+        tools = parse_tools(record.get("tools")) if fmt in ("messages", "prompt") else []
         check_tool_flow(messages, tools)
     except BadRecord as bad:
         raise BadRecord(bad.reason, bad.detail, origin, raw=record) from None
     return Conversation(messages, origin=origin, base_dir=base_dir,
-                        kind="text" if fmt == "text" else "chat", raw=record, tools=tools)
+                        kind=fmt if fmt in ("text", "prompt") else "chat", raw=record, tools=tools)
 
 
 def iter_conversations(spec, *, base_dir: str | None = None) -> Iterator[Conversation | BadRecord]:
@@ -71,9 +75,9 @@ def iter_conversations(spec, *, base_dir: str | None = None) -> Iterator[Convers
         yield conv
 
 
-# -- the four layouts -----------------------------------------------------------------------
+# -- the layouts -----------------------------------------------------------------------
 
-def _parse_messages(record: dict) -> list[Message]:
+def _parse_messages(record: dict, answered: bool = True) -> list[Message]:
     turns = record.get("messages")
     if not isinstance(turns, list):
         raise BadRecord("wrong_shape", "no 'messages' list (rename yours with `columns: {messages: ...}`)")
@@ -99,7 +103,8 @@ def _parse_messages(record: dict) -> list[Message]:
     for kind, left in pending.items():
         if left:
             raise BadRecord("placeholder_mismatch", f"{len(left)} {kind}(s) listed but no {kind} part takes them")
-    _check_chat(messages)
+    if answered:
+        _check_chat(messages)
     return messages
 
 
@@ -173,8 +178,43 @@ def _parse_instruction(record: dict) -> list[Message]:
     return messages
 
 
+# The prompt layout's own keys; every other column of a record is passed to the rewards.
+PROMPT_KEYS = ("prompt", "system", "images", "image", "audios", "audio", "tools")
+
+
+def _parse_prompt(record: dict) -> list[Message]:
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):
+        messages = _parse_messages({"messages": prompt, "images": record.get("images"),
+                                    "audios": record.get("audios")}, answered=False)
+    elif isinstance(prompt, str) and prompt.strip():
+        media = [_media_part("image", v) for v in _media_values(record, "images", "image")]
+        media += [_media_part("audio", v) for v in _media_values(record, "audios", "audio")]
+        messages = [Message("user", media + [Part("text", text=prompt)])]
+    else:
+        raise BadRecord("wrong_shape", "no 'prompt' text or message list (rename yours with `columns: {prompt: ...}`)")
+    if messages[-1].role == "assistant":
+        raise BadRecord("wrong_shape", "the prompt ends with an assistant message; give the reference answer as a "
+                        "'solution' column")
+    system = _first_str(record, "system")
+    if system and messages[0].role != "system":
+        messages.insert(0, Message("system", [Part("text", text=system)]))
+    if not any(m.role == "user" and _has_content(m) for m in messages):
+        raise BadRecord("no_user_turn", "no user message with content")
+    solution = record.get("solution")
+    # The answer turn the prompt is served before: the reference when there is one, else empty
+    # (only its end is labelled, which is where the served prompt ends).
+    text = "" if solution is None else solution if isinstance(solution, str) else json.dumps(solution, default=str)
+    return messages + [Message("assistant", [Part("text", text=text)] if text else [])]
+
+
+def prompt_columns(record: dict) -> str:
+    """The columns of a `prompt` record the rewards get (all but PROMPT_KEYS), as JSON text."""
+    return json.dumps({k: v for k, v in record.items() if k not in PROMPT_KEYS}, default=str, sort_keys=True)
+
+
 _PARSERS = {"messages": _parse_messages, "sharegpt": _parse_sharegpt,
-            "text": _parse_text, "instruction": _parse_instruction}
+            "text": _parse_text, "instruction": _parse_instruction, "prompt": _parse_prompt}
 
 
 # -- pieces ---------------------------------------------------------------------------------

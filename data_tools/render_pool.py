@@ -18,6 +18,7 @@ from pathlib import Path
 
 from data_tools.accounting import Ledger, Stats, dataset_name
 from data_tools.conversation import BadRecord, Conversation
+from data_tools.formats import prompt_columns
 from data_tools.render import ChatFormat, Renderer, RenderSettings
 
 CHUNK = 16  # records per render call: samples with the same media share one processor call
@@ -89,6 +90,8 @@ class RecordWorker:
             else:
                 r.update(modality=conv.modality(), origin=items[k][0], dataset=items[k][4],
                          media_actions=list(conv.media_actions))
+                if items[k][3] == "prompt":  # its other columns go to the reward functions
+                    r["columns"] = prompt_columns(conv.raw)
                 out[k] = r
         for r, f in zip(out, files):
             r["media_files"] = f

@@ -37,8 +37,9 @@ class DatasetSpec:
     path: str = _f(doc="file, folder, glob, HF datasets folder or hub id", path="local_or_hub")
     media_root: str | None = _f(None, "folder that relative media paths in the records resolve "
                                 "against (default: the data file's folder)", path="local")
-    format: Literal["messages", "sharegpt", "text", "instruction", "preference"] = _f(
-        "messages", "record layout (preference: TRL's prompt/chosen/rejected or prompt/completion/label)")
+    format: Literal["messages", "sharegpt", "text", "instruction", "preference", "prompt"] = _f(
+        "messages", "record layout (preference: TRL's prompt/chosen/rejected or prompt/completion/label; "
+        "prompt: a prompt and any columns the GRPO rewards read)")
     weight: float = _f(1.0, "share of the mix", lo=0.0)
     split: str | None = _f(None, "split of a HF dataset")
     max_samples: int | None = _f(None, "take at most this many records", lo=1)
@@ -304,6 +305,9 @@ def _objective_checks(r: Recipe, cls, errors: list[UserError]) -> None:
             if ds.format == "preference" and "preference" not in (cls.formats or ()):
                 errors.append(UserError(f"{key}[{i}].format", f"preference data can't train objective "
                                         f"{r.train.objective!r}", "Use train.objective dpo, orpo or kto"))
+            if ds.format == "prompt" and "prompt" not in (cls.formats or ()):
+                errors.append(UserError(f"{key}[{i}].format", f"prompt-only data has no answer to train "
+                                        f"objective {r.train.objective!r} on", "Use train.objective grpo"))
 
 
 def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:

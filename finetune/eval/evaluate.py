@@ -127,7 +127,7 @@ def eval_items(recipe, processor, chat, limit: int | None = None, log=None) -> t
                 else:
                     conv = parse_record(record, spec.format, origin, base_dir)
                 last = conv.messages[-1]
-                if conv.kind != "chat" or last.role != "assistant" or not last.text().strip():
+                if conv.kind not in ("chat", "prompt") or last.role != "assistant" or not last.text().strip():
                     raise BadRecord("no_answer", "nothing to compare against", origin)
                 images, audios = load_media(conv, recipe.data)
             except BadRecord:

@@ -21,6 +21,8 @@ and the loop presents the same prompts `iterations` steps in a row.
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -106,7 +108,7 @@ class GRPO(Objective):
     """Group relative policy optimisation with verifiable rewards, online, on the one loop."""
 
     shards = False  # rollouts generate on the whole model: untested under FSDP2
-    formats = CHAT_FORMATS
+    formats = (*CHAT_FORMATS, "prompt")  # prompt: TRL's prompt-only layout, its other columns to the rewards
     previews = False
     packs = False  # a micro-batch is prompts: `collate` makes it
     uses_reference = True  # allows train.reference_adapter: the start (and with beta > 0 the reference)
@@ -202,7 +204,8 @@ class GRPO(Objective):
         batch.update(prompts=[served_prompts([s], pad_id) for s in samples],
                      solution_ids=[list(s["input_ids"][a:b]) for s, (a, b) in zip(samples, spans)],
                      modality=[s.get("modality", "text") for s in samples],
-                     origin=[s.get("origin", "data") for s in samples])
+                     origin=[s.get("origin", "data") for s in samples],
+                     columns=[json.loads(s.get("columns") or "{}") for s in samples])
         return batch
 
     def weight(self, batch: dict) -> int:
@@ -286,7 +289,9 @@ class GRPO(Objective):
                 raw.append(self._decode(ids, raw=True))
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731 - one value per completion
         prompt_text = rep([self._decode(p["input_ids"][0].tolist(), raw=False) for p in batch["prompts"]])
-        columns = {"solution": rep([self._answer(s) for s in batch["solution_ids"]]),
+        extra = batch.get("columns") or [{} for _ in batch["prompts"]]  # a `prompt` record's own columns
+        columns = {k: rep([c.get(k) for c in extra]) for k in sorted({k for c in extra for k in c})}
+        columns |= {"solution": rep([self._answer(s) for s in batch["solution_ids"]]),
                    "raw_solution": rep([self._decode(s, raw=True) for s in batch["solution_ids"]]),
                    "raw_completions": raw, "modality": rep(batch["modality"])}
         total, each = self.rewards.score(prompt_text, completions, columns, rep(batch["origin"]))

@@ -593,3 +593,30 @@ def test_bad_record_survives_pickling():
     bad = pickle.loads(pickle.dumps(BadRecord("no_answer", "empty", "t.jsonl:3", raw={"text": ""})))
     assert (bad.reason, bad.detail, bad.origin, bad.raw, str(bad)) == (
         "no_answer", "empty", "t.jsonl:3", {"text": ""}, "t.jsonl:3: empty")
+
+
+def test_prompt_layout_keeps_its_columns_for_the_rewards():
+    """TRL's prompt-only layout: text or messages, media columns, a `solution` as the reference;
+    every other column travels as JSON."""
+    from data_tools.formats import prompt_columns
+
+    rec = {"prompt": "Which colour?", "images": ["a.png"], "solution": "red", "difficulty": 3, "tags": ["x"]}
+    conv = parse_record(rec, "prompt", "f.jsonl:1", "/data")
+    assert [m.role for m in conv.messages] == ["user", "assistant"]
+    assert [p.type for p in conv.messages[0].parts] == ["image", "text"]
+    assert conv.messages[-1].text() == "red"
+    assert json.loads(prompt_columns(rec)) == {"solution": "red", "difficulty": 3, "tags": ["x"]}
+    chat = {"prompt": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "High or low?"}]}],
+            "audios": ["t.wav"], "level": "easy"}
+    conv = parse_record(chat, "prompt", "f.jsonl:2", "/data")
+    assert [m.role for m in conv.messages] == ["system", "user", "assistant"]
+    assert conv.messages[-1].parts == []  # no reference: only the answer turn's end is labelled
+    assert json.loads(prompt_columns(chat)) == {"level": "easy"}
+    for bad, reason in (({"question": "x"}, "wrong_shape"),
+                        ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                         "wrong_shape"),
+                        ({"prompt": [{"role": "system", "content": "a"}]}, "no_user_turn")):
+        with pytest.raises(BadRecord) as e:
+            parse_record(bad, "prompt", "f.jsonl:3", "/data")
+        assert e.value.reason == reason

@@ -188,3 +188,29 @@ def test_two_process_ddp_equals_one_process(root, demo_data, train_on_two_ranks)
     for key in ("reward", "completion_length", "rewards/tests.objectives.grpo_rewards_user:length_bonus/mean"):
         assert [r[key] for r in ddp] == pytest.approx([r[key] for r in single], abs=1e-6), key
     assert [r["tokens"] for r in ddp] == [r["tokens"] for r in single] == [8, 8]
+
+
+def test_prompt_records_and_their_columns_reach_the_rewards(root, demo_data, tmp_path):
+    """`format: prompt`: a picture with a string prompt and a chat prompt, each with a column the
+    user reward reads; the step's mean of that reward is the columns' mean (each prompt's
+    value repeated over its group). SFT refuses such data up front."""
+    from finetune.training.loop import train
+
+    data = tmp_path / "rl.jsonl"
+    img = str(demo_data / "images" / "train_0000.png")
+    rows = [{"prompt": "Which colour fills the picture?", "images": [img], "solution": "red", "difficulty": 1},
+            {"prompt": [{"role": "user", "content": "What is the capital of Norvia?"}], "difficulty": 3}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = raw(demo_data, root, "prompt-format", max_steps=1)
+    r["datasets"], r["eval_datasets"] = [{"path": str(data), "format": "prompt"}], []
+    r["grpo"]["rewards"] = [{"name": "exact_match"}, {"name": "tests.objectives.grpo_rewards_user:echo_column"}]
+    train(recipe_from_dict(r))
+    (row,) = metrics_of(root / "prompt-format")
+    assert row["rewards/tests.objectives.grpo_rewards_user:echo_column/mean"] == 2.0
+    assert row["rewards/tests.objectives.grpo_rewards_user:echo_column/std"] > 0
+    sft = {**r, "train": {**r["train"], "objective": "sft"}}
+    sft.pop("grpo")
+    with pytest.raises(RecipeErrors) as e:
+        recipe_from_dict(sft)
+    assert [(x.where, x.what) for x in e.value.errors] == [
+        ("datasets[0].format", "prompt-only data has no answer to train objective 'sft' on")]
