@@ -199,6 +199,12 @@ class ChatText:
             msgs = msgs[:-1]
         return self.render(msgs, True, conv.tools, thinking, conv.origin)
 
+    def answer_text(self, conv: Conversation, thinking: bool = False) -> str:
+        """The last answer as the model writes it after `prompt_text`: thought, text, calls and the
+        stop token, in the template's own syntax (what GRPO's raw-text rewards compare with)."""
+        msgs = self.messages(conv, thinking)
+        return self._written(conv, msgs, len(conv.messages) - 1, thinking)
+
     # ------------------------------------------------------------------ text + labels
 
     def text_and_labels(self, conv: Conversation) -> tuple[str, list[int], list[int]]:

@@ -100,6 +100,10 @@ class Renderer:
         """What a server sends the model: everything before the last answer + generation prompt."""
         return self.chat_text.prompt_text(conv, thinking)
 
+    def answer_text(self, conv: Conversation, thinking: bool = False) -> str:
+        """The last answer as the model writes it, special tokens included."""
+        return self.chat_text.answer_text(conv, thinking)
+
     def text_and_labels(self, conv: Conversation) -> tuple[str, list[int], list[int]]:
         """The training text, its unexpanded token ids, and labels (IGNORE where no loss)."""
         return self.chat_text.text_and_labels(conv)

@@ -226,10 +226,11 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
     rows = []
     if "shipped" in drafters:
         rows += pairing_rows(model, "base", {"shipped": drafters["shipped"]}, processor, family.chat, *measured)
-    base_out = generate_items(model, processor, family.chat, plain, **gen)
+    raws: dict[str, list] = {"base": [], "adapter": []}  # GRPO's format/tool_call rewards read the raw text
+    base_out = generate_items(model, processor, family.chat, plain, **gen, raw=raws["base"])
     base_agent = agent_eval(model, processor, family.chat, agents, **loop) if agents else None
     model = load_adapter(model, str(adapter), allow_pickle=m.allow_pickle)
-    adapter_out = generate_items(model, processor, family.chat, plain, **gen)
+    adapter_out = generate_items(model, processor, family.chat, plain, **gen, raw=raws["adapter"])
     if drafters:
         rows += pairing_rows(model, "adapted", drafters, processor, family.chat, *measured)
     result = score(plain, base_out, adapter_out)
@@ -237,7 +238,8 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
         from finetune.grpo.rewards import reward_by_modality
 
         result["rewards"] = reward_by_modality(recipe.grpo.rewards, family.chat, plain,
-                                               {"base": base_out, "adapter": adapter_out})
+                                               {"base": base_out, "adapter": adapter_out}, raws,
+                                               _written_references(processor, family.chat, plain, recipe))
     if agents:
         adapter_agent = agent_eval(model, processor, family.chat, agents, **loop)
         result["agent"] = {"base": base_agent[0], "adapter": adapter_agent[0],
@@ -249,6 +251,15 @@ def evaluate_adapter(recipe, adapter: str | Path, *, max_items: int | None = Non
     if any(s.format == "preference" for s in recipe.eval_datasets or recipe.datasets):
         result["preference"] = _preference(model, recipe, processor, family.chat, log)
     return result, plain + agents  # result["items"] pairs with the plain items, first
+
+
+def _written_references(processor, chat, items, recipe) -> list[str]:
+    """Each item's reference as the model would write it (thought, calls and stop token in the
+    template's syntax), next to the raw answers."""
+    from finetune.model.generate import renderer, wants_thinking
+
+    r = renderer(processor, chat)
+    return [r.answer_text(it.conv, wants_thinking(recipe.data.thinking, it.conv, chat)) for it in items]
 
 
 def _preference(model, recipe, processor, chat, log) -> dict:

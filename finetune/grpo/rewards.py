@@ -205,19 +205,19 @@ def _failing_item(r: Reward, prompts, completions, columns, first: Exception) ->
     return 0, first
 
 
-def reward_by_modality(specs, chat, items, answers: dict[str, list[str]]) -> dict:
+def reward_by_modality(specs, chat, items, answers: dict[str, list[str]], raw: dict[str, list[str]],
+                       raw_solution: list[str]) -> dict:
     """`finetune eval` on a GRPO recipe: {side: {modality: {reward, n, by reward name}}} of the
     greedy answers of each side ("base", "adapter") to held-out items (`.id`, `.reference`,
-    `.conv`). Greedy answers are the served text (special tokens dropped), so `tool_call` and
-    `format` read that text."""
+    `.conv`), as in training: `raw` (each side's answers with special tokens) and `raw_solution`
+    (the references as the model writes them) are what `tool_call` and `format` read."""
     rewards = Rewards(specs, chat)
     mods = [it.conv.modality() for it in items]
-    columns = {"solution": [it.reference for it in items], "raw_solution": [it.reference for it in items],
-               "modality": mods}
+    columns = {"solution": [it.reference for it in items], "raw_solution": raw_solution, "modality": mods}
     prompts = [" ".join(m.text() for m in it.conv.messages[:-1]) for it in items]
     out = {}
     for side, completions in answers.items():
-        total, each = rewards.score(prompts, completions, {**columns, "raw_completions": completions},
+        total, each = rewards.score(prompts, completions, {**columns, "raw_completions": raw[side]},
                                     [it.id for it in items])
         table: dict[str, dict] = {}
         for m in sorted(set(mods)) + ["all"]:

@@ -76,13 +76,21 @@ def prompt_inputs(processor, chat: ChatFormat, convs: list[Conversation], images
                      padding_side="left", **kwargs)
 
 
-@torch.no_grad()
 def greedy(model, processor, chat: ChatFormat, inputs: dict, *, max_new_tokens: int,
            streamer=None, thinking: bool = False, raw: bool = False) -> list[str]:
     """Greedy answers for processor outputs (one row per prompt, left-padded when several):
     stop at end of turn, suppress media (and with thinking off channel) tokens, return the
     decoded new text: the answer after the thought channel, or with `raw` everything written,
     special tokens included (tool calls, the thought, the stop token)."""
+    pairs = greedy_both(model, processor, chat, inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+                        thinking=thinking)
+    return [r if raw else a for a, r in pairs]
+
+
+@torch.no_grad()
+def greedy_both(model, processor, chat: ChatFormat, inputs: dict, *, max_new_tokens: int,
+                streamer=None, thinking: bool = False) -> list[tuple[str, str]]:
+    """(answer, raw) per row of `greedy`: both decodings of one generation."""
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype  # media enter in the embeddings' dtype
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
@@ -97,12 +105,10 @@ def greedy(model, processor, chat: ChatFormat, inputs: dict, *, max_new_tokens: 
     answers = []
     for row in out[:, n:].tolist():
         row = [t for t in row if t != tok.pad_token_id]
-        if raw:
-            answers.append(tok.decode(row, skip_special_tokens=False))
-            continue
+        raw = tok.decode(row, skip_special_tokens=False)
         if thinking and close in row:  # the answer is what follows the thought channel
             row = row[len(row) - row[::-1].index(close):]
-        answers.append(tok.decode(row, skip_special_tokens=True).strip())
+        answers.append((tok.decode(row, skip_special_tokens=True).strip(), raw))
     return answers
 
 
@@ -115,15 +121,17 @@ def generate(model, processor, chat: ChatFormat, conv: Conversation, images: lis
 
 
 def generate_items(model, processor, chat: ChatFormat, items, *, max_new_tokens: int, image_tokens: int,
-                   batch_size: int, progress: bool = True, thinking: str | bool = False) -> list[str]:
+                   batch_size: int, progress: bool = True, thinking: str | bool = False,
+                   raw: list | None = None) -> list[str]:
     """Answers for items with `.conv`, `.images`, `.audios`, batched by media layout.
-    `thinking`: a bool, or `data.thinking` (auto | on | off) decided per item."""
+    `thinking`: a bool, or `data.thinking` (auto | on | off) decided per item. `raw`: a list that
+    receives each item's raw text too (special tokens kept: what GRPO's format rewards read)."""
     from tqdm import tqdm
 
     groups: dict[tuple[int, int, bool], list[int]] = defaultdict(list)
     for i, it in enumerate(items):
         groups[(len(it.images), len(it.audios), wants_thinking(thinking, it.conv, chat))].append(i)
-    outputs = [""] * len(items)
+    outputs, raws = [""] * len(items), [""] * len(items)
     with tqdm(total=len(items), desc="generate", unit=" item", leave=False, file=sys.stderr,
               disable=not progress) as bar:
         for (_, _, think), idx in groups.items():
@@ -131,10 +139,13 @@ def generate_items(model, processor, chat: ChatFormat, items, *, max_new_tokens:
                 chunk = [items[i] for i in idx[k:k + batch_size]]
                 inputs = prompt_inputs(processor, chat, [it.conv for it in chunk], [it.images for it in chunk],
                                        [it.audios for it in chunk], image_tokens, think)
-                answers = greedy(model, processor, chat, inputs, max_new_tokens=max_new_tokens, thinking=think)
-                for i, a in zip(idx[k:k + batch_size], answers):
-                    outputs[i] = a
+                answers = greedy_both(model, processor, chat, inputs, max_new_tokens=max_new_tokens,
+                                      thinking=think)
+                for i, (a, r) in zip(idx[k:k + batch_size], answers):
+                    outputs[i], raws[i] = a, r
                 bar.update(len(chunk))
+    if raw is not None:
+        raw.extend(raws)
     return outputs
 
 

@@ -76,3 +76,32 @@ def test_specs_are_checked():
     assert "not a valid regex" in check_spec(spec("regex", pattern="(a"), "r")[0].what
     assert check_spec(spec("exact_match"), "r") == [] and check_spec(spec("pkg.mod:fn"), "r") == []
     assert "neither a built-in" in check_spec(spec("exactmatch"), "r")[0].what
+
+
+def test_eval_scores_the_raw_text_as_training_does(processor):
+    """`finetune eval` on a GRPO recipe: `format` reads each side's raw answer (the thought channel
+    is gone from the served text) and `tool_call` the reference as the model writes it."""
+    from data_tools.formats import parse_record
+    from finetune.grpo.rewards import reward_by_modality
+    from finetune.model.generate import renderer
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    rec = {"tools": tools, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "reasoning_content": "Look it up.", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}]}
+    conv = parse_record(rec, "messages", "f.jsonl:1", "/data")
+    written = renderer(processor, CHAT).answer_text(conv, thinking=True)
+    assert written == ('<|channel>thought\nLook it up.<channel|><|tool_call>call:get_weather{city:<|"|>Paris<|"|>}'
+                       '<tool_call|><|tool_response>')  # the call stop is what the model writes last
+    item = SimpleNamespace(id="w", reference="", conv=conv)
+    raw = {"base": ["<tool_call|>"], "adapter": [written]}
+    out = reward_by_modality([spec("tool_call"), spec("format")], CHAT, [item], {"base": [""], "adapter": [""]},
+                             raw, [written])
+    assert out["adapter"]["text"]["tool_call"] == 1.0 and out["base"]["text"]["tool_call"] == 0.0
+    # a thought, then the call: the format holds; the served text alone (thought dropped) would not
+    assert out["adapter"]["text"]["format"] == 1.0 and out["base"]["text"]["format"] == 0.0
+    out = reward_by_modality([spec("format")], CHAT, [item], {"adapter": ["red"]}, {"adapter": ["red<turn|>"]},
+                             [written])
+    assert out["adapter"]["all"]["format"] == 0.0
