@@ -63,6 +63,8 @@ def format_plan(result: dict, recipe) -> str:
                  f"{_fmt_count(p['quantizable_linear'])} quantizable linear · "
                  f"{_fmt_count(p['linear_not_quantized'])} linear kept · "
                  f"{_fmt_count(p['norms_and_other'])} norms/other")
+    if a.get("mlp_tile_tokens"):
+        lines.append(f"  {a['mlp_tile_tokens']}")
     for line in a.get("fsdp_refuses", []):
         lines.append(f"  under FSDP train refuses {line}")
     if result["suggestions"]:

@@ -119,9 +119,10 @@ class TrainSection:
                                    "(CUDA only; the loss is unchanged)")
     offload_prefetch: bool = _f(False, "with offload_activations: copy on a side CUDA stream (overlapping "
                                 "compute) and bring each layer input back one layer ahead")
-    mlp_tile_tokens: int = _f(0, "run each layer's MLP in sequence tiles of this many tokens under "
-                              "their own recompute (0 = off): less memory on long sequences, one "
-                              "extra MLP forward", lo=0)
+    mlp_tile_tokens: int | Literal["auto"] = _f(
+        0, "run each layer's MLP in sequence tiles of this many tokens under their own recompute (0 = "
+        "off): less memory on long sequences, one extra MLP forward; auto: none when the plan fits the "
+        "memory free at the start, else the largest tile that does (finetune.plan.tiles)", lo=0)
     attention: Literal["sdpa", "sdpa_gqa", "blocked"] = _f(
         "sdpa", "the language model's attention (the loss is unchanged): sdpa, transformers' own (k/v "
         "repeated to every query head when a mask is passed); sdpa_gqa, one sdpa call with native GQA; "

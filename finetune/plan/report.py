@@ -156,6 +156,10 @@ def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda", gpus: int = 
         raise UserError("device", f"{device!r} is not cuda or cpu", "Use cuda or cpu")
     if strategy not in STRATEGIES:
         raise UserError("--strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}", "Use ddp or fsdp")
+    from finetune.plan.tiles import resolved
+
+    auto = recipe.train.mlp_tile_tokens == "auto"
+    recipe, tile_line = resolved(recipe, budget_gib, device=device, gpus=gpus, strategy=strategy)
     config, source = load_config(recipe.model)
     sk = skeleton(config, source)
     step = sharded(_estimator(recipe, config), gpus, strategy)
@@ -163,6 +167,8 @@ def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda", gpus: int = 
     out = _result(recipe, sk, est, budget_gib, device)
     out["assumptions"]["gpus"], out["assumptions"]["strategy"] = gpus, strategy if gpus > 1 else "one GPU"
     out["longest_seq_len"] = longest_seq_len(recipe, sk, device, budget_gib, step)
+    if auto:
+        out["assumptions"]["mlp_tile_tokens"] = tile_line
     if gpus > 1 and strategy == "fsdp":  # what `train` would refuse under FSDP, said up front
         from finetune.errors import RecipeErrors
         from finetune.plan.checks import sharding_problems
@@ -178,6 +184,13 @@ def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda", gpus: int = 
         out["suggestions"], out["suggested_overrides"] = _suggest(
             recipe, sk, device, budget_gib, sum(est["items"].values()) / GIB, step)
     return out
+
+
+def planned_peak_gib(recipe, *, device: str = "cuda", gpus: int = 1, strategy: str = "ddp") -> float:
+    """The planned peak alone (no suggestions): what `finetune.plan.tiles` compares."""
+    config, source = load_config(recipe.model)
+    est = sharded(_estimator(recipe, config), gpus, strategy)(recipe, skeleton(config, source), device)
+    return sum(est["items"].values()) / GIB
 
 
 def _estimator(recipe, config):

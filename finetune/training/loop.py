@@ -130,6 +130,16 @@ class _Run:
                             f"See {self.out / 'rejects.jsonl'} (and `finetune data stats`), or lower train.batch_size")
         self.data = data
 
+    def _choose_mlp_tile(self) -> None:
+        from finetune.plan.tiles import resolved
+        from finetune.training.processes import free_memory_gib
+
+        acc = self.acc
+        self.recipe, line = resolved(self.recipe, free_memory_gib(acc.device), device=acc.device.type,
+                                     gpus=acc.num_processes, strategy="fsdp" if self.fsdp is not None else "ddp")
+        self.t = self.recipe.train
+        self.main_log(line)
+
     def setup_model(self) -> None:
         from accelerate.utils import set_seed
 
@@ -137,6 +147,8 @@ class _Run:
         from finetune.model.load import enable_gradient_checkpointing, load_recipe_base
         from finetune.model.lora import format_table, trainable_table
 
+        if self.t.mlp_tile_tokens == "auto":  # chosen from the memory free before the base loads
+            self._choose_mlp_tile()
         r, t, acc = self.recipe, self.t, self.acc
         model = load_recipe_base(r.model, acc.device.type)
         self.pad_id = self.processor.tokenizer.pad_token_id

@@ -113,3 +113,12 @@ def check_ranks_agree(model, acc, out: Path, log) -> None:
         if len(set(digests)) != 1:
             raise RuntimeError(f"adapters differ across ranks ({digests}): gradients were not synchronised")
         log(f"adapter identical on {len(digests)} ranks (sha256 {digests[0][:12]})")
+
+
+def free_memory_gib(device: torch.device) -> float:
+    """Memory free for this process now: the GPU's (torch.cuda.mem_get_info) or the host's."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30
