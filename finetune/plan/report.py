@@ -7,7 +7,7 @@ import dataclasses
 from finetune.errors import UserError
 from finetune.objectives.losses import ce_chunk_rows
 from finetune.plan.estimate import GIB, estimate
-from finetune.plan.sharded import STRATEGIES, longest_seq_len, sharded
+from finetune.plan.sharded import STRATEGIES, longest_seq_len, sharded, step_estimator
 from finetune.plan.skeleton import Skeleton, load_config, skeleton
 
 OPT_MIN_SAVING_GIB = 0.005  # a suggestion must save at least this much to be shown
@@ -162,7 +162,7 @@ def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda", gpus: int = 
     recipe, tile_line = resolved(recipe, budget_gib, device=device, gpus=gpus, strategy=strategy)
     config, source = load_config(recipe.model)
     sk = skeleton(config, source)
-    step = sharded(_estimator(recipe, config), gpus, strategy)
+    step = sharded(step_estimator(recipe, config), gpus, strategy)
     est = step(recipe, sk, device)
     out = _result(recipe, sk, est, budget_gib, device)
     out["assumptions"]["gpus"], out["assumptions"]["strategy"] = gpus, strategy if gpus > 1 else "one GPU"
@@ -184,17 +184,3 @@ def plan(recipe, *, budget_gib: float = 16.0, device: str = "cuda", gpus: int = 
         out["suggestions"], out["suggested_overrides"] = _suggest(
             recipe, sk, device, budget_gib, sum(est["items"].values()) / GIB, step)
     return out
-
-
-def planned_peak_gib(recipe, *, device: str = "cuda", gpus: int = 1, strategy: str = "ddp") -> float:
-    """The planned peak alone (no suggestions): what `finetune.plan.tiles` compares."""
-    config, source = load_config(recipe.model)
-    est = sharded(_estimator(recipe, config), gpus, strategy)(recipe, skeleton(config, source), device)
-    return sum(est["items"].values()) / GIB
-
-
-def _estimator(recipe, config):
-    """The step to plan: an objective that trains weights of its own (the drafter) says how."""
-    from finetune.objectives import get
-
-    return get(recipe.train.objective).plan_step(recipe, config) or estimate

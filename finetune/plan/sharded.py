@@ -16,7 +16,7 @@ Pure arithmetic over one GPU's estimate (`finetune.plan.estimate`); each process
 
 from __future__ import annotations
 
-from finetune.plan.estimate import ALLOCATOR_SLACK, quant_tensor_bytes
+from finetune.plan.estimate import ALLOCATOR_SLACK, estimate, quant_tensor_bytes
 
 STRATEGIES = ("ddp", "fsdp")
 GATHERED_LAYERS = 2  # the layer running and the next one, prefetched
@@ -86,3 +86,10 @@ def longest_seq_len(recipe, sk, device: str, budget_gib: float, step) -> int | N
         else:
             hi = mid - 1
     return best
+
+
+def step_estimator(recipe, config):
+    """The step to plan: an objective that trains weights of its own (the drafter) says how."""
+    from finetune.objectives import get
+
+    return get(recipe.train.objective).plan_step(recipe, config) or estimate

@@ -24,7 +24,6 @@ def choose_mlp_tile(recipe, budget_gib: float, *, device: str = "cuda", gpus: in
                     strategy: str = "ddp") -> tuple[int, float]:
     """(tile, its planned peak GiB) for `budget_gib`: see the module docstring."""
     from finetune.config.recipe import with_overrides
-    from finetune.plan.report import planned_peak_gib
 
     tried = []
     for tile in tile_candidates(recipe.data.max_seq_len):
@@ -34,6 +33,17 @@ def choose_mlp_tile(recipe, budget_gib: float, *, device: str = "cuda", gpus: in
         if peak <= budget_gib:
             return tile, peak
     return tried[-1]
+
+
+def planned_peak_gib(recipe, *, device: str = "cuda", gpus: int = 1, strategy: str = "ddp") -> float:
+    """The planned peak alone (`finetune plan`'s figure, without its suggestions)."""
+    from finetune.plan.estimate import GIB
+    from finetune.plan.sharded import sharded, step_estimator
+    from finetune.plan.skeleton import load_config, skeleton
+
+    config, source = load_config(recipe.model)
+    est = sharded(step_estimator(recipe, config), gpus, strategy)(recipe, skeleton(config, source), device)
+    return sum(est["items"].values()) / GIB
 
 
 def resolved(recipe, budget_gib: float, **where) -> tuple[object, str | None]:

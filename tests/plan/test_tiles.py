@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from finetune.config.recipe import load_recipe, with_overrides
-from finetune.plan.report import plan, planned_peak_gib
-from finetune.plan.tiles import choose_mlp_tile, tile_candidates
+from finetune.plan.report import plan
+from finetune.plan.tiles import choose_mlp_tile, planned_peak_gib, tile_candidates
 
 RECIPE = "recipes/gemma4-12b/mixed-image-audio-text.yaml"
 
