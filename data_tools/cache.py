@@ -15,6 +15,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -183,7 +184,9 @@ def save(folder: Path, train: list[dict], eval_: list[dict], stats: dict, reject
     """Write the tables, stats, a copy of rejects.jsonl and the media manifest ({path: [size,
     mtime_ns] or [] for a missing file}) to `folder`, replacing it atomically: a killed run
     never leaves a half cache that looks done."""
-    tmp = folder.with_name(f"{folder.name}.tmp")
+    # One temporary folder per process: two runs preparing the same data at once each write
+    # their own, and the second to finish finds the first's complete cache in place.
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with quiet_datasets():
@@ -195,7 +198,12 @@ def save(folder: Path, train: list[dict], eval_: list[dict], stats: dict, reject
     shutil.copy(rejects_path, tmp / "rejects.jsonl")
     (tmp / "done").write_text("ok")
     shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process's cache landed in between: the same data, keep it
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_complete(folder):
+            raise
 
 
 def changed_media(folder: Path) -> list[str]:
