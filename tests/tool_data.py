@@ -54,9 +54,8 @@ def parallel_flow(city: str, question: str, k: int) -> dict:
         {"role": "assistant", "content": f"It is {sky} at {time} in {city}."}]}
 
 
-def tool_use_data(results: int = 1) -> tuple[list[dict], list[dict]]:
-    """(train records, held-out flows): see the module doc. `results`: how many tool results
-    each training flow is seen with (more than one: the answer can only be copied, not recalled)."""
+def tool_use_data() -> tuple[list[dict], list[dict]]:
+    """(train records, held-out flows): see the module doc."""
     train, held = [], []
     k = 0
     for t, (tool, questions) in enumerate(ASK.items()):
@@ -68,13 +67,9 @@ def tool_use_data(results: int = 1) -> tuple[list[dict], list[dict]]:
                     held.append(record)
                 else:
                     train += [{"tools": TOOLS, "messages": record["messages"][:2]}, record]
-                    train += [flow(tool, city, question.format(c=city), k + 11 * j) for j in range(1, results)]
     for c, city in enumerate(CITIES):
         for q, question in enumerate(BOTH):
-            if q == c % len(BOTH):
-                held.append(parallel_flow(city, question.format(c=city), c + q))
-            else:
-                train += [parallel_flow(city, question.format(c=city), c + q + 7 * j) for j in range(results)]
+            (held if q == c % len(BOTH) else train).append(parallel_flow(city, question.format(c=city), c + q))
     for question, answer in GREETINGS:
         train += [{"tools": TOOLS, "messages": [{"role": "user", "content": question},
                                                 {"role": "assistant", "content": answer}]}] * 4
