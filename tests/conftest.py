@@ -50,7 +50,7 @@ def demo_data(tmp_path_factory) -> Path:
     from finetune.demo.data import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("demo_data"), seed=0, n_image=8, n_audio=8,
-                          n_text_repeat=1, n_mixed=4, n_eval_each=2)
+                          n_text_repeat=1, n_mixed=4, n_eval_each=2, text_phrasings=3)
 
 
 @pytest.fixture

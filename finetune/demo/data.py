@@ -5,10 +5,13 @@ Three tasks a frozen random tiny base can't do and a LoRA adapter can learn:
   new pictures;
 - audio: whether a tone is high or low (WAV at several sample rates and channel counts, so
   the resampling path runs); held-out items are new tones;
-- text: a small table of invented facts (capitals of made-up countries), asked with three
-  phrasings; held-out items are separate records that ask for the facts trained on (recall of
-  injected knowledge). A split that held one phrasing out per country was tried: a random
-  tiny base keys on the phrasing instead of the country and answers another capital.
+- text: a small table of invented facts (capitals of made-up countries); held-out items are
+  separate records that ask for the facts trained on (recall of injected knowledge). The demo
+  asks them in one phrasing (`text_phrasings`): with three, the phrasing tokens vary more than
+  the one country token, and the two-layer random base, 15 tokens from the country at the
+  answer, collapsed to one capital for most countries on some seeds (text alone, 300 steps:
+  seed 1 at 0.125 with three phrasings, 1.00 with one). A split that held one phrasing out per
+  country was also tried: the base keys on the phrasing instead of the country.
 A few training samples mix an image and a tone in one question.
 
 The colours differ in *hue*, not brightness: the vision embedder LayerNorms each raw 48×48
@@ -85,9 +88,12 @@ def _user(parts: list[dict]) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": parts}]
 
 
-def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audio: int = 160,
-                   n_text_repeat: int = 12, n_mixed: int = 32, n_eval_each: int = 24) -> Path:
-    """Write train_{image,audio,text,mixed}.jsonl, eval.jsonl + media under `out` (seeded)."""
+def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audio: int = 480,
+                   n_text_repeat: int = 12, n_mixed: int = 32, n_eval_each: int = 24,
+                   text_phrasings: int = 1) -> Path:
+    """Write train_{image,audio,text,mixed}.jsonl, eval.jsonl + media under `out` (seeded).
+    480 pictures and tones: at 160 each, held-out colours on neighbouring hues (orange/yellow,
+    pink/red) were missed on 1–2 of 24 items on some seeds; `text_phrasings`: see the module doc."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -118,7 +124,7 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
         train.append(audio_item(i, "train"))
     for r in range(n_text_repeat):
         for c, cap in CAPITALS.items():
-            q = TEXT_Q[r % len(TEXT_Q)].format(c=c)
+            q = TEXT_Q[r % text_phrasings].format(c=c)
             train.append({"id": f"train-text-{c}-{r}", "messages": [
                 {"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
                 {"role": "assistant", "content": cap}]})
@@ -139,7 +145,7 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 160, n_audi
     for k, (c, cap) in enumerate(CAPITALS.items()):
         held.append({"id": f"eval-text-{c}", "messages": [
             {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": TEXT_Q[k % len(TEXT_Q)].format(c=c)},
+            {"role": "user", "content": TEXT_Q[k % text_phrasings].format(c=c)},
             {"role": "assistant", "content": cap}]})
 
     # One file per task, so the recipe's weights decide the mix (text samples are few and short).

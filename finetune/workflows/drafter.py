@@ -19,7 +19,7 @@ from finetune.errors import UserError
 # The demo's drafter runs (recipes/demo.yaml otherwise): answers of one word would leave nothing
 # to draft, so answers run 16 tokens past the end of turn, as serving benchmarks measure.
 DEMO_SETTINGS = ["drafter.ignore_eos=true", "drafter.continuation_tokens=16", "drafter.eval_items=12",
-                 "train.batch_size=8", "train.lr=0.01", "train.warmup=0", "train.scheduler=linear",
+                 "train.packing=false", "train.batch_size=8", "train.lr=0.01", "train.warmup=0", "train.scheduler=linear",
                  "train.save_every=0", "train.eval_every=0"]
 DEMO_STEPS = {"shipped": 60, "aligned": 15}
 
