@@ -7,7 +7,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 # The main demo's base: four layers (two sliding, two full). With two, the text facts (one
 # country token, 15 tokens before the answer) and neighbouring hues were each missed on some
 # seeds (held-out exact match 0.875–0.917); with four, packed rows and recipes/demo.yaml's
