@@ -124,18 +124,20 @@ def write_lora(path: Path, arch: str, config: dict, pairs: dict, names: dict[str
             ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha")}
     tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
     expected = {f"{names[m]}.weight.{s}" for m in pairs for s in ("lora_a", "lora_b")}
-    worst, updates = 0.0, {}
+    worst, worst_module, updates = 0.0, None, {}
     for m, (A, B) in pairs.items():
         a, b = (tensors[f"{names[m]}.weight.{s}"] for s in ("lora_a", "lora_b"))
         got = torch.from_numpy((b.astype(np.float64) @ a.astype(np.float64)) * (meta["adapter.lora.alpha"] / a.shape[0]))
         updates[m] = got.float()
-        worst = max(worst, max_rel_diff(got, delta(config, m, A, B).double()))
+        rel = max_rel_diff(got, delta(config, m, A, B).double())
+        if worst_module is None or rel > worst:
+            worst, worst_module = rel, m
     ok = (meta["general.architecture"] == arch and meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
           and set(tensors) == expected and abs(meta["adapter.lora.alpha"] - alpha) <= 1e-6 * abs(alpha)
           and worst <= TOLERANCE[outtype])
     return {"file": str(path), "tensor_types": sorted(written_types), "metadata": meta, "tensors": len(tensors),
-            "folded_scale_into_b": folded, "max_rel_update_diff": worst, "alpha": alpha, "ok": ok,
-            "updates": updates}
+            "folded_scale_into_b": folded, "max_rel_update_diff": worst, "worst_module": worst_module,
+            "alpha": alpha, "ok": ok, "updates": updates}
 
 
 def _prove(adapter: Path, base: str, family, cfg, config: dict, pairs: dict, updates: dict, mmproj: Path | None,
@@ -222,7 +224,7 @@ def export_gguf(adapter: str | Path, out: str | Path, *, outtype: str = "f32", b
                             **check_mmproj(mmproj, base, cfg, written, outtype)}
         # As read back, written values can still mean other weights (a layout, a name): each tensor
         # with its layout undone is held to base + update within the outtype's rounding.
-        served = furthest(*_served_projector(mmproj, cfg, keys, want, config, pairs))
+        served = furthest(*_served_projector(mmproj, cfg, keys, want, config, pairs))  # {tensor, max_rel_diff}
         report["mmproj"]["as_served"] = {**served, "tolerance": TOLERANCE[outtype],
                                          "ok": served["max_rel_diff"] <= TOLERANCE[outtype]}
         report["mmproj"]["ok"] = report["mmproj"]["ok"] and report["mmproj"]["as_served"]["ok"]
@@ -248,8 +250,11 @@ def export_gguf(adapter: str | Path, out: str | Path, *, outtype: str = "f32", b
     if not base_gguf:
         report["serve"]["model_from"] = (f"{PLACEHOLDER}: {base} converted with llama.cpp's convert_hf_to_gguf.py "
                                          "(or pass --base-gguf)")
-    if not ok:
-        report["furthest"] = _furthest(base, cfg, config, pairs, updates, mmproj, keys, want)
+    if not ok:  # the furthest of the text updates (read back above) and the projector tensors
+        found = ([{"tensor": report["worst_module"], "max_rel_diff": report["max_rel_update_diff"]}] if text else [])
+        if isinstance(report["mmproj"], dict):
+            found.append({k: report["mmproj"]["as_served"][k] for k in ("tensor", "max_rel_diff")})
+        report["furthest"] = max(found, key=lambda f: f["max_rel_diff"], default={"tensor": None, "max_rel_diff": None})
     write_report(out, "export_report.json", report)
     if not ok:
         raise ParityError(_failure(out, report))
@@ -278,27 +283,19 @@ def _served_projector(mmproj: Path, cfg, keys, want: dict, config: dict, pairs: 
     return got, wanted
 
 
-def _furthest(base: str, cfg, config: dict, pairs: dict, updates: dict, mmproj: Path | None, keys, want) -> dict:
-    """Of everything written, the tensor furthest from base + adapter: each text update read back
-    vs PEFT's B·A·scale, each projector tensor read back (layout undone) vs the base's + its update."""
-    got, wanted = dict(updates), {m: delta(config, m, *pairs[m]) for m in updates}
-    if mmproj is not None:
-        more, should = _served_projector(mmproj, cfg, keys, want, config, pairs)
-        got, wanted = got | more, wanted | should
-    return furthest(got, wanted)
-
-
 def _failure(out: Path, report: dict) -> str:
     from finetune.export.proof import failure
 
     if "logits" in report and not report["logits"]["ok"]:
         return failure(out, report["logits"], report["furthest"], "export_report.json")
     mm = report["mmproj"] if isinstance(report.get("mmproj"), dict) else {}
-    bad = mm.get("mismatched_tensors")
-    what = (f"mmproj.gguf reads back other values than were written for {', '.join(bad[:3])}" if bad else
-            f"mmproj.gguf holds {mm['as_served']['tensor']} as other weights than the base's + update (max rel "
-            f"diff {mm['as_served']['max_rel_diff']:.3g}, allowed {mm['as_served']['tolerance']:.3g})"
-            if mm and not mm["as_served"]["ok"] else
-            f"a file reads back other than written; furthest from base + adapter: {report['furthest']['tensor']} "
-            f"(max rel diff {report['furthest']['max_rel_diff']:.3g})")
+    if mm.get("mismatched_tensors"):
+        what = f"mmproj.gguf reads back other values than were written for {', '.join(mm['mismatched_tensors'][:3])}"
+    elif mm and not mm["as_served"]["ok"]:
+        served = mm["as_served"]
+        what = (f"mmproj.gguf holds {served['tensor']} as other weights than the base's + update (max rel diff "
+                f"{served['max_rel_diff']:.3g}, allowed {served['tolerance']:.3g})")
+    else:
+        what = (f"a file reads back other than written; furthest from base + adapter: {report['furthest']['tensor']} "
+                f"(max rel diff {report['furthest']['max_rel_diff']:.3g})")
     return f"{out}: {what} (see {out / 'export_report.json'})"

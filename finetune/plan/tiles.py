@@ -25,10 +25,10 @@ def choose_mlp_tile(recipe, budget_gib: float, *, device: str = "cuda", gpus: in
     """(tile, its planned peak GiB) for `budget_gib`: see the module docstring."""
     from finetune.config.recipe import with_overrides
 
+    peak_of = _peak_of(recipe, device=device, gpus=gpus, strategy=strategy)
     tried = []
     for tile in tile_candidates(recipe.data.max_seq_len):
-        peak = planned_peak_gib(with_overrides(recipe, [f"train.mlp_tile_tokens={tile}"]), device=device, gpus=gpus,
-                                strategy=strategy)
+        peak = peak_of(with_overrides(recipe, [f"train.mlp_tile_tokens={tile}"]))
         tried.append((tile, peak))
         if peak <= budget_gib:
             return tile, peak
@@ -37,13 +37,20 @@ def choose_mlp_tile(recipe, budget_gib: float, *, device: str = "cuda", gpus: in
 
 def planned_peak_gib(recipe, *, device: str = "cuda", gpus: int = 1, strategy: str = "ddp") -> float:
     """The planned peak alone (`finetune plan`'s figure, without its suggestions)."""
+    return _peak_of(recipe, device=device, gpus=gpus, strategy=strategy)(recipe)
+
+
+def _peak_of(recipe, *, device: str, gpus: int, strategy: str):
+    """recipe -> planned peak GiB, for recipes that differ from `recipe` in train keys only: the
+    base's skeleton and the objective's step are built once."""
     from finetune.plan.estimate import GIB
     from finetune.plan.sharded import sharded, step_estimator
     from finetune.plan.skeleton import load_config, skeleton
 
     config, source = load_config(recipe.model)
-    est = sharded(step_estimator(recipe, config), gpus, strategy)(recipe, skeleton(config, source), device)
-    return sum(est["items"].values()) / GIB
+    sk = skeleton(config, source)
+    step = sharded(step_estimator(recipe, config), gpus, strategy)
+    return lambda r: sum(step(r, sk, device)["items"].values()) / GIB
 
 
 def resolved(recipe, budget_gib: float, **where) -> tuple[object, str | None]:
