@@ -15,7 +15,7 @@ from pathlib import Path
 # demos keep two: their many short rollout forwards would pay the depth twice.
 DEMO_LAYERS = 4
 DATA_MARK = ".demo_data_version"
-DATA_VERSION = "2"  # 480 pictures and tones, one text phrasing (finetune.demo.data)
+DATA_VERSION = "2"  # the demos' data generators as of: 480 pictures and tones, one text phrasing
 
 
 def _eval_table(result: dict) -> str:
@@ -44,13 +44,9 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | 
 
     log = log or (lambda *_: None)
     t0 = time.time()
-    recipe, out, base, data_dir = demo_setup(DEMO_RECIPE, overrides, root, log, layers=DEMO_LAYERS)
+    recipe, out, base, _ = demo_setup(DEMO_RECIPE, overrides, root, log, make_demo_data, layers=DEMO_LAYERS)
     if not (base / "drafter" / "config.json").exists():
         write_tiny_drafter(base)
-    if not _current(data_dir):
-        make_demo_data(data_dir, seed=0)
-        (data_dir / DATA_MARK).write_text(DATA_VERSION)
-        log(f"demo: dataset written to {data_dir}")
 
     distil_seconds = demo_distil(recipe, out / "drafter", log=log)
     log(f"demo: tiny drafter distilled on the base (the stand-in for a shipped one) in {distil_seconds:.0f}s")
@@ -75,7 +71,7 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | 
 
 
 def _current(data_dir: Path) -> bool:
-    """The demo data there is this version's (an older checkout's data is written again)."""
+    """The demo data there is this version's (an older checkout's is written again)."""
     mark = data_dir / DATA_MARK
     return (data_dir / "eval.jsonl").exists() and mark.exists() and mark.read_text() == DATA_VERSION
 
@@ -99,8 +95,9 @@ def demo_setup(recipe_path: Path, overrides, root, log, make_data=None, layers: 
         shutil.rmtree(base, ignore_errors=True)  # its drafter too: made for the base before
         write_tiny_model(base, seed=0, num_layers=layers)
         log(f"demo: tiny gemma4_unified base ({layers} layers) written to {base}")
-    if make_data is not None and not (data_dir / "eval.jsonl").exists():
+    if make_data is not None and not _current(data_dir):
         make_data(data_dir, seed=0)
+        (data_dir / DATA_MARK).write_text(DATA_VERSION)
         log(f"demo: data written to {data_dir}")
     return recipe, out, base, data_dir
 
