@@ -39,12 +39,10 @@ def _make(base: Path, out: Path, targets: list[str], *, r: int = 8, alpha: int =
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_regex(targets, GEMMA4_UNIFIED),
                      init_lora_weights=False, **lora)
+    from tests.export.test_export_whole import random_lora_b
+
     model = get_peft_model(_load(base), cfg)
-    gen = torch.Generator().manual_seed(len(str(out)))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    random_lora_b(model, len(str(out)))
     model.save_pretrained(out)
     return out
 

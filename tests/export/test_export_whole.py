@@ -41,13 +41,19 @@ def make_adapter(base: Path, out: Path, targets: list[str], r: int, alpha: int, 
     torch.manual_seed(seed)  # PEFT draws A from the global generator
     peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False,
                                             target_modules=target_regex(targets, GEMMA4_UNIFIED)))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    random_lora_b(peft, seed)
     peft.save_pretrained(out)
     return out
+
+
+def random_lora_b(model, seed: int) -> None:
+    """Every LoRA B drawn from N(0, 0.05²) under `seed`: an adapter that moves the logits (PEFT
+    starts B at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
 def resave(model, src: Path, out: Path, **save) -> Path:
