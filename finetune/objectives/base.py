@@ -86,10 +86,12 @@ class Objective(torch.nn.Module):
 
     def pack(self, rows: list[list[dict]], pad_id: int, sliding_window: int, layer_types: list[str]) -> dict:
         """Rows of samples → one packed micro-batch (`train.packing`, only if `packs`): each row
-        one sequence under a block-diagonal 4-D mask, position ids restarting per sample."""
+        one sequence under a block-diagonal 4-D mask, position ids restarting per sample (under
+        `train.attention: blocked` the masks stay lazy: built a query block at a time)."""
         from data_tools.collate import collate_packed
 
-        return collate_packed(rows, pad_id, sliding_window, layer_types, trim_tail=True)
+        lazy = self.recipe.train.attention == "blocked"
+        return collate_packed(rows, pad_id, sliding_window, layer_types, trim_tail=True, lazy_masks=lazy)
 
     def save(self, model, out, state_dict: dict | None = None) -> None:
         """Write what was trained to `out` (default: the PEFT adapter folder); `state_dict`: the

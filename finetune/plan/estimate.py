@@ -30,8 +30,9 @@ gemma4_unified, PEFT 0.21, bitsandbytes 0.50 and `finetune.training`/`finetune.o
   scores, but the boolean masks (one per layer type) live through the step and each layer's
   sdpa call holds a float copy. `train.attention` changes that part (finetune.model.attention):
   `sdpa_gqa` keeps k/v and their grads at their own width; `blocked` also saves no attention
-  output, log-sum-exp or float mask (each block is recomputed) and holds one block's folded
-  mask, scores workspace and q/k/v grads in its backward.
+  output, log-sum-exp or float mask (each block is recomputed), never builds the whole mask
+  (lazy masks: one block's rows at a time) and holds one block's folded mask, scores workspace
+  and q/k/v grads in its backward.
 - **Loss**: chunked CE (recomputed per chunk) holds one chunk's soft-capped fp32 logits,
   fp32 log-softmax and two fp32 grads in flight (16 bytes per logit); unchunked holds the
   same for every token.
@@ -145,6 +146,13 @@ def _optimizer_bytes(shapes: list[tuple[int, int]], optimizer: str) -> int:
     return total
 
 
+def mask_bytes(sk: Skeleton, attention: str, rows: int, S: int) -> int:
+    """The 4-D boolean masks of one forward: (rows, 1, S, S) per layer type, True = attend; none
+    under `blocked`, whose masks are built one query block at a time (data_tools.masks), inside
+    the block's recompute (counted with the block in `_attention_backward`)."""
+    return 0 if attention == "blocked" else sk.layer_types * rows * S * S
+
+
 def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: int,
                  dropout: bool, attention: str = "sdpa") -> tuple[int, int]:
     """Bytes per token one decoder layer keeps for its backward: (attention side, MLP side).
@@ -240,7 +248,7 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
     img_tok = d.image_tokens if sk.patch_dim and media else 0
     aud_tok = int(d.max_audio_seconds * AUDIO_TOKENS_PER_S) if sk.audio_dim and media else 0
     img_tok, aud_tok = min(img_tok, S), min(aud_tok, max(S - img_tok, 0))
-    masks = sk.layer_types * B * S * S  # bool (B, 1, S, S) per layer type, True = attend
+    masks = mask_bytes(sk, t.attention, B, S)
 
     # finetune.train moves all `grad_accum` micro-batches to the GPU before the first forward:
     # ids/labels/types/mask or positions (int64), media in the compute dtype, and with packing
