@@ -30,6 +30,7 @@ from finetune.model.attention import STOCK as STOCK_ATTENTION
 from finetune.model.attention import set_attention
 from finetune.model.load import unwrap
 from finetune.model.memory_tricks import tile_mlp
+from finetune.model.tiled_attention import tile_attention
 from finetune.plan.checks import sharding_problems
 from finetune.training.batches import BatchPlan, StreamPlan, branch_aware
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -162,6 +163,8 @@ class _Run:
             tile_mlp(model, t.mlp_tile_tokens, self.family.mlp_blocks)
         if t.attention != STOCK_ATTENTION:
             set_attention(model, t.attention, t.attention_block_rows)
+        if t.tile_attention:
+            tile_attention(model, t.attention_block_rows, self.family.attention_blocks)
         if self.objective.trains_model:
             self.main_log("trainable parameters by part:\n" + format_table(trainable_table(model, self.family)))
         model.train()

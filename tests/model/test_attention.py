@@ -214,21 +214,24 @@ def test_plan_counts_attention_without_repeated_kv():
 
 
 def test_blocked_attention_through_the_trainer_gives_the_same_run(tiny_base, demo_data, tmp_path):
-    """`train.attention: blocked` on a real packed run (the loop switches the attention): the same
-    losses as stock sdpa, to fp32 summation noise."""
+    """`train.attention: blocked` on a real packed run (the loop switches the attention and keeps
+    the packed masks lazy), and with `train.tile_attention`: the same losses as stock sdpa, to fp32
+    summation noise."""
     from finetune.config.recipe import recipe_from_dict
     from finetune.training.loop import train
 
     losses = {}
-    for name in ("sdpa", "blocked"):
+    for name in ("sdpa", "blocked", "tiled"):
         raw = {"model": {"base": str(tiny_base), "quantization": "none"},
                "datasets": [{"path": str(demo_data / f"train_{kind}.jsonl")} for kind in ("mixed", "text")],
                "data": {"max_seq_len": 256, "image_tokens": 70, "cache_dir": str(tmp_path / "cache")},
                "lora": {"r": 8, "alpha": 16, "targets": ["attention", "mlp"]},
                "train": {"output_dir": str(tmp_path / name), "batch_size": 2, "lr": 1e-3, "seed": 0, "max_steps": 2,
-                         "packing": True, "attention": name, "attention_block_rows": 32}}
+                         "packing": True, "attention": "sdpa" if name == "sdpa" else "blocked",
+                         "tile_attention": name == "tiled", "attention_block_rows": 32}}
         losses[name] = train(recipe_from_dict(raw)).losses
     assert losses["blocked"] == pytest.approx(losses["sdpa"], abs=1e-5)
+    assert losses["tiled"] == pytest.approx(losses["sdpa"], abs=1e-5)
 
 
 def test_lazy_masks_build_the_blocks_of_the_dense_masks():

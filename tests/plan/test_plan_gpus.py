@@ -103,8 +103,10 @@ def test_the_12b_recipes_state_their_plan_at_32k():
     for path in recipes:
         stated = pattern.findall(path.read_text())
         assert [int(n) for n, *_ in stated] == [2, 4], path
-        r = load_recipe(str(path), ["data.max_seq_len=32768", "train.optimizer=adamw", "model.quant_storage=bf16"])
-        assert "train.optimizer=adamw\n# model.quant_storage=bf16 --gpus N --strategy fsdp`" in path.read_text()
+        r = load_recipe(str(path), ["data.max_seq_len=32768", "train.optimizer=adamw", "model.quant_storage=bf16",
+                                    "train.attention=blocked", "train.tile_attention=true"])
+        assert ("# data.max_seq_len=32768 train.optimizer=adamw model.quant_storage=bf16 train.attention=blocked\n"
+                "# train.tile_attention=true --gpus N --strategy fsdp`") in path.read_text()
         for n, gib, verdict, longest in stated:
             p = plan(r, gpus=int(n), strategy="fsdp")
             assert f"{p['peak_gib']:.2f}" == gib and p["fits"] == (verdict == "fits"), (path, n)
