@@ -114,6 +114,14 @@ def one_process(raw: dict, world: int = 2):
                        objective.collate, objective.pack) for r in range(world)]
     set_seed(t.seed)
     model = objective.setup(model, family)
+    if t.attention != "sdpa":  # as the loop switches them (finetune.training.loop)
+        from finetune.model.attention import set_attention
+
+        set_attention(model, t.attention, t.attention_block_rows)
+    if t.tile_attention:
+        from finetune.model.tiled_attention import tile_attention
+
+        tile_attention(model, t.attention_block_rows, family.attention_blocks)
     model.train()
     optimizer = make_optimizer(model.parameters(), t, "cpu")
     scheduler = make_scheduler(optimizer, t)
@@ -226,6 +234,16 @@ def test_fsdp2_qlora_with_bf16_storage_equals_one_process(assets):
     launch(assets, {**sft_raw(assets, "fsdp-qlora", max_steps=2), "model": model})
     losses, adapter = one_process({**sft_raw(assets, "one-qlora", max_steps=2), "model": model})
     check_parity(assets.root / "fsdp-qlora", losses, adapter, "qlora")
+
+
+@pytest.mark.slow
+def test_fsdp2_with_tiled_blocked_attention_equals_one_process(assets):
+    """What fits the 12B at 32k on 4 × 16 GB: the blocked attention with lazy packed masks and the
+    attention tiles, inside the sharded decoder layers (tiles of 32 tokens on 256-token rows)."""
+    tiles = {"max_steps": 2, "attention": "blocked", "tile_attention": True, "attention_block_rows": 32}
+    launch(assets, sft_raw(assets, "fsdp-tiled", **tiles))
+    losses, adapter = one_process(sft_raw(assets, "one-tiled", **tiles))
+    check_parity(assets.root / "fsdp-tiled", losses, adapter, "tiled")
 
 
 @pytest.mark.slow
