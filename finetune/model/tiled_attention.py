@@ -110,3 +110,11 @@ def tile_attention(model: torch.nn.Module, tokens: int, pattern: str) -> int:
     for name in matched:
         model.set_submodule(name, TiledAttention(model.get_submodule(name), tokens))
     return len(matched)
+
+
+def untile_attention(model: torch.nn.Module) -> int:
+    """Undo `tile_attention`: every `TiledAttention` back to the module it wraps; how many were."""
+    tiled = [name for name, m in model.named_modules() if isinstance(m, TiledAttention)]
+    for name in tiled:
+        model.set_submodule(name, model.get_submodule(name).inner)
+    return len(tiled)

@@ -32,7 +32,7 @@ def lora_model(tiny_base):
 def test_tiled_attention_equals_untiled(lora_model, samples, kind):  # noqa: F811
     from finetune.model.attention import set_attention
     from finetune.model.families import GEMMA4_UNIFIED
-    from finetune.model.tiled_attention import TiledAttention, tile_attention
+    from finetune.model.tiled_attention import TiledAttention, tile_attention, untile_attention
 
     batch = batches(lora_model, samples)[kind]
     rows = 24
@@ -44,10 +44,9 @@ def test_tiled_attention_equals_untiled(lora_model, samples, kind):  # noqa: F81
     try:
         loss_t, grads_t = loss_and_grads(lora_model, batch)
     finally:
-        for name, m in list(lora_model.named_modules()):
-            if isinstance(m, TiledAttention):
-                lora_model.set_submodule(name, m.inner)
+        assert untile_attention(lora_model) == layers
         set_attention(lora_model, "sdpa")
+    assert not any(isinstance(m, TiledAttention) for m in lora_model.modules())
     assert {n for n, _ in lora_model.named_parameters()} == names  # parameter names unchanged by the wrap
     lora = [k for k in grads if "lora_A" in k and "self_attn" in k]
     assert grads.keys() == grads_t.keys() and len(lora) >= 3 * layers  # q, k, o everywhere; v off the k_eq_v layers
