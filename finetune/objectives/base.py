@@ -56,6 +56,9 @@ class Objective(torch.nn.Module):
     def __init__(self, recipe):
         super().__init__()
         self.recipe = recipe
+        # Under FSDP2 the sharded root (`LossForward`), set by the loop: a pass outside `loss` that
+        # runs the model (GRPO's rollouts) gathers the root's weights around it.
+        self.__dict__["root"] = None
 
     @classmethod
     def check(cls, recipe) -> list[UserError]:

@@ -192,6 +192,7 @@ class _Run:
         if self.fsdp is not None:  # sharded first: the optimizer holds (and its state follows) the shards
             self.model = LossForward(self.model, self.objective)
             shard(self.model, self.fsdp, unwrap(self.model)._no_split_modules)
+            self.objective.__dict__["root"] = self.model
             self.main_log(describe(self.model))
             self.optimizer = make_optimizer(self.model.parameters(), self.t, device)
         else:  # weights the objective owns (a drafter) train with the model's

@@ -60,6 +60,16 @@ def dpo_raw(assets, name: str, **train) -> dict:
                       "seed": 0, "max_steps": 3, "group_by_length": False, "max_grad_norm": 0.0, **train}}
 
 
+def grpo_raw(assets, name: str) -> dict:
+    """The GRPO test run (tests/training/test_grpo_train.py): 1 prompt per rank, groups of 4."""
+    from tests.training.test_grpo_train import raw
+
+    r = raw(assets.data, assets.root, name, batch_size=1, max_steps=2, lr=1e-3, optimizer="adamw")
+    r["model"]["base"] = str(assets.base)
+    r["data"]["cache_dir"] = str(assets.root / "cache-grpo")
+    return r
+
+
 def launch(assets, raw: dict, *args: str, wait: bool = True, config: Path = FSDP2, **env):
     """`accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 -m
     finetune.cli train RECIPE` (or another shipped `config`)."""
@@ -247,6 +257,24 @@ def test_fsdp2_with_tiled_blocked_attention_equals_one_process(assets):
 
 
 @pytest.mark.slow
+def test_fsdp2_grpo_equals_ddp(assets):
+    """GRPO under FSDP2: each rank samples its prompt's group on the sharded policy (the root's
+    weights gathered around the rollout, every rank's generation kept in step until all are
+    done), then trains on it. Against the same launch with the shipped ddp.yaml: the same
+    rewards and losses, and the same adapter to float32 reduction order."""
+    launch(assets, grpo_raw(assets, "fsdp-grpo"))
+    launch(assets, grpo_raw(assets, "ddp-grpo"), config=FSDP2.parent / "ddp.yaml")
+    fsdp, ddp = assets.root / "fsdp-grpo", assets.root / "ddp-grpo"
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (fsdp, ddp)]
+    for key in ("loss", "reward", "completion_length", "rollout/tokens_per_forward"):
+        assert [r[key] for r in rows[0]] == pytest.approx([r[key] for r in rows[1]], abs=1e-6), key
+    assert len(rows[0]) == 2 and rows[0][1]["reward_std"] > 0  # step 2 sampled from the updated policy
+    diff = adapter_diff(fsdp / "adapter", ddp / "adapter")
+    assert diff <= 1e-3 * 1e-3, diff  # float32 summation order only: far below one step's update (lr 1e-3)
+    print("grpo: fsdp vs ddp adapter diff", diff)
+
+
+@pytest.mark.slow
 def test_fsdp2_accumulation_equals_ddp(assets):
     """`train.grad_accum: 2`: FSDP2 skips the reduce-scatter until the window's last micro-batch,
     as DDP skips its all-reduce (each rank sums its own micro-batches, then the ranks' sums are
@@ -298,6 +326,14 @@ def test_fsdp_refuses_what_it_cannot_shard(make_recipe):
                                       train={"optimizer": "adamw8bit"}))
     assert [x.where for x in e.value.errors] == ["model.quantization", "train.optimizer"]
     sharding_problems(make_recipe([{"path": "x.jsonl"}], model={"quantization": "nf4", "quant_storage": "bf16"}))
+    # GRPO shards; its assisted rollouts (the drafter) don't
+    grpo = {"objective": "grpo"}
+    sharding_problems(make_recipe([{"path": "x.jsonl"}], train=grpo, grpo={"rewards": [{"name": "exact_match"}]}))
+    with pytest.raises(RecipeErrors) as e:
+        sharding_problems(make_recipe([{"path": "x.jsonl"}], train=grpo, drafter={"path": "d"},
+                                      grpo={"rewards": [{"name": "exact_match"}]}))
+    assert [x.where for x in e.value.errors] == ["drafter.path"]
+    assert "launch with DDP (configs/accelerate/ddp.yaml)" in e.value.errors[0].fix
 
 
 def test_fsdp1_is_refused(monkeypatch):
