@@ -96,9 +96,10 @@ class Objective(torch.nn.Module):
         lazy = self.recipe.train.attention == "blocked"
         return collate_packed(rows, pad_id, sliding_window, layer_types, trim_tail=True, lazy_masks=lazy)
 
-    def save(self, model, out, state_dict: dict | None = None) -> None:
-        """Write what was trained to `out` (default: the PEFT adapter folder); `state_dict`: the
-        adapter's weights gathered whole when the model is sharded (FSDP)."""
+    def save(self, model, out, state_dict: dict | None = None, objective_state: dict | None = None) -> None:
+        """Write what was trained to `out` (default: the PEFT adapter folder). When the model is
+        sharded (FSDP) the weights come gathered whole: `state_dict` the adapter's,
+        `objective_state` the objective's own (its `state_dict()` keys)."""
         model.save_pretrained(out, state_dict=state_dict)
 
     def weight(self, batch: dict) -> int:

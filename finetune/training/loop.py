@@ -301,7 +301,8 @@ class _Run:
         """`objective.save` on the main process; a sharded adapter is gathered whole first (every rank)."""
         full = gather_for_save(self.model, None) if is_sharded(self.model) else None
         if self.acc.is_main_process:
-            self.objective.save(unwrap(self.model, peft=True), folder, **({"state_dict": full["adapter"]} if full else {}))
+            gathered = {"state_dict": full["adapter"], "objective_state": full["objective"]} if full else {}
+            self.objective.save(unwrap(self.model, peft=True), folder, **gathered)
             _keep_provenance(self.out, folder)
 
     def _finish(self) -> TrainResult:

@@ -70,6 +70,15 @@ def grpo_raw(assets, name: str) -> dict:
     return r
 
 
+def drafter_raw(assets, name: str) -> dict:
+    """The drafter-alignment test run (tests/drafter/test_drafter.py), 1 prompt per rank."""
+    from tests.drafter.test_drafter import raw_recipe
+
+    # no clipping: its norm over shards has a test of its own (test_clipping_across_shards)
+    return raw_recipe(assets, name, objective="drafter", batch_size=1, max_steps=3, save_every=1,
+                      group_by_length=False, optimizer="adamw", max_grad_norm=0.0)
+
+
 def launch(assets, raw: dict, *args: str, wait: bool = True, config: Path = FSDP2, **env):
     """`accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 -m
     finetune.cli train RECIPE` (or another shipped `config`)."""
@@ -272,6 +281,35 @@ def test_fsdp2_grpo_equals_ddp(assets):
     diff = adapter_diff(fsdp / "adapter", ddp / "adapter")
     assert diff <= 1e-3 * 1e-3, diff  # float32 summation order only: far below one step's update (lr 1e-3)
     print("grpo: fsdp vs ddp adapter diff", diff)
+
+
+@pytest.mark.slow
+def test_fsdp2_drafter_alignment_equals_ddp_and_resumes(assets):
+    """The drafter objective under FSDP2: the frozen target sharded by layer, the drafter (its own
+    weights, its embedding tied to its head) in the root unit. Against the same launch with
+    ddp.yaml: the same losses and the same saved drafter; and resumed from its step-2 checkpoint
+    (the drafter's weights and optimizer state split back into the shards) it ends the same."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    launch(assets, drafter_raw(assets, "fsdp-drafter"))
+    launch(assets, drafter_raw(assets, "ddp-drafter"), config=FSDP2.parent / "ddp.yaml")
+    fsdp, ddp = assets.root / "fsdp-drafter", assets.root / "ddp-drafter"
+    assert losses_of(fsdp) == pytest.approx(losses_of(ddp), abs=1e-6) and len(losses_of(fsdp)) == 3
+    a, b = load_file(str(fsdp / "model.safetensors")), load_file(str(ddp / "model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 10
+    init = load_file(str(assets.base / "drafter" / "model.safetensors"))
+    for k in a:  # every weight moved (a tied embedding too), and alike: float32 summation order only
+        assert not torch.equal(a[k], init[k]) or "layer_scalar" in k, k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    final = {k: v.clone() for k, v in a.items()}
+    shutil.rmtree(fsdp / "checkpoints" / "step-3")
+    (fsdp / "model.safetensors").unlink()
+    log = launch(assets, drafter_raw(assets, "fsdp-drafter"), "--resume")
+    assert "(step 2)" in log
+    again = load_file(str(fsdp / "model.safetensors"))
+    assert max(float((again[k] - final[k]).abs().max()) for k in final) == 0.0
 
 
 @pytest.mark.slow
