@@ -95,7 +95,7 @@ def test_the_12b_recipes_state_their_plan_at_32k():
     import re
     from pathlib import Path
 
-    # GRPO is refused under FSDP (its rollouts are untested there): the other five state their plan
+    # GRPO's recipe is about rollouts at 768 + 512 tokens, not 32k rows: the other five state their plan
     recipes = sorted(p for p in Path("recipes/gemma4-12b").glob("*.yaml") if "objective: grpo" not in p.read_text())
     assert len(recipes) == 5
     pattern = re.compile(r"^#   (\d) × 16 GB, FSDP2: ([\d.]+) GiB per GPU \((fits|does not fit; ([\d,]+) tokens do)\)$",
