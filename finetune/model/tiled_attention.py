@@ -2,7 +2,7 @@
 layer's attention runs over the sequence in tiles, each under its own recompute.
 
 Under gradient checkpointing a layer's backward first recomputes its forward and keeps what that
-forward saves: on the 12B at 32k tokens the attention side alone is 5.3 GiB (q after its norm and
+forward saves: on the 12B at 32k tokens the attention side alone is 5.5 GiB (q after its norm and
 RoPE with the norm's fp32 upcast, k and v likewise, the fp32 copy of each projection's input that
 PEFT's LoRA makes and keeps, the o-projection's). Only the attention scores mix tokens; the rest
 is per token. So:

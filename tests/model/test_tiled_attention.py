@@ -99,7 +99,7 @@ def test_plan_counts_the_tiled_attention():
     _, targeted = _lora(sk, tiled)
     mlp = _layer_saved(sk.layers[0], H, targeted, 16, ab, 4, True, "blocked", True)[1]
     assert b["layer_recompute"] == S * (4 * 4 * H + ab * H + 2 * ab * 2048) + tile * mlp + ab * H * S
-    assert a["layer_recompute"] - b["layer_recompute"] > 3.5 * 2**30  # the q/k/v/o side: 5.3 GiB → 1.6 GiB
+    assert a["layer_recompute"] - b["layer_recompute"] > 3.5 * 2**30  # 6.6 → 3.0 GiB (LoRA dropout on)
     peaks = {n: plan(tiled, gpus=n, strategy="fsdp")["peak_gib"] for n in (2, 4)}
     assert peaks == {2: pytest.approx(15.49, abs=0.005), 4: pytest.approx(13.34, abs=0.005)}
     assert plan(blocked, gpus=4, strategy="fsdp")["peak_gib"] == pytest.approx(17.02, abs=0.005)
