@@ -139,18 +139,29 @@ class TiledMLP(torch.nn.Module):
         return torch.cat([checkpoint(self.inner, t, use_reentrant=False) for t in tiles], dim=-2)
 
 
+def matching(model: torch.nn.Module, pattern: str, kind: type) -> list[str]:
+    """Full names of the modules matching `pattern` that are not wrapped in `kind` already."""
+    return [name for name, m in model.named_modules() if re.fullmatch(pattern, name) and not isinstance(m, kind)]
+
+
+def wrap_named(model: torch.nn.Module, names: list[str], make) -> int:
+    """Each module named in `names` replaced by `make(module)`; how many were."""
+    for name in names:
+        model.set_submodule(name, make(model.get_submodule(name)))
+    return len(names)
+
+
+def unwrap_wrappers(model: torch.nn.Module, kind: type) -> int:
+    """Every `kind` wrapper (its module held as `inner`) back to the module it wraps; how many were."""
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, kind)]
+    return wrap_named(model, wrapped, lambda m: m.inner)
+
+
 def tile_mlp(model: torch.nn.Module, tokens: int, pattern: str) -> int:
     """Wrap every module whose full name matches `pattern` in a `TiledMLP`; how many were."""
-    matched = [name for name, m in model.named_modules()
-               if re.fullmatch(pattern, name) and not isinstance(m, TiledMLP)]
-    for name in matched:
-        model.set_submodule(name, TiledMLP(model.get_submodule(name), tokens))
-    return len(matched)
+    return wrap_named(model, matching(model, pattern, TiledMLP), lambda m: TiledMLP(m, tokens))
 
 
 def untile_mlp(model: torch.nn.Module) -> int:
     """Undo `tile_mlp`: every `TiledMLP` back to the module it wraps; how many were."""
-    tiled = [name for name, m in model.named_modules() if isinstance(m, TiledMLP)]
-    for name in tiled:
-        model.set_submodule(name, model.get_submodule(name).inner)
-    return len(tiled)
+    return unwrap_wrappers(model, TiledMLP)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from finetune.model.attention import BLOCKED, DEFAULT_BLOCK_ROWS, _folded_block, _key_spans
+from finetune.model.memory_tricks import matching, unwrap_wrappers, wrap_named
 
 
 def _rope():
@@ -96,25 +97,17 @@ class TiledAttention(torch.nn.Module):
 
 def tile_attention(model: torch.nn.Module, tokens: int, pattern: str) -> int:
     """Wrap every module whose full name matches `pattern` in a `TiledAttention`; how many were."""
-    import re
-
     from finetune.errors import UserError
 
-    matched = [name for name, m in model.named_modules()
-               if re.fullmatch(pattern, name) and not isinstance(m, TiledAttention)]
+    matched = matching(model, pattern, TiledAttention)
     if any(getattr(model.get_submodule(n), "is_kv_shared_layer", False) for n in matched):
         # the tiled path's gradients differ from the stock one's beyond float64 rounding there
         # (3e-8 relative on the tiny base's padded rows), so it is not offered
         raise UserError("train.tile_attention", "this base's later layers reuse an earlier layer's k/v "
                         "(num_kv_shared_layers > 0)", "Set train.tile_attention: false")
-    for name in matched:
-        model.set_submodule(name, TiledAttention(model.get_submodule(name), tokens))
-    return len(matched)
+    return wrap_named(model, matched, lambda m: TiledAttention(m, tokens))
 
 
 def untile_attention(model: torch.nn.Module) -> int:
     """Undo `tile_attention`: every `TiledAttention` back to the module it wraps; how many were."""
-    tiled = [name for name, m in model.named_modules() if isinstance(m, TiledAttention)]
-    for name in tiled:
-        model.set_submodule(name, model.get_submodule(name).inner)
-    return len(tiled)
+    return unwrap_wrappers(model, TiledAttention)
