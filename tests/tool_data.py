@@ -70,6 +70,11 @@ def parallel_flow(city: str, question: str, k: int) -> dict:
         {"role": "assistant", "content": f"It is {time} and {sky} in {city}."}]}
 
 
+def _make(tool: str | None, city: str, question: str, k: int) -> dict:
+    """A flow of `tool`, or a parallel flow (tool None)."""
+    return parallel_flow(city, question, k) if tool is None else flow(tool, city, question, k)
+
+
 def _result(tool: str | None, k: int) -> str:
     sky, time = sky_and_time(k)
     return sky if tool == "get_weather" else time if tool == "get_time" else sky + time
@@ -87,21 +92,19 @@ def tool_use_data(seed: int = 0, flows_per_pair: int = 8, parallel_per_city: int
     for c, city in enumerate(CITIES):
         for tool, questions in list(ASK.items()) + [(None, BOTH)]:
             order = rng.sample(range(len(questions)), len(questions))
-            make = (lambda q, k: parallel_flow(city, q, k)) if tool is None else \
-                (lambda q, k, tool=tool: flow(tool, city, q, k))
             if tool is not None:
-                record = make(questions[order[1]].format(c=city), rng.choice(DRAWN))
+                record = _make(tool, city, questions[order[1]].format(c=city), rng.choice(DRAWN))
                 train.append({"tools": TOOLS, "messages": record["messages"][:2]})
             trained = order[1:] if tool is None else order[2:]
             n = parallel_per_city if tool is None else flows_per_pair
             ks = rng.sample(DRAWN, n)
             for i, k in enumerate(ks):
-                train.append(make(questions[trained[i % len(trained)]].format(c=city), k))
+                train.append(_make(tool, city, questions[trained[i % len(trained)]].format(c=city), k))
             if c < held_single if tool is not None else c >= len(CITIES) - held_parallel:
                 seen = {_result(tool, k) for k in ks}
                 k = next((k for k in rng.sample(DRAWN, len(DRAWN)) if _result(tool, k) not in seen),
                          rng.choice(DRAWN))  # a result unseen with this city, where one is left
-                held.append(make(questions[order[0]].format(c=city), k))
+                held.append(_make(tool, city, questions[order[0]].format(c=city), k))
     for question, answer in GREETINGS:
         train += [{"tools": TOOLS, "messages": [{"role": "user", "content": question},
                                                 {"role": "assistant", "content": answer}]}] * 4
