@@ -26,7 +26,8 @@ Part `train` (into `--out`):
   unsloth: why it is not in the run.
 - `profile`: the step's top CUDA kernels.
 Part `product`: `objectives` (DPO 2 × 2,048, the drafter-alignment step, a GRPO step when that
-objective exists) and `load_path`.
+objective exists) and `load_path`. Part `long`: 16k rows with the blocked attention with and
+without `train.tile_attention`, and 32k tiled, next to the plan.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ DRY = {"seq": [160, 320], "mixed_samples": 6, "text_samples": 8, "hf_steps": 2, 
        "grpo_new_tokens": 16, "shard_bytes": 2**20}
 ATTENTION = ["train.attention=blocked"]  # the new path: what `runs` measure
 TRAVEL_LIMIT = 64 * 2**20  # what the device tool carries: the tree + the ignored paths named
-PARTS = ("train", "product")
+PARTS = ("train", "product", "long")
+TILED = [*ATTENTION, "train.tile_attention=true"]  # the long-context path (masks never whole, attention tiles)
 
 
 def preflight() -> int:
@@ -229,6 +231,21 @@ def part_train(run: Run, skip: list[str]) -> None:
     run.save()
 
 
+def part_long(run: Run, skip: list[str]) -> None:
+    """Long rows on one GPU: at 16k the blocked attention with and without its tiles, then 32k
+    tiled (planned 17.07 GiB with the recipe's settings: what 2 × 16 GB hold under FSDP2 once the
+    weights are split), each next to the plan."""
+    long_ = run.scale["seq"][1]
+    tiles = f"train.mlp_tile_tokens={long_ // 8}"
+    rec = run.record
+    rec["long"] = [run.measure(long_, [*ATTENTION, tiles], "16k: blocked attention (lazy masks)"),
+                   run.measure(long_, [*TILED, tiles], "16k: blocked attention + attention tiles")]
+    run.save()
+    if "32k" not in skip:
+        rec["long"].append(run.measure(2 * long_, [*TILED, tiles], "32k: blocked attention + attention tiles"))
+    run.save()
+
+
 def part_product(run: Run, skip: list[str]) -> None:
     from benchmarks import gpu_load, gpu_product
 
@@ -269,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="the same paths on the CPU with a tiny model")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/gpu.json"))
     ap.add_argument("--part", nargs="*", default=list(PARTS), choices=PARTS)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["16k", "profile", "load"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["16k", "32k", "profile", "load"])
     ap.add_argument("--preflight", action="store_true", help="check what the device tool carries, then stop")
     ap.add_argument("--merge", nargs="*", metavar="PART_JSON", help="merge parts' JSON into --out, then stop")
     args = ap.parse_args(argv)
@@ -283,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args)
     if "train" in args.part:
         part_train(run, args.skip)
+    if "long" in args.part:  # before product, which hands the model over to its own steps
+        part_long(run, args.skip)
     if "product" in args.part:
         part_product(run, args.skip)
     run.save()

@@ -47,6 +47,7 @@ def run_ours(model, recipe, family, batches: list[dict], device: str, dtype, obj
 
     from finetune.model.attention import set_attention
     from finetune.model.memory_tricks import tile_mlp, untile_mlp
+    from finetune.model.tiled_attention import tile_attention, untile_attention
     from finetune.objectives import build
     from finetune.training.optim import make_optimizer, make_scheduler
     from finetune.training.step import optimizer_step
@@ -56,6 +57,9 @@ def run_ours(model, recipe, family, batches: list[dict], device: str, dtype, obj
     if t.mlp_tile_tokens:
         tile_mlp(model, t.mlp_tile_tokens, family.mlp_blocks)
     set_attention(model, t.attention, t.attention_block_rows)
+    untile_attention(model)
+    if t.tile_attention:
+        tile_attention(model, t.attention_block_rows, family.attention_blocks)
     acc = Accelerator(cpu=device == "cpu")
     objective = objective or build(recipe)
     optimizer = make_optimizer([*model.parameters(), *objective.parameters()], t, device)

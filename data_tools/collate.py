@@ -12,8 +12,9 @@ import random
 import numpy as np
 import torch
 
+from data_tools.masks import PackedMask
 from data_tools.render import IGNORE, RESCALE
-from data_tools.steps import positions, tree_mask
+from data_tools.steps import positions
 
 
 def _media(samples: list[dict]) -> dict:
@@ -136,29 +137,15 @@ def packed_mask(segments: torch.Tensor, types: torch.Tensor, sliding_window: int
     Attention never crosses samples; inside a sample it is causal (along its tree when the
     sample is branched: `data_tools.steps`), limited to the sliding window of positions on
     sliding layers, and bidirectional inside each image block (what `mm_token_type_ids` switches
-    on in the unpacked path).
+    on in the unpacked path). The dense form of `data_tools.masks.PackedMask`.
     """
-    b, n = segments.shape
-    if positions is None:
-        positions = torch.arange(n).expand(b, n)
-    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)
-    causal = tree_mask(positions)
-    if sliding_window is not None:
-        causal = causal & (positions[:, :, None] - positions[:, None, :] < sliding_window)
-    vision = (types == 1) | (types == 2)
-    starts = vision & ~torch.nn.functional.pad(vision, (1, 0))[:, :-1]
-    block = torch.where(vision, torch.cumsum(starts.long(), dim=1), torch.zeros_like(types))
-    same_block = (block[:, :, None] == block[:, None, :]) & vision[:, :, None] & vision[:, None, :]
-    mask = same & (causal | same_block)
-    # Padding attends to itself only, so SDPA never sees an all-masked row (NaN).
-    eye = torch.eye(n, dtype=torch.bool).unsqueeze(0)
-    mask = mask | (eye & (segments < 0)[:, :, None])
-    return mask[:, None]
+    return PackedMask(segments, types, sliding_window, positions).dense()
 
 
 def collate_packed(rows: list[list[dict]], pad_id: int, sliding_window: int | None,
-                   layer_types: list[str], trim_tail: bool = False) -> dict:
-    """Several samples per row, position ids restarting per sample, masks as a dict."""
+                   layer_types: list[str], trim_tail: bool = False, lazy_masks: bool = False) -> dict:
+    """Several samples per row, position ids restarting per sample, masks as a dict (with
+    `lazy_masks`, `PackedMask`s built block by block: for the `blocked` attention only)."""
     size = useful_length if trim_tail else (lambda s: len(s["input_ids"]))
     keep = [[size(s) for s in row] for row in rows]
     n = max(sum(row) for row in keep)
@@ -178,10 +165,10 @@ def collate_packed(rows: list[list[dict]], pad_id: int, sliding_window: int | No
             seg[r, at:at + k] = j
             at += k
     masks = {}
-    if "full_attention" in layer_types:
-        masks["full_attention"] = packed_mask(seg, types, None, pos)
-    if "sliding_attention" in layer_types:
-        masks["sliding_attention"] = packed_mask(seg, types, sliding_window, pos)
+    for kind, window in (("full_attention", None), ("sliding_attention", sliding_window)):
+        if kind in layer_types:
+            mask = PackedMask(seg, types, window, pos)
+            masks[kind] = mask if lazy_masks else mask.dense()
     flat = [s for row in rows for s in row]
     return {"input_ids": ids, "labels": labels, "mm_token_type_ids": types, "position_ids": pos,
             "attention_mask": masks, **_media(flat)}

@@ -35,6 +35,13 @@ def test_gpu_benchmark_dry_run_writes_every_figure(tmp_path):
         assert all(math.isfinite(x) for x in run["losses"]) and run["tokens_per_s"] > 0
         assert run["planned_gib"] > run["planned_reserved_gib"] >= run["planned_allocated_gib"] > 0
     assert r["hf_baseline"]["seq_len"] == 160 and r["hf_baseline"]["tokens_per_s"] > 0
+    # long part: blocked ± attention tiles at the long length, then twice it tiled, each planned
+    assert [(x["seq_len"], "train.tile_attention=true" in x["overrides"]) for x in r["long"]] == [
+        (320, False), (320, True), (640, True)]
+    for run in r["long"]:
+        assert "error" not in run, run
+        assert all(math.isfinite(x) for x in run["losses"]) and run["planned_gib"] > 0
+    assert r["long"][1]["planned_gib"] <= r["long"][0]["planned_gib"]  # equal at this tiny scale (3 decimals)
     tp, peers = r["throughput"], r["peers"]
     assert tp["packed_rows"] < tp["samples"] and isinstance(tp["ours"], float)
     assert tp["ratio_vs_hf"] == pytest.approx(tp["ours"] / peers["hf_trainer_one_sample"]["tokens_per_s"], abs=1e-3)

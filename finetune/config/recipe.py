@@ -130,6 +130,9 @@ class TrainSection:
         "allows and each block recomputed in backward (less memory on long rows, no masked-away scores)")
     attention_block_rows: int = _f(4096, "train.attention blocked: query rows of one block (block "
                                    "queries × query heads per k/v head)", lo=1)
+    tile_attention: bool = _f(False, "with train.attention blocked: each layer's q/k/v/o projections "
+                              "also run by sequence tile under their own recompute (the same loss; "
+                              "less memory on long rows, finetune.model.tiled_attention)")
     group_by_length: bool = _f(True, "batch samples of similar length")
     packing: bool = _f(False, "pack several samples per row")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = _f("adamw")
@@ -285,6 +288,9 @@ def _cross_checks(r: Recipe, errors: list[UserError]) -> None:
         if getattr(t, key) and not t.eval_every:
             errors.append(UserError(f"train.{key}", "needs an eval loss", "Set train.eval_every (and eval data: "
                                     "eval_datasets or data.eval_fraction)"))
+    if t.tile_attention and t.attention != "blocked":
+        errors.append(UserError("train.tile_attention", f"tiles the blocked attention, not {t.attention!r}",
+                                "Set train.attention: blocked, or train.tile_attention: false"))
     if r.train.packing and r.data.streaming:
         errors.append(UserError("train.packing", "packing needs the cached dataset",
                                 "Set data.streaming: false or train.packing: false"))

@@ -88,6 +88,7 @@ class DrafterAlignment(Objective):
         self.stops = None if d.ignore_eos else stop_ids(processor, family.chat)
         # Trained in fp32 (Adam on bf16 weights loses updates), saved in the shipped dtype.
         self.save_dtype = saved_dtype(read_config(d.path))
+        self._target_config = lm.config
         drafter = load_drafter(d.path, lm.config, device=lm.device)
         if d.method == "lora":
             from peft import LoraConfig, get_peft_model
@@ -122,10 +123,12 @@ class DrafterAlignment(Objective):
         steps = unroll(self._drafter, self.embed.module, hidden, shared_kv, seq, starts, self.k, self.window)
         return distill_loss(steps, seq, starts, target_logp, self.kind)
 
-    def save(self, model, out) -> None:
+    def save(self, model, out, state_dict=None, objective_state=None) -> None:
         from finetune.drafter.model import save_drafter
 
         drafter = self.drafter
+        if objective_state is not None:  # sharded (FSDP): a whole copy holding the gathered weights
+            drafter = self._whole_copy(objective_state)
         if hasattr(drafter, "merge_and_unload"):  # a LoRA: servers load plain drafters
             import copy
 
@@ -149,11 +152,36 @@ class DrafterAlignment(Objective):
         return out
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        """Whole tensors (a checkpoint's) into the trained weights; under FSDP into this rank's
+        shards (every rank calls it: the split is collective)."""
         own = {name: p for name, p in self.named_parameters() if p.requires_grad}
         if strict and set(state) != set(own):
             raise UserError("checkpoint", f"objective.safetensors holds {len(state)} drafter tensors, this run "
                             f"trains {len(own)}", "Resume with the recipe the checkpoint was written with")
         with torch.no_grad():
             for name, value in state.items():
-                own[name].copy_(value)
+                p = own[name]
+                if hasattr(p, "device_mesh"):  # a DTensor shard
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
+                p.copy_(value)
         return None
+
+    def _whole_copy(self, state: dict):
+        """The drafter as `setup` built it, holding `state` (this objective's `state_dict()` keys,
+        gathered whole): what a sharded run saves."""
+        from finetune.drafter.model import load_drafter
+
+        d = self.recipe.drafter
+        drafter = load_drafter(d.path, self._target_config, device="cpu")
+        if d.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            drafter = get_peft_model(drafter, LoraConfig(r=d.lora_r, lora_alpha=d.lora_alpha,
+                                                         target_modules=LORA_TARGETS, bias="none"))
+        params = dict(drafter.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name.removeprefix("drafter.")].copy_(value)
+        return drafter

@@ -72,8 +72,11 @@ def continue_greedy(target, prompts: dict, *, new_tokens: int, stop_ids: list[in
     unless None), as one batch: input_ids, attention_mask, mm_token_type_ids, position_ids,
     media, `prompt_len` (continuations start there) and `live` (B, T): positions up to and
     including each row's end of turn."""
+    from finetune.model.generate import in_step
+
     seq = target.generate(**prompts, max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False,
-                          eos_token_id=stop_ids, pad_token_id=pad_id, bad_words_ids=suppress or None, use_cache=True)
+                          eos_token_id=stop_ids, pad_token_id=pad_id, bad_words_ids=suppress or None, use_cache=True,
+                          **in_step(target))
     b, p = prompts["input_ids"].shape
     cont = seq[:, p:]
     live = torch.ones_like(cont, dtype=torch.bool)

@@ -107,7 +107,6 @@ def policy_loss(logps, old, advantages, mask, *, eps_low: float, eps_high: float
 class GRPO(Objective):
     """Group relative policy optimisation with verifiable rewards, online, on the one loop."""
 
-    shards = False  # rollouts generate on the whole model: untested under FSDP2
     formats = (*CHAT_FORMATS, "prompt")  # prompt: TRL's prompt-only layout, its other columns to the rewards
     previews = False
     packs = False  # a micro-batch is prompts: `collate` makes it
@@ -209,7 +208,16 @@ class GRPO(Objective):
         return batch
 
     def weight(self, batch: dict) -> int:
-        ro = self.rollout(self.policy, batch)
+        if self.root is None or ROLLOUT in batch:  # (`loss` asks again, inside the root's forward)
+            ro = self.rollout(self.policy, batch)
+        else:  # sharded (FSDP2): the root's weights gathered for the rollout's own forwards
+            # (initialised as the root first: else the first layer to run would take that role)
+            self.root._get_fsdp_state()._lazy_init()
+            self.root.unshard()
+            try:
+                ro = self.rollout(self.policy, batch)
+            finally:
+                self.root.reshard()
         if self.g.loss_type == "dapo":
             return int(ro["rows"]["completion_mask"].sum())
         return ro["rows"]["completion_ids"].shape[0]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 from finetune.objectives.losses import ce_chunk_rows
-from finetune.plan.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, GIB, estimate
+from finetune.plan.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, GIB, estimate, mask_bytes
 from finetune.plan.skeleton import Skeleton
 
 WEIGHTS = ("linear_weights", "unquantized_weights", "lora_weights", "optimizer_states", "cublas_workspace",
@@ -53,7 +53,7 @@ def estimate_grpo(recipe, sk: Skeleton, device: str, config) -> dict:
     inter = max((L.inter for L in sk.layers), default=4 * sk.hidden)
     q_out = max((L.q_out for L in sk.layers), default=sk.hidden)
     rollout = {"rollout_kv_cache": cache,
-               "rollout_prefill_masks": sk.layer_types * G * P * P,
+               "rollout_prefill_masks": mask_bytes(sk, t.attention, G, P),
                "rollout_prefill_layer": G * P * (3 * inter + 3 * q_out + 4 * sk.hidden) * ab,
                "rollout_sampling_logits": SAMPLING_COPIES * G * sk.vocab * 4}
     phases = {"rollouts": weights | rollout, "policy step": items}
@@ -61,7 +61,7 @@ def estimate_grpo(recipe, sk: Skeleton, device: str, config) -> dict:
         tokens = rows * S
         phases["reference forward"] = weights | {
             "reference_forward": tokens * (2 * ab * sk.hidden + 3 * ab * inter) + 8 * sk.vocab * ce_chunk_rows(sk.vocab),
-            "attention_masks": sk.layer_types * rows * S * S}
+            "attention_masks": mask_bytes(sk, t.attention, rows, S)}
     name, chosen = max(phases.items(), key=lambda kv: sum(kv[1].values()))
     allocated = sum(chosen.values())
     out = dict(chosen)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from finetune.model.generate import in_step
+
 MEDIA = ("pixel_values", "image_position_ids", "input_features", "input_features_mask")
 
 
@@ -72,6 +74,7 @@ def sample_group(model, prompt: dict, s: Sampling, drafter=None) -> tuple[torch.
            "max_new_tokens": s.max_new_tokens, "eos_token_id": s.stop_ids, "pad_token_id": s.pad_id,
            "bad_words_ids": s.suppress or None, "use_cache": True}
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    gen |= in_step(core)
     counter = ForwardCounter(core)
     n = prompt["input_ids"].shape[1]
     try:

@@ -29,6 +29,8 @@ class Family:
     chat: ChatFormat
     # Full names of the decoder layers' MLP blocks (what `train.mlp_tile_tokens` tiles)
     mlp_blocks: str = ""
+    # Full names of the decoder layers' attention modules (what `train.tile_attention` tiles)
+    attention_blocks: str = ""
 
     def part_of(self, name: str) -> str:
         for pattern, part in self.part_patterns:
@@ -72,6 +74,7 @@ GEMMA4_UNIFIED = Family(
                     channel_close="<channel|>", thought="thought\n", call_open="<|tool_call>",
                     call_close="<tool_call|>", call_stop="<|tool_response>", quote='<|"|>'),
     mlp_blocks=r".*language_model\.layers\.\d+\.mlp",
+    attention_blocks=r".*language_model\.layers\.\d+\.self_attn",
 )
 
 FAMILIES = {GEMMA4_UNIFIED.model_type: GEMMA4_UNIFIED}

@@ -27,6 +27,12 @@ from finetune.model.load import held_out_mode
 
 
 @functools.lru_cache(maxsize=4)
+def in_step(model) -> dict:
+    """`generate` keywords for a model sharded by FSDP2 (its layers all-gather at every forward,
+    a collective): `synced_gpus`, so every rank runs forwards until all ranks' rows are done."""
+    return {"synced_gpus": True} if any(hasattr(m, "unshard") for m in model.modules()) else {}
+
+
 def renderer(processor, chat: ChatFormat) -> Renderer:
     """One per processor: building it renders probe templates to pick its fast paths."""
     return Renderer(processor, RenderSettings(), chat)

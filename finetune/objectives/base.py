@@ -56,6 +56,9 @@ class Objective(torch.nn.Module):
     def __init__(self, recipe):
         super().__init__()
         self.recipe = recipe
+        # Under FSDP2 the sharded root (`LossForward`), set by the loop: a pass outside `loss` that
+        # runs the model (GRPO's rollouts) gathers the root's weights around it.
+        self.__dict__["root"] = None
 
     @classmethod
     def check(cls, recipe) -> list[UserError]:
@@ -86,14 +89,17 @@ class Objective(torch.nn.Module):
 
     def pack(self, rows: list[list[dict]], pad_id: int, sliding_window: int, layer_types: list[str]) -> dict:
         """Rows of samples → one packed micro-batch (`train.packing`, only if `packs`): each row
-        one sequence under a block-diagonal 4-D mask, position ids restarting per sample."""
+        one sequence under a block-diagonal 4-D mask, position ids restarting per sample (under
+        `train.attention: blocked` the masks stay lazy: built a query block at a time)."""
         from data_tools.collate import collate_packed
 
-        return collate_packed(rows, pad_id, sliding_window, layer_types, trim_tail=True)
+        lazy = self.recipe.train.attention == "blocked"
+        return collate_packed(rows, pad_id, sliding_window, layer_types, trim_tail=True, lazy_masks=lazy)
 
-    def save(self, model, out, state_dict: dict | None = None) -> None:
-        """Write what was trained to `out` (default: the PEFT adapter folder); `state_dict`: the
-        adapter's weights gathered whole when the model is sharded (FSDP)."""
+    def save(self, model, out, state_dict: dict | None = None, objective_state: dict | None = None) -> None:
+        """Write what was trained to `out` (default: the PEFT adapter folder). When the model is
+        sharded (FSDP) the weights come gathered whole: `state_dict` the adapter's,
+        `objective_state` the objective's own (its `state_dict()` keys)."""
         model.save_pretrained(out, state_dict=state_dict)
 
     def weight(self, batch: dict) -> int:

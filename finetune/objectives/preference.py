@@ -178,7 +178,7 @@ class PairObjective(Objective):
             return super().setup(model, family)
         return start_from_adapter(model, self.recipe)
 
-    def save(self, model, out, state_dict: dict | None = None) -> None:
+    def save(self, model, out, state_dict: dict | None = None, objective_state: dict | None = None) -> None:
         """Only the trained adapter: the reference is the folder it came from."""
         model.save_pretrained(out, selected_adapters=[TRAINED], state_dict=state_dict)
 

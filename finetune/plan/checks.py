@@ -181,10 +181,10 @@ def sharding_problems(recipe) -> None:
                                 "model can't do", "Set train.preview_every: 0 and run `finetune generate` "
                                 "on the adapter"))
     cls = objectives.get(t.objective)
-    if cls is not None and not cls.trains_model:
-        errors.append(UserError("train.objective", f"{t.objective} trains weights of its own, which finetune "
-                                "does not shard yet", "Launch it on one process or with DDP "
-                                "(configs/accelerate/ddp.yaml)"))
+    if t.objective == "grpo" and recipe.drafter.path:
+        errors.append(UserError("drafter.path", "assisted rollouts under FSDP: the drafter's steps can't keep "
+                                "the ranks' gathers in step", "Remove drafter.path (rollouts sample from the "
+                                "policy alone), or launch with DDP (configs/accelerate/ddp.yaml)"))
     elif cls is not None and not cls.shards:
         errors.append(UserError("train.objective", f"{t.objective} is not run under FSDP yet",
                                 "Launch it on one process or with DDP (configs/accelerate/ddp.yaml)"))

@@ -30,8 +30,9 @@ gemma4_unified, PEFT 0.21, bitsandbytes 0.50 and `finetune.training`/`finetune.o
   scores, but the boolean masks (one per layer type) live through the step and each layer's
   sdpa call holds a float copy. `train.attention` changes that part (finetune.model.attention):
   `sdpa_gqa` keeps k/v and their grads at their own width; `blocked` also saves no attention
-  output, log-sum-exp or float mask (each block is recomputed) and holds one block's folded
-  mask, scores workspace and q/k/v grads in its backward.
+  output, log-sum-exp or float mask (each block is recomputed), never builds the whole mask
+  (lazy masks: one block's rows at a time) and holds one block's folded mask, scores workspace
+  and q/k/v grads in its backward.
 - **Loss**: chunked CE (recomputed per chunk) holds one chunk's soft-capped fp32 logits,
   fp32 log-softmax and two fp32 grads in flight (16 bytes per logit); unchunked holds the
   same for every token.
@@ -145,11 +146,21 @@ def _optimizer_bytes(shapes: list[tuple[int, int]], optimizer: str) -> int:
     return total
 
 
+def mask_bytes(sk: Skeleton, attention: str, rows: int, S: int) -> int:
+    """The 4-D boolean masks of one forward: (rows, 1, S, S) per layer type, True = attend; none
+    under `blocked`, whose masks are built one query block at a time (data_tools.masks), inside
+    the block's recompute (counted with the block in `_attention_backward`)."""
+    return 0 if attention == "blocked" else sk.layer_types * rows * S * S
+
+
 def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: int,
-                 dropout: bool, attention: str = "sdpa") -> tuple[int, int]:
+                 dropout: bool, attention: str = "sdpa", tiled: bool = False) -> tuple[int, int]:
     """Bytes per token one decoder layer keeps for its backward: (attention side, MLP side).
 
-    The MLP side is what `train.mlp_tile_tokens` holds for one tile instead of the sequence."""
+    The MLP side is what `train.mlp_tile_tokens` holds for one tile instead of the sequence.
+    `tiled` (`train.tile_attention`): the q/k/v/o projections, their norms, RoPE and LoRA copies
+    live inside tiles' recomputes; what stays is k and v, the attention input the tiles read
+    and the four layer norms' upcasts."""
     Dq, Dk, inter = L.q_out, L.k_out, L.inter
     repeated = L.kv_heads < L.heads and attention == "sdpa"
     kv_saved = ab * (Dq if repeated else Dk)  # stock sdpa saves k and v after repeat_kv
@@ -186,10 +197,12 @@ def _layer_saved(L: Layer, hid: int, targeted: set[str], r: int, ab: int, lb: in
             mlp += extra
         else:
             attn += extra
+    if tiled:
+        attn = 4 * NORM_BYTES * hid + ab * hid + 2 * ab * Dk
     return attn, mlp
 
 
-def _attention_backward(L: Layer, t, B: int, S: int, ab: int) -> int:
+def _attention_backward(L: Layer, t, B: int, S: int, ab: int, H: int) -> int:
     """Bytes one layer's attention backward holds at its top, by `train.attention`."""
     T, Dq, Dk = B * S, L.q_out, L.k_out
     if t.attention == "sdpa":  # fp32 grad-of-q workspace; q, k, v grads with k/v repeated to all heads
@@ -201,8 +214,16 @@ def _attention_backward(L: Layer, t, B: int, S: int, ab: int) -> int:
     # against at most every key), fp32 grad-of-q workspace, q fold, output and q grad
     g = max(1, L.heads // max(L.kv_heads, 1))
     C = min(S, max(1, t.attention_block_rows // g))
-    return (T * (2 * ab * Dq + 4 * ab * Dk) + B * g * C * S * (1 + ab)
-            + B * L.heads * C * L.head_dim * (NORM_BYTES + 3 * ab))
+    block = B * g * C * S * (1 + ab) + B * L.heads * C * L.head_dim * (NORM_BYTES + 3 * ab)
+    if not t.tile_attention:
+        return T * (2 * ab * Dq + 4 * ab * Dk) + block
+    # tiled: the attention input's grad (accumulated over blocks, and the blocks' outputs' grad)
+    # instead of q's; one query block's projections recomputed (q LoRA input copy, q norm upcast
+    # and q, o LoRA input copy) and one k/v tile's (LoRA input copies, norm upcasts, k and v)
+    lb = LORA_BYTES
+    tile = min(S, t.attention_block_rows)
+    return (T * (2 * ab * H + 4 * ab * Dk) + block + B * C * (lb * H + (NORM_BYTES + ab + lb) * Dq)
+            + B * tile * (2 * lb * H + 2 * (NORM_BYTES + ab) * Dk))
 
 
 def estimate(recipe, sk: Skeleton, device: str) -> dict:
@@ -240,7 +261,7 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
     img_tok = d.image_tokens if sk.patch_dim and media else 0
     aud_tok = int(d.max_audio_seconds * AUDIO_TOKENS_PER_S) if sk.audio_dim and media else 0
     img_tok, aud_tok = min(img_tok, S), min(aud_tok, max(S - img_tok, 0))
-    masks = sk.layer_types * B * S * S  # bool (B, 1, S, S) per layer type, True = attend
+    masks = mask_bytes(sk, t.attention, B, S)
 
     # finetune.train moves all `grad_accum` micro-batches to the GPU before the first forward:
     # ids/labels/types/mask or positions (int64), media in the compute dtype, and with packing
@@ -265,7 +286,7 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
     layers = sk.layers
     tile = t.mlp_tile_tokens if 0 < t.mlp_tile_tokens < S else 0
     if layers:
-        sides = [_layer_saved(L, H, targeted, r, ab, lb, dropout, t.attention) for L in layers]
+        sides = [_layer_saved(L, H, targeted, r, ab, lb, dropout, t.attention, t.tile_attention) for L in layers]
         inter = max(L.inter for L in layers)
         down_lora = any(f"{L.prefix}.mlp.down_proj" in targeted for L in layers)
         # Tiled: one tile's MLP intermediates, plus the whole MLP input the tiles recompute from.
@@ -280,7 +301,7 @@ def estimate(recipe, sk: Skeleton, device: str) -> dict:
         # pair between layers. (Measured: with 1k MLP tiles at 16k the attention part is the
         # larger, 1.4 GiB on the H200.)
         mlp_back = mlp_tokens * (3 * ab * inter + (lb * inter if down_lora else 0))
-        attn_back = max(_attention_backward(L, t, B, S, ab) for L in layers)
+        attn_back = max(_attention_backward(L, t, B, S, ab, H) for L in layers)
         transient = max(mlp_back, attn_back) + T * 2 * ab * H
         if t.gradient_checkpointing:
             # offloaded: the inputs in flight to and from host memory (4 measured at 16k on an H200)

@@ -93,6 +93,9 @@ def _candidates(recipe, device: str) -> list[list[str]]:
         out.append(["train.mlp_tile_tokens=1024"])
     if t.attention != "blocked" and d.max_seq_len > 1024:
         out.append(["train.attention=blocked"])
+        out.append(["train.attention=blocked", "train.tile_attention=true"])
+    elif not t.tile_attention and d.max_seq_len > 1024:
+        out.append(["train.tile_attention=true"])
     return out
 
 

@@ -30,6 +30,7 @@ from finetune.model.attention import STOCK as STOCK_ATTENTION
 from finetune.model.attention import set_attention
 from finetune.model.load import unwrap
 from finetune.model.memory_tricks import tile_mlp
+from finetune.model.tiled_attention import tile_attention
 from finetune.plan.checks import sharding_problems
 from finetune.training.batches import BatchPlan, StreamPlan, branch_aware
 from finetune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -162,6 +163,8 @@ class _Run:
             tile_mlp(model, t.mlp_tile_tokens, self.family.mlp_blocks)
         if t.attention != STOCK_ATTENTION:
             set_attention(model, t.attention, t.attention_block_rows)
+        if t.tile_attention:
+            tile_attention(model, t.attention_block_rows, self.family.attention_blocks)
         if self.objective.trains_model:
             self.main_log("trainable parameters by part:\n" + format_table(trainable_table(model, self.family)))
         model.train()
@@ -189,6 +192,7 @@ class _Run:
         if self.fsdp is not None:  # sharded first: the optimizer holds (and its state follows) the shards
             self.model = LossForward(self.model, self.objective)
             shard(self.model, self.fsdp, unwrap(self.model)._no_split_modules)
+            self.objective.__dict__["root"] = self.model
             self.main_log(describe(self.model))
             self.optimizer = make_optimizer(self.model.parameters(), self.t, device)
         else:  # weights the objective owns (a drafter) train with the model's
@@ -297,7 +301,8 @@ class _Run:
         """`objective.save` on the main process; a sharded adapter is gathered whole first (every rank)."""
         full = gather_for_save(self.model, None) if is_sharded(self.model) else None
         if self.acc.is_main_process:
-            self.objective.save(unwrap(self.model, peft=True), folder, **({"state_dict": full["adapter"]} if full else {}))
+            gathered = {"state_dict": full["adapter"], "objective_state": full["objective"]} if full else {}
+            self.objective.save(unwrap(self.model, peft=True), folder, **gathered)
             _keep_provenance(self.out, folder)
 
     def _finish(self) -> TrainResult:

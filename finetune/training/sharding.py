@@ -108,10 +108,13 @@ class Usage:
         ran = torch.tensor([float(x) for x in self.step_ran], device=device)
         if dist.is_initialized():
             dist.all_reduce(ran)
+        # a weight tied into a module that ran keeps its gradient (a drafter's embedding is its head)
+        used = {id(p) for m, n in zip(self.modules, ran.tolist()) if n for p in m.parameters(recurse=False)}
         for m, n in zip(self.modules, ran.tolist()):
             if n == 0:
                 for p in m.parameters(recurse=False):
-                    p.grad = None
+                    if id(p) not in used:
+                        p.grad = None
         self.step_ran = [False] * len(self.modules)
 
 

@@ -114,6 +114,14 @@ def one_process(raw: dict, world: int = 2):
                        objective.collate, objective.pack) for r in range(world)]
     set_seed(t.seed)
     model = objective.setup(model, family)
+    if t.attention != "sdpa":  # as the loop switches them (finetune.training.loop)
+        from finetune.model.attention import set_attention
+
+        set_attention(model, t.attention, t.attention_block_rows)
+    if t.tile_attention:
+        from finetune.model.tiled_attention import tile_attention
+
+        tile_attention(model, t.attention_block_rows, family.attention_blocks)
     model.train()
     optimizer = make_optimizer(model.parameters(), t, "cpu")
     scheduler = make_scheduler(optimizer, t)
@@ -229,6 +237,16 @@ def test_fsdp2_qlora_with_bf16_storage_equals_one_process(assets):
 
 
 @pytest.mark.slow
+def test_fsdp2_with_tiled_blocked_attention_equals_one_process(assets):
+    """What fits the 12B at 32k on 4 × 16 GB: the blocked attention with lazy packed masks and the
+    attention tiles, inside the sharded decoder layers (tiles of 32 tokens on 256-token rows)."""
+    tiles = {"max_steps": 2, "attention": "blocked", "tile_attention": True, "attention_block_rows": 32}
+    launch(assets, sft_raw(assets, "fsdp-tiled", **tiles))
+    losses, adapter = one_process(sft_raw(assets, "one-tiled", **tiles))
+    check_parity(assets.root / "fsdp-tiled", losses, adapter, "tiled")
+
+
+@pytest.mark.slow
 def test_fsdp2_accumulation_equals_ddp(assets):
     """`train.grad_accum: 2`: FSDP2 skips the reduce-scatter until the window's last micro-batch,
     as DDP skips its all-reduce (each rank sums its own micro-batches, then the ranks' sums are
@@ -280,6 +298,14 @@ def test_fsdp_refuses_what_it_cannot_shard(make_recipe):
                                       train={"optimizer": "adamw8bit"}))
     assert [x.where for x in e.value.errors] == ["model.quantization", "train.optimizer"]
     sharding_problems(make_recipe([{"path": "x.jsonl"}], model={"quantization": "nf4", "quant_storage": "bf16"}))
+    # GRPO shards; its assisted rollouts (the drafter) don't
+    grpo = {"objective": "grpo"}
+    sharding_problems(make_recipe([{"path": "x.jsonl"}], train=grpo, grpo={"rewards": [{"name": "exact_match"}]}))
+    with pytest.raises(RecipeErrors) as e:
+        sharding_problems(make_recipe([{"path": "x.jsonl"}], train=grpo, drafter={"path": "d"},
+                                      grpo={"rewards": [{"name": "exact_match"}]}))
+    assert [x.where for x in e.value.errors] == ["drafter.path"]
+    assert "launch with DDP (configs/accelerate/ddp.yaml)" in e.value.errors[0].fix
 
 
 def test_fsdp1_is_refused(monkeypatch):
