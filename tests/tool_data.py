@@ -1,20 +1,26 @@
-"""A small tool-use dataset for the tiny base: two functions (weather, time of a city), eight
-cities, six phrasings per function, three phrasings asking for both (two parallel calls), and
-two greetings answered without a tool.
+"""A small tool-use dataset for the tiny base: two functions (weather, time of a city), twelve
+made-up cities, six phrasings per function, three phrasings asking for both (two parallel calls),
+and two greetings answered without a tool.
 
-Each (function, city) pair holds out one phrasing (a different one per city), so a held-out
-prompt is a city and a phrasing each seen in training, never together. A training pair comes
-twice: as a record that ends in the call (the call trained right after the served prompt) and
-as the whole flow (call, tool response, final answer). Written by the tests and the
-`templates` tier; nothing here is shipped.
+The tiny base starts from random weights, so the answer has to be learned as copying: the city
+from the question, the sky and the hour from the tool's responses. Every flow draws its result at
+random (seeded), so no (city, phrasing) has a result to memorise. Made to be copied by that model:
+each city is cut into the same tokens by the tiny tokenizer wherever it stands (question, call,
+answer; "Porta." would be one token there and "Porta" another), and an hour is one digit, 1-8,
+the only digit in the response other than the zeros of ":00" (" 9" is two tokens). Held out: per
+(function, city) one phrasing no training flow of that city uses, with a result that city's
+training flows don't show where one is left. Written by the tests and the `templates` tier;
+nothing here is shipped.
 """
 
 from __future__ import annotations
 
 import json
+import random
 
-CITIES = ["Halden", "Mirovo", "Tessel", "Kaveny", "Porta", "Lindor", "Sorrin", "Ulmet"]
+CITIES = ["Sorit", "Halor", "Mital", "Rinan", "Telar", "Gamet", "Kado", "Woran", "Kime", "Golo", "Mipar", "Vinan"]
 SKY = ["sunny", "rainy", "cloudy", "snowy", "windy"]
+HOURS = 9  # hours 0-8; the data draws 1-8
 ASK = {
     "get_weather": ["What is the weather in {c}?", "Is it sunny in {c}?", "How is the weather in {c} now?",
                     "Weather in {c}?", "Tell me the weather in {c}.", "Is it rainy in {c} now?"],
@@ -30,9 +36,19 @@ TOOLS = [{"type": "function", "function": {
     for name, desc in (("get_weather", "Weather of a city"), ("get_time", "Time of a city"))]
 
 
+def sky_and_time(k: int) -> tuple[str, str]:
+    """Result number k → (sky, time); k = 0 is the first sky at 0:00."""
+    return SKY[k % len(SKY)], f"{(k // len(SKY)) % HOURS}:00"
+
+
+# The results the data draws from: every (sky, hour) pair once, hour 0 left out.
+DRAWN = range(len(SKY), len(SKY) * HOURS)
+
+
 def flow(tool: str, city: str, question: str, k: int) -> dict:
     """user → assistant call (OpenAI layout, JSON-text arguments) → tool → final answer."""
-    result = SKY[k % len(SKY)] if tool == "get_weather" else f"{(k * 7) % 24}:00"
+    sky, time = sky_and_time(k)
+    result = sky if tool == "get_weather" else time
     answer = f"It is {result} in {city}." if tool == "get_weather" else f"It is {result} in {city} now."
     return {"tools": TOOLS, "messages": [
         {"role": "user", "content": question},
@@ -44,32 +60,51 @@ def flow(tool: str, city: str, question: str, k: int) -> dict:
 
 def parallel_flow(city: str, question: str, k: int) -> dict:
     """user → two calls at once → both responses → one answer with both results."""
-    sky, time = SKY[k % len(SKY)], f"{(k * 5) % 24}:00"
+    sky, time = sky_and_time(k)
     calls = [{"id": f"call_{j}", "type": "function", "function": {"name": name, "arguments": json.dumps({"city": city})}}
              for j, name in enumerate(("get_weather", "get_time"))]
     return {"tools": TOOLS, "messages": [
         {"role": "user", "content": question}, {"role": "assistant", "content": None, "tool_calls": calls},
         {"role": "tool", "tool_call_id": "call_0", "content": sky},
         {"role": "tool", "tool_call_id": "call_1", "content": time},
-        {"role": "assistant", "content": f"It is {sky} at {time} in {city}."}]}
+        {"role": "assistant", "content": f"It is {time} and {sky} in {city}."}]}
 
 
-def tool_use_data() -> tuple[list[dict], list[dict]]:
-    """(train records, held-out flows): see the module doc."""
+def _make(tool: str | None, city: str, question: str, k: int) -> dict:
+    """A flow of `tool`, or a parallel flow (tool None)."""
+    return parallel_flow(city, question, k) if tool is None else flow(tool, city, question, k)
+
+
+def _result(tool: str | None, k: int) -> str:
+    sky, time = sky_and_time(k)
+    return sky if tool == "get_weather" else time if tool == "get_time" else sky + time
+
+
+def tool_use_data(seed: int = 0, flows_per_pair: int = 8, parallel_per_city: int = 8, held_single: int = 12,
+                  held_parallel: int = 12) -> tuple[list[dict], list[dict]]:
+    """(train records, held-out flows). Per (function, city): one phrasing held out, one trained
+    as a record that ends in the call (the call trained right after the served prompt), and
+    `flows_per_pair` whole flows (call, response, answer) over the other phrasings, each with its
+    own random result; per city `parallel_per_city` parallel flows. The first `held_single`
+    cities give a held-out flow per function, the last `held_parallel` a parallel one."""
+    rng = random.Random(seed)
     train, held = [], []
-    k = 0
-    for t, (tool, questions) in enumerate(ASK.items()):
-        for c, city in enumerate(CITIES):
-            for q, question in enumerate(questions):
-                record = flow(tool, city, question.format(c=city), k)
-                k += 1
-                if q == (c + t) % len(questions):
-                    held.append(record)
-                else:
-                    train += [{"tools": TOOLS, "messages": record["messages"][:2]}, record]
     for c, city in enumerate(CITIES):
-        for q, question in enumerate(BOTH):
-            (held if q == c % len(BOTH) else train).append(parallel_flow(city, question.format(c=city), c + q))
+        for tool, questions in list(ASK.items()) + [(None, BOTH)]:
+            order = rng.sample(range(len(questions)), len(questions))
+            if tool is not None:
+                record = _make(tool, city, questions[order[1]].format(c=city), rng.choice(DRAWN))
+                train.append({"tools": TOOLS, "messages": record["messages"][:2]})
+            trained = order[1:] if tool is None else order[2:]
+            n = parallel_per_city if tool is None else flows_per_pair
+            ks = rng.sample(DRAWN, n)
+            for i, k in enumerate(ks):
+                train.append(_make(tool, city, questions[trained[i % len(trained)]].format(c=city), k))
+            if c < held_single if tool is not None else c >= len(CITIES) - held_parallel:
+                seen = {_result(tool, k) for k in ks}
+                k = next((k for k in rng.sample(DRAWN, len(DRAWN)) if _result(tool, k) not in seen),
+                         rng.choice(DRAWN))  # a result unseen with this city, where one is left
+                held.append(_make(tool, city, questions[order[0]].format(c=city), k))
     for question, answer in GREETINGS:
         train += [{"tools": TOOLS, "messages": [{"role": "user", "content": question},
                                                 {"role": "assistant", "content": answer}]}] * 4

@@ -48,9 +48,10 @@ def test_calls_written_by_the_template_read_back_exactly(processor, args):
 def test_adapter_runs_held_out_tool_flows_as_an_agent(tiny_base, tmp_path):
     """LoRA on the tool-use data (every step served-exact), then `finetune eval` runs each held-out
     flow (a call or two parallel calls, the responses, the answer; every prompt pairs a city and a
-    phrasing never seen together) as an agent loop, base vs adapter. Measured here (200 steps):
-    per-step call accuracy adapter 0.875, base 0.0; final answer exact adapter 0.21, base 0.0 (400
-    steps: 0.875 and 0.50; the misses copy the wrong time or sky from the tool response)."""
+    phrasing never seen together, and the results are drawn at random, so the answer must be copied
+    from the responses) as an agent loop, base vs adapter. Measured here (450 steps, 36 held-out
+    flows): per-step call accuracy adapter 1.0, base 0.0; final answer exact adapter 1.0, base 0.0, on
+    train.seed 1 and 2 alike (300 steps: 1.0 and 0.83; 400 with group_by_length: 1.0 and 0.67)."""
     from finetune.config.recipe import recipe_from_dict
     from finetune.eval.evaluate import evaluate_adapter
     from finetune.training.loop import train
@@ -62,9 +63,9 @@ def test_adapter_runs_held_out_tool_flows_as_an_agent(tiny_base, tmp_path):
     recipe = recipe_from_dict({
         "model": {"base": str(tiny_base), "quantization": "none"}, "datasets": [{"path": str(data)}],
         "eval_datasets": [{"path": str(held_file)}],
-        "data": {"max_seq_len": 256, "cache_dir": str(tmp_path / "cache")},
+        "data": {"max_seq_len": 320, "cache_dir": str(tmp_path / "cache")},
         "lora": {"r": 16, "alpha": 32, "targets": ["attention", "mlp"]},
-        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 200, "batch_size": 16, "lr": 3e-3,
+        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 450, "batch_size": 16, "lr": 3e-3,
                   "warmup": 10, "gradient_checkpointing": False, "group_by_length": False, "seed": 1},
         "eval": {"max_new_tokens": 40}})
     train(recipe)
@@ -72,5 +73,5 @@ def test_adapter_runs_held_out_tool_flows_as_an_agent(tiny_base, tmp_path):
     agent = result["agent"]
     print("agent loop:", json.dumps({k: agent[k] for k in ("base", "adapter")}))
     assert agent["adapter"]["n"] == len(items) == len(held) and result["summary"]["n"] == 0
-    assert agent["adapter"]["call_accuracy"] >= 0.85 and agent["adapter"]["final_exact"] >= 0.15, agent["adapter"]
+    assert agent["adapter"]["call_accuracy"] >= 0.9 and agent["adapter"]["final_exact"] >= 0.9, agent["adapter"]
     assert agent["base"]["call_accuracy"] <= 0.1 and agent["base"]["final_exact"] <= 0.1, agent["base"]
