@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-preference demo-grpo test test-llamacpp lint bench gpu-wheels clean
+.PHONY: setup demo demo-preference demo-grpo test test-agent test-llamacpp lint bench gpu-wheels clean
 
 # torch/torchvision are pinned to one matching pair (the image processor needs torchvision).
 # On a GPU machine, install the CUDA torch you want into .venv first; pip keeps it.
@@ -27,6 +27,9 @@ demo-grpo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -x --durations=15
+
+test-agent: setup
+	$(BIN)/python -m pytest -q -m agent_loop
 
 test-llamacpp: setup
 	$(BIN)/python -m pytest -q -m llamacpp

@@ -45,6 +45,7 @@ def test_calls_written_by_the_template_read_back_exactly(processor, args):
 
 
 @pytest.mark.slow
+@pytest.mark.agent_loop
 def test_adapter_runs_held_out_tool_flows_as_an_agent(tiny_base, tmp_path):
     """LoRA on the tool-use data (every step served-exact), then `finetune eval` runs each held-out
     flow (a call or two parallel calls, the responses, the answer; every prompt pairs a city and a
