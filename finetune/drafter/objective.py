@@ -70,7 +70,7 @@ class DrafterAlignment(Objective):
         return lambda r, sk, device: estimate_drafter(r, sk, device, config, shape)
 
     def setup(self, model, family):
-        from finetune.drafter.model import load_drafter, read_config, saved_dtype
+        from finetune.drafter.model import read_config, saved_dtype
         from finetune.model.generate import stop_ids, suppressed_ids
         from finetune.model.load import load_processor
 
@@ -89,16 +89,24 @@ class DrafterAlignment(Objective):
         # Trained in fp32 (Adam on bf16 weights loses updates), saved in the shipped dtype.
         self.save_dtype = saved_dtype(read_config(d.path))
         self._target_config = lm.config
-        drafter = load_drafter(d.path, lm.config, device=lm.device)
+        drafter = self._build_drafter(lm.device)
+        if d.method != "lora":
+            drafter.requires_grad_(True)
+        self.drafter = drafter.train()
+        return model
+
+    def _build_drafter(self, device):
+        """The shipped drafter (`drafter.path`), with its LoRA when `drafter.method: lora`."""
+        from finetune.drafter.model import load_drafter
+
+        d = self.recipe.drafter
+        drafter = load_drafter(d.path, self._target_config, device=device)
         if d.method == "lora":
             from peft import LoraConfig, get_peft_model
 
             drafter = get_peft_model(drafter, LoraConfig(r=d.lora_r, lora_alpha=d.lora_alpha,
                                                          target_modules=LORA_TARGETS, bias="none"))
-        else:
-            drafter.requires_grad_(True)
-        self.drafter = drafter.train()
-        return model
+        return drafter
 
     def collate(self, samples: list[dict], pad_id: int) -> dict:
         from finetune.drafter.unrolling import served_prompts
@@ -171,15 +179,7 @@ class DrafterAlignment(Objective):
     def _whole_copy(self, state: dict):
         """The drafter as `setup` built it, holding `state` (this objective's `state_dict()` keys,
         gathered whole): what a sharded run saves."""
-        from finetune.drafter.model import load_drafter
-
-        d = self.recipe.drafter
-        drafter = load_drafter(d.path, self._target_config, device="cpu")
-        if d.method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            drafter = get_peft_model(drafter, LoraConfig(r=d.lora_r, lora_alpha=d.lora_alpha,
-                                                         target_modules=LORA_TARGETS, bias="none"))
+        drafter = self._build_drafter("cpu")
         params = dict(drafter.named_parameters())
         with torch.no_grad():
             for name, value in state.items():
