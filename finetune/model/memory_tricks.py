@@ -117,20 +117,23 @@ def offload_activations(enabled: bool | str):
     return ActivationOffload(prefetch=True) if enabled == "prefetch" else ActivationOffload()
 
 
-class TiledMLP(torch.nn.Module):
-    """`mlp(x)` over sequence tiles of `tokens`, each checkpointed when gradients are on.
+class TokenTiles(torch.nn.Module):
+    """A module run in sequence tiles of `tokens`: the wrapped module's children are registered
+    on the wrapper under their own names, so every parameter keeps its name (adapters save, load
+    and export as without tiling). The wrapped module itself is held outside the module tree as
+    `inner`; apply this after LoRA is attached (PEFT replaces children by name)."""
 
-    The wrapped module's children are registered on the wrapper under their own names, so every
-    parameter keeps its name (`...mlp.gate_proj.lora_A...`): adapters save, load and export as
-    without tiling. The wrapped module itself is held outside the module tree; apply this after
-    LoRA is attached (PEFT replaces children by name)."""
-
-    def __init__(self, mlp: torch.nn.Module, tokens: int):
+    def __init__(self, module: torch.nn.Module, tokens: int):
         super().__init__()
-        object.__setattr__(self, "inner", mlp)
-        for name, child in mlp.named_children():
+        object.__setattr__(self, "inner", module)
+        for name, child in module.named_children():
             self.add_module(name, child)
         self.tokens = tokens
+
+
+class TiledMLP(TokenTiles):
+    """`mlp(x)` over sequence tiles of `tokens`, each checkpointed when gradients are on
+    (parameters keep their names: `...mlp.gate_proj.lora_A...`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] <= self.tokens or not torch.is_grad_enabled():

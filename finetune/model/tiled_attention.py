@@ -23,7 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from finetune.model.attention import BLOCKED, DEFAULT_BLOCK_ROWS, _folded_block, _key_spans
-from finetune.model.memory_tricks import matching, unwrap_wrappers, wrap_named
+from finetune.model.memory_tricks import TokenTiles, matching, unwrap_wrappers, wrap_named
 
 
 def _rope():
@@ -32,19 +32,9 @@ def _rope():
     return apply_rotary_pos_emb
 
 
-class TiledAttention(torch.nn.Module):
-    """A gemma4_unified text attention module over sequence tiles (module doc).
-
-    Like `TiledMLP`, the wrapped module's children are registered under their own names, so every
-    parameter keeps its name (adapters save, load and export as without tiling); apply it after
-    LoRA is attached."""
-
-    def __init__(self, attn: torch.nn.Module, tokens: int):
-        super().__init__()
-        object.__setattr__(self, "inner", attn)
-        for name, child in attn.named_children():
-            self.add_module(name, child)
-        self.tokens = tokens
+class TiledAttention(TokenTiles):
+    """A gemma4_unified text attention module over sequence tiles (module doc); like `TiledMLP`,
+    every parameter keeps its name."""
 
     def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k and v of a tile, (B, T, Hkv, D), as the stock forward makes them."""
