@@ -16,7 +16,10 @@ def grpo_raw(assets, name: str) -> dict:  # noqa: F811
     """The GRPO test run (tests/training/test_grpo_train.py): 1 prompt per rank, groups of 4."""
     from tests.training.test_grpo_train import raw
 
-    r = raw(assets.data, assets.root, name, batch_size=1, max_steps=2, lr=1e-3, optimizer="adamw")
+    # no clipping: its norm summed shard by shard rounds differently (test_clipping_across_shards),
+    # and Adam's next step turns that rounding into up to 1e-5 on weights whose gradient is near 0
+    r = raw(assets.data, assets.root, name, batch_size=1, max_steps=2, lr=1e-3, optimizer="adamw",
+            max_grad_norm=0.0)
     r["model"]["base"] = str(assets.base)
     r["data"]["cache_dir"] = str(assets.root / "cache-grpo")
     return r
@@ -36,7 +39,7 @@ def test_fsdp2_grpo_equals_ddp(assets):  # noqa: F811
     """GRPO under FSDP2: each rank samples its prompt's group on the sharded policy (the root's
     weights gathered around the rollout, every rank's generation kept in step until all are
     done), then trains on it. Against the same launch with the shipped ddp.yaml: the same
-    rewards and losses, and the same adapter to float32 reduction order."""
+    rewards and losses, and the same adapter bit for bit (the same sums in the same order)."""
     launch(assets, grpo_raw(assets, "fsdp-grpo"))
     launch(assets, grpo_raw(assets, "ddp-grpo"), config=FSDP2.parent / "ddp.yaml")
     fsdp, ddp = assets.root / "fsdp-grpo", assets.root / "ddp-grpo"
@@ -45,7 +48,7 @@ def test_fsdp2_grpo_equals_ddp(assets):  # noqa: F811
         assert [r[key] for r in rows[0]] == pytest.approx([r[key] for r in rows[1]], abs=1e-6), key
     assert len(rows[0]) == 2 and rows[0][1]["reward_std"] > 0  # step 2 sampled from the updated policy
     diff = adapter_diff(fsdp / "adapter", ddp / "adapter")
-    assert diff <= 1e-3 * 1e-3, diff  # float32 summation order only: far below one step's update (lr 1e-3)
+    assert diff == 0.0, diff
     print("grpo: fsdp vs ddp adapter diff", diff)
 
 
