@@ -63,14 +63,12 @@ class TiledAttention(TokenTiles):
                      shared_kv_states=shared_kv_states, cache=cache, **kwargs)
         cos, sin = position_embeddings
         x = hidden_states
-        if a.is_kv_shared_layer:
-            k, v = shared_kv_states[a.layer_type]
-        else:
-            parts = [checkpoint(self._kv, x[:, i:i + self.tokens], cos[:, i:i + self.tokens],
-                                sin[:, i:i + self.tokens], use_reentrant=False) for i in range(0, S, self.tokens)]
-            k = torch.cat([p[0] for p in parts], 1).transpose(1, 2)
-            v = torch.cat([p[1] for p in parts], 1).transpose(1, 2)
-        if a.store_full_length_kv:
+        # (a layer that reuses an earlier one's k/v is never wrapped: tile_attention refuses it)
+        parts = [checkpoint(self._kv, x[:, i:i + self.tokens], cos[:, i:i + self.tokens],
+                            sin[:, i:i + self.tokens], use_reentrant=False) for i in range(0, S, self.tokens)]
+        k = torch.cat([p[0] for p in parts], 1).transpose(1, 2)
+        v = torch.cat([p[1] for p in parts], 1).transpose(1, 2)
+        if a.store_full_length_kv:  # a later, untiled layer reuses this one's k/v
             shared_kv_states[a.layer_type] = k, v
         if attention_mask is not None and attention_mask.shape[-2] == 1 and torch.is_tensor(attention_mask):
             attention_mask = attention_mask.expand(*attention_mask.shape[:-2], S, S)
