@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+DATA_VERSION = "2"  # the demos' data generators as of: 480 pictures and tones, one text phrasing
 DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 
 COLOURS = {
@@ -84,16 +85,18 @@ def write_tone(high: bool, rng: random.Random, path: Path) -> None:
     sf.write(path, data.astype(np.float32), rate, subtype="PCM_16")
 
 
-def _user(parts: list[dict]) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": parts}]
+def _user(parts: list[dict], system: str = SYSTEM) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": parts}]
 
 
 def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audio: int = 480,
                    n_text_repeat: int = 12, n_mixed: int = 32, n_eval_each: int = 24,
-                   text_phrasings: int = 1) -> Path:
+                   text_phrasings: int = 1, reply: str = "{}", system: str = SYSTEM) -> Path:
     """Write train_{image,audio,text,mixed}.jsonl, eval.jsonl + media under `out` (seeded).
     480 pictures and tones: at 160 each, held-out colours on neighbouring hues (orange/yellow,
-    pink/red) were missed on 1–2 of 24 items on some seeds; `text_phrasings`: see the module doc."""
+    pink/red) were missed on 1–2 of 24 items on some seeds; `text_phrasings`: see the module doc.
+    Every answer is written as `reply.format(answer)` under the system prompt `system` (the GRPO
+    demo's replies are sentences, so its drafter has tokens to draft)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -106,8 +109,8 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audi
         write_image(colour, rng, out / rel)
         q = rng.choice(IMAGE_Q)
         return {"id": f"{split}-image-{i}", "messages": _user(
-            [{"type": "image", "path": rel}, {"type": "text", "text": q}])
-            + [{"role": "assistant", "content": colour}]}
+            [{"type": "image", "path": rel}, {"type": "text", "text": q}], system)
+            + [{"role": "assistant", "content": reply.format(colour)}]}
 
     def audio_item(i: int, split: str) -> dict:
         high = i % 2 == 0
@@ -115,8 +118,8 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audi
         write_tone(high, rng, out / rel)
         q = rng.choice(AUDIO_Q)
         return {"id": f"{split}-audio-{i}", "messages": _user(
-            [{"type": "audio", "path": rel}, {"type": "text", "text": q}])
-            + [{"role": "assistant", "content": "high" if high else "low"}]}
+            [{"type": "audio", "path": rel}, {"type": "text", "text": q}], system)
+            + [{"role": "assistant", "content": reply.format("high" if high else "low")}]}
 
     for i in range(n_image):
         train.append(image_item(i, "train"))
@@ -126,8 +129,8 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audi
         for c, cap in CAPITALS.items():
             q = TEXT_Q[r % text_phrasings].format(c=c)
             train.append({"id": f"train-text-{c}-{r}", "messages": [
-                {"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
-                {"role": "assistant", "content": cap}]})
+                {"role": "system", "content": system}, {"role": "user", "content": q},
+                {"role": "assistant", "content": reply.format(cap)}]})
     for i in range(n_mixed):
         colour = list(COLOURS)[i % len(COLOURS)]
         high = (i // len(COLOURS)) % 2 == 0
@@ -136,17 +139,17 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audi
         write_tone(high, rng, out / wav)
         train.append({"id": f"train-mixed-{i}", "messages": _user(
             [{"type": "image", "path": img}, {"type": "audio", "path": wav},
-             {"type": "text", "text": MIXED_Q}])
-            + [{"role": "assistant", "content": f"{colour}, {'high' if high else 'low'}"}]})
+             {"type": "text", "text": MIXED_Q}], system)
+            + [{"role": "assistant", "content": reply.format(f"{colour}, {'high' if high else 'low'}")}]})
 
     for i in range(n_eval_each):
         held.append(image_item(i, "eval"))
         held.append(audio_item(i, "eval"))
     for k, (c, cap) in enumerate(CAPITALS.items()):
         held.append({"id": f"eval-text-{c}", "messages": [
-            {"role": "system", "content": SYSTEM},
+            {"role": "system", "content": system},
             {"role": "user", "content": TEXT_Q[k % text_phrasings].format(c=c)},
-            {"role": "assistant", "content": cap}]})
+            {"role": "assistant", "content": reply.format(cap)}]})
 
     # One file per task, so the recipe's weights decide the mix (text samples are few and short).
     files = {"eval.jsonl": held}

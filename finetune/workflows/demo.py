@@ -7,6 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
+from finetune.demo.data import DATA_VERSION
+
 # The main demo's base: four layers (two sliding, two full). With two, the text facts (one
 # country token, 15 tokens before the answer) and neighbouring hues were each missed on some
 # seeds (held-out exact match 0.875–0.917); with four, packed rows and recipes/demo.yaml's
@@ -15,7 +17,6 @@ from pathlib import Path
 # demos keep two: their many short rollout forwards would pay the depth twice.
 DEMO_LAYERS = 4
 DATA_MARK = ".demo_data_version"
-DATA_VERSION = "2"  # the demos' data generators as of: 480 pictures and tones, one text phrasing
 
 
 def _eval_table(result: dict) -> str:
@@ -70,17 +71,18 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: str | 
     return scores
 
 
-def _current(data_dir: Path) -> bool:
+def _current(data_dir: Path, version: str) -> bool:
     """The demo data there is this version's (an older checkout's is written again)."""
     mark = data_dir / DATA_MARK
-    return (data_dir / "eval.jsonl").exists() and mark.exists() and mark.read_text() == DATA_VERSION
+    return (data_dir / "eval.jsonl").exists() and mark.exists() and mark.read_text() == version
 
 
-def demo_setup(recipe_path: Path, overrides, root, log, make_data=None, layers: int = 2):
+def demo_setup(recipe_path: Path, overrides, root, log, make_data=None, layers: int = 2,
+               data_version: str = DATA_VERSION):
     """(recipe, output folder, base folder, data folder) of a demo: its recipe (moved under `root`
     when given: tests), its earlier outputs cleared, the tiny base of `layers` decoder layers
     written on first use (or when the one there has another depth), and the data
-    (`make_data(folder, seed=0)`, when given) too."""
+    (`make_data(folder, seed=0)`, when given, unless `data_version`'s is there) too."""
     from finetune.config.recipe import load_recipe
     from finetune.demo.tiny_model import write_tiny_model
 
@@ -95,9 +97,9 @@ def demo_setup(recipe_path: Path, overrides, root, log, make_data=None, layers: 
         shutil.rmtree(base, ignore_errors=True)  # its drafter too: made for the base before
         write_tiny_model(base, seed=0, num_layers=layers)
         log(f"demo: tiny gemma4_unified base ({layers} layers) written to {base}")
-    if make_data is not None and not _current(data_dir):
+    if make_data is not None and not _current(data_dir, data_version):
         make_data(data_dir, seed=0)
-        (data_dir / DATA_MARK).write_text(DATA_VERSION)
+        (data_dir / DATA_MARK).write_text(data_version)
         log(f"demo: data written to {data_dir}")
     return recipe, out, base, data_dir
 

@@ -41,8 +41,7 @@ def run_grpo_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: s
     exact match before and after per modality, and the rollouts' tokens per target forward with
     and without a drafter aligned to the SFT adapter → `<output_dir>/eval.json`."""
     from finetune.config.recipe import with_overrides
-    from finetune.demo.data import make_demo_data
-    from finetune.demo.grpo import GRPO_RECIPE, ROLLOUT_PROMPTS, sft_recipe
+    from finetune.demo.grpo import DATA_VERSION, GRPO_RECIPE, ROLLOUT_PROMPTS, make_grpo_data, sft_recipe
     from finetune.demo.tiny_drafter import write_tiny_drafter
     from finetune.drafter.alignment import align_drafter
     from finetune.eval.evaluate import accuracy_table, evaluate_adapter
@@ -53,7 +52,8 @@ def run_grpo_demo(overrides: list[str] | tuple[str, ...] = (), log=None, root: s
 
     log = log or (lambda *_: None)
     t0 = time.time()
-    recipe, out, base, _ = demo_setup(GRPO_RECIPE, overrides, root, log, make_demo_data)
+    recipe, out, base, _ = demo_setup(GRPO_RECIPE, overrides, root, log, make_grpo_data,
+                                        data_version=DATA_VERSION)
     sft = sft_recipe(recipe)
     result = train(sft, log=log)
     adapter = Path(recipe.train.reference_adapter)

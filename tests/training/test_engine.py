@@ -172,6 +172,32 @@ def test_the_demo_runs_twice(tmp_path):
     assert not (demo / "stale.txt").exists()
 
 
+def test_demo_data_of_another_version_is_written_again(tmp_path):
+    """The GRPO demo's data (sentence replies) has a version of its own: a folder holding the
+    one-word data an older checkout wrote there is rewritten, the current version's is kept."""
+    from finetune.demo.data import DATA_VERSION
+    from finetune.demo.grpo import DATA_VERSION as GRPO_VERSION
+    from finetune.demo.grpo import GRPO_RECIPE
+    from finetune.workflows.demo import demo_setup
+
+    calls = []
+
+    def make(folder, seed):
+        calls.append(seed)
+        (folder / "eval.jsonl").write_text("{}\n")
+
+    root = tmp_path / "runs" / "demo-grpo"
+    data = root / "data"
+    data.mkdir(parents=True)
+    (data / "eval.jsonl").write_text("{}\n")
+    (data / ".demo_data_version").write_text(DATA_VERSION)
+    assert GRPO_VERSION != DATA_VERSION
+    for _ in range(2):
+        demo_setup(GRPO_RECIPE, [], root, lambda *_: None, make, data_version=GRPO_VERSION)
+    assert calls == [0]
+    assert (data / ".demo_data_version").read_text() == GRPO_VERSION
+
+
 def test_mlp_tiles_through_the_trainer_give_the_same_run(assets):
     """`train.mlp_tile_tokens` on a real run: same losses, same adapter tensors and names."""
     from safetensors.torch import load_file

@@ -167,6 +167,11 @@ def test_the_grpo_demo_runs(tmp_path):
     for setting in ("served", "fixed"):
         assert all(0 < speed[setting][k]["tokens"] <= 12 * 2 * 16 for k in ("plain", "drafter"))
     assert json.loads((tmp_path / "runs/demo-grpo/eval.json").read_text()) == scores
+    # Its replies are sentences with the answer first (the drafter's tokens to draft).
+    rows = (tmp_path / "runs/demo-grpo/data/eval.jsonl").read_text().splitlines()
+    answers = {json.loads(r)["messages"][-1]["content"] for r in rows}
+    assert {"red is the answer.", "high is the answer.", "Halden is the answer."} <= answers
+    assert all(a.endswith(" is the answer.") for a in answers)
 
 
 @pytest.mark.slow
