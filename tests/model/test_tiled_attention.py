@@ -1,15 +1,16 @@
 """finetune.model.tiled_attention: the attention over sequence tiles (`train.tile_attention`) gives
-the untiled blocked attention's loss and gradients, LoRA on q/k/v/o included, in float64, on the
-tiny gemma4_unified (sliding and full layers, k_eq_v) with padded rows (lazy transformers masks),
-packed rows (lazy packed masks) and gradient checkpointing; a base whose layers reuse an earlier
-layer's k/v is refused (not proven there; the 12B shares none)."""
+the untiled blocked attention's loss and gradients, LoRA on q/k/v/o included, in float64 (to
+float32's rounding where the norms compute in float32), on the tiny gemma4_unified (sliding and
+full layers, k_eq_v) with padded rows (lazy transformers masks), packed rows (lazy packed masks)
+and gradient checkpointing; a base whose layers reuse an earlier layer's k/v is refused (not
+proven there; the 12B shares none)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.model.test_attention import TOL, batches, loss_and_grads, samples  # noqa: F401 (fixture)
+from tests.model.test_attention import batches, loss_and_grads, samples  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +29,16 @@ def lora_model(tiny_base):
     return m.double().train()
 
 
-# Packed rows: on an AMD EPYC (AVX-512) the tiled gradients differ from the untiled ones by
-# 1.4e-8 of the largest (layer 0's k/v LoRA most; the loss is bit-equal; dense packed masks the
-# same, 16- or 24-token tiles 1.4e-8 / 5.2e-8), where the CPU these tests were written on gave
-# float64 rounding. Not explained yet: marked as a known failure rather than a looser bound.
-@pytest.mark.parametrize("kind", ["padded", pytest.param("packed_lazy", marks=pytest.mark.xfail(
-    reason="packed rows: tiled gradients 1.4e-8 (relative) from untiled on some CPUs; under investigation",
-    strict=False))])
+# Gemma 4's RMSNorm computes in float32 (`hidden_states.float()`), in a float64 model too, so this
+# comparison is float32-bound where the q/k/v norms run, and the tiled path runs them on tile- and
+# block-shaped tensors. On an AMD EPYC (AVX-512) packed rows came out 1.4e-8 of the largest gradient
+# apart (5.2e-8 with 24-token tiles; below one float32 ulp, 6e-8), the loss bit-equal, where the
+# CPU this was first run on gave float64 rounding. Which float32 op rounds differently there is not
+# pinned down. The bound is 16 float32 ulps (a wrong mask, span or tile moves gradients by ~1e-2).
+TOL_F32 = 1e-6
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed_lazy"])
 def test_tiled_attention_equals_untiled(lora_model, samples, kind):  # noqa: F811
     from finetune.model.attention import set_attention
     from finetune.model.families import GEMMA4_UNIFIED
@@ -59,7 +63,7 @@ def test_tiled_attention_equals_untiled(lora_model, samples, kind):  # noqa: F81
     scale = max(float(g.abs().max()) for g in grads.values())
     worst = max(float((grads[k] - grads_t[k]).abs().max()) for k in grads)
     print(f"tiled {kind}: loss {abs(loss - loss_t) / abs(loss):.1e}, grads {worst / scale:.1e}")
-    assert abs(loss - loss_t) <= TOL * abs(loss) and worst <= TOL * scale
+    assert abs(loss - loss_t) <= TOL_F32 * abs(loss) and worst <= TOL_F32 * scale
 
 
 def test_tile_attention_needs_the_blocked_attention(tiny_base, tmp_path):
