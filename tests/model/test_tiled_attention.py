@@ -33,8 +33,9 @@ def lora_model(tiny_base):
 # comparison is float32-bound where the q/k/v norms run, and the tiled path runs them on tile- and
 # block-shaped tensors. On an AMD EPYC (AVX-512) packed rows came out 1.4e-8 of the largest gradient
 # apart (5.2e-8 with 24-token tiles; below one float32 ulp, 6e-8), the loss bit-equal, where the
-# CPU this was first run on gave float64 rounding. Which float32 op rounds differently there is not
-# pinned down. The bound is 16 float32 ulps (a wrong mask, span or tile moves gradients by ~1e-2).
+# CPU this was first run on gave float64 rounding; with the norms computing in float64 (tried
+# locally by replacing their forward) the gap there is 1e-14. The bound is 16 float32 ulps (a wrong
+# mask, span or tile moves gradients by ~1e-2).
 TOL_F32 = 1e-6
 
 
