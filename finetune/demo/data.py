@@ -85,10 +85,6 @@ def write_tone(high: bool, rng: random.Random, path: Path) -> None:
     sf.write(path, data.astype(np.float32), rate, subtype="PCM_16")
 
 
-def _user(parts: list[dict], system: str = SYSTEM) -> list[dict]:
-    return [{"role": "system", "content": system}, {"role": "user", "content": parts}]
-
-
 def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audio: int = 480,
                    n_text_repeat: int = 12, n_mixed: int = 32, n_eval_each: int = 24,
                    text_phrasings: int = 1, reply: str = "{}", system: str = SYSTEM) -> Path:
@@ -103,23 +99,26 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audi
     rng = random.Random(seed)
     train, held = [], []
 
+    def turns(question, answer: str) -> list[dict]:
+        """System prompt, the question (text or parts), the answer as `reply` writes it."""
+        return [{"role": "system", "content": system}, {"role": "user", "content": question},
+                {"role": "assistant", "content": reply.format(answer)}]
+
     def image_item(i: int, split: str) -> dict:
         colour = list(COLOURS)[i % len(COLOURS)]
         rel = f"images/{split}_{i:04d}.png"
         write_image(colour, rng, out / rel)
         q = rng.choice(IMAGE_Q)
-        return {"id": f"{split}-image-{i}", "messages": _user(
-            [{"type": "image", "path": rel}, {"type": "text", "text": q}], system)
-            + [{"role": "assistant", "content": reply.format(colour)}]}
+        return {"id": f"{split}-image-{i}", "messages": turns(
+            [{"type": "image", "path": rel}, {"type": "text", "text": q}], colour)}
 
     def audio_item(i: int, split: str) -> dict:
         high = i % 2 == 0
         rel = f"audio/{split}_{i:04d}.wav"
         write_tone(high, rng, out / rel)
         q = rng.choice(AUDIO_Q)
-        return {"id": f"{split}-audio-{i}", "messages": _user(
-            [{"type": "audio", "path": rel}, {"type": "text", "text": q}], system)
-            + [{"role": "assistant", "content": reply.format("high" if high else "low")}]}
+        return {"id": f"{split}-audio-{i}", "messages": turns(
+            [{"type": "audio", "path": rel}, {"type": "text", "text": q}], "high" if high else "low")}
 
     for i in range(n_image):
         train.append(image_item(i, "train"))
@@ -128,28 +127,22 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audi
     for r in range(n_text_repeat):
         for c, cap in CAPITALS.items():
             q = TEXT_Q[r % text_phrasings].format(c=c)
-            train.append({"id": f"train-text-{c}-{r}", "messages": [
-                {"role": "system", "content": system}, {"role": "user", "content": q},
-                {"role": "assistant", "content": reply.format(cap)}]})
+            train.append({"id": f"train-text-{c}-{r}", "messages": turns(q, cap)})
     for i in range(n_mixed):
         colour = list(COLOURS)[i % len(COLOURS)]
         high = (i // len(COLOURS)) % 2 == 0
         img, wav = f"images/mixed_{i:04d}.png", f"audio/mixed_{i:04d}.wav"
         write_image(colour, rng, out / img)
         write_tone(high, rng, out / wav)
-        train.append({"id": f"train-mixed-{i}", "messages": _user(
-            [{"type": "image", "path": img}, {"type": "audio", "path": wav},
-             {"type": "text", "text": MIXED_Q}], system)
-            + [{"role": "assistant", "content": reply.format(f"{colour}, {'high' if high else 'low'}")}]})
+        train.append({"id": f"train-mixed-{i}", "messages": turns(
+            [{"type": "image", "path": img}, {"type": "audio", "path": wav}, {"type": "text", "text": MIXED_Q}],
+            f"{colour}, {'high' if high else 'low'}")})
 
     for i in range(n_eval_each):
         held.append(image_item(i, "eval"))
         held.append(audio_item(i, "eval"))
     for k, (c, cap) in enumerate(CAPITALS.items()):
-        held.append({"id": f"eval-text-{c}", "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": TEXT_Q[k % text_phrasings].format(c=c)},
-            {"role": "assistant", "content": reply.format(cap)}]})
+        held.append({"id": f"eval-text-{c}", "messages": turns(TEXT_Q[k % text_phrasings].format(c=c), cap)})
 
     # One file per task, so the recipe's weights decide the mix (text samples are few and short).
     files = {"eval.jsonl": held}
