@@ -12,7 +12,8 @@ Three tasks a frozen random tiny base can't do and a LoRA adapter can learn:
   answer, collapsed to one capital for most countries on some seeds (text alone, 300 steps:
   seed 1 at 0.125 with three phrasings, 1.00 with one). A split that held one phrasing out per
   country was also tried: the base keys on the phrasing instead of the country.
-A few training samples mix an image and a tone in one question.
+A few training samples mix an image and a tone in one question. The GRPO demo swaps the text
+facts for a task of its own (`text_task`, finetune.demo.grpo).
 
 The colours differ in *hue*, not brightness: the vision embedder LayerNorms each raw 48×48
 patch first, which maps a uniform white and a uniform black patch to the same vector.
@@ -87,12 +88,14 @@ def write_tone(high: bool, rng: random.Random, path: Path) -> None:
 
 def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audio: int = 480,
                    n_text_repeat: int = 12, n_mixed: int = 32, n_eval_each: int = 24,
-                   text_phrasings: int = 1, reply: str = "{}", system: str = SYSTEM) -> Path:
+                   text_phrasings: int = 1, reply: str = "{}", system: str = SYSTEM,
+                   text_task=None) -> Path:
     """Write train_{image,audio,text,mixed}.jsonl, eval.jsonl + media under `out` (seeded).
     480 pictures and tones: at 160 each, held-out colours on neighbouring hues (orange/yellow,
     pink/red) were missed on 1–2 of 24 items on some seeds; `text_phrasings`: see the module doc.
     Every answer is written as `reply.format(answer)` under the system prompt `system` (the GRPO
-    demo's replies are sentences, so its drafter has tokens to draft)."""
+    demo's replies are sentences, so its drafter has tokens to draft). `text_task(rng)`, when
+    given, replaces the capitals: it returns (train, held-out) lists of (question, answer)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
@@ -124,10 +127,16 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audi
         train.append(image_item(i, "train"))
     for i in range(n_audio):
         train.append(audio_item(i, "train"))
-    for r in range(n_text_repeat):
-        for c, cap in CAPITALS.items():
-            q = TEXT_Q[r % text_phrasings].format(c=c)
-            train.append({"id": f"train-text-{c}-{r}", "messages": turns(q, cap)})
+    if text_task is None:
+        text_train = [(f"{c}-{r}", TEXT_Q[r % text_phrasings].format(c=c), cap)
+                      for r in range(n_text_repeat) for c, cap in CAPITALS.items()]
+        text_held = [(c, TEXT_Q[k % text_phrasings].format(c=c), cap) for k, (c, cap) in enumerate(CAPITALS.items())]
+    else:
+        # its own generator: the pictures and tones stay those of the default data
+        text_train, text_held = ([(str(i), q, a) for i, (q, a) in enumerate(rows)]
+                                 for rows in text_task(random.Random(f"text-{seed}")))
+    for key, q, a in text_train:
+        train.append({"id": f"train-text-{key}", "messages": turns(q, a)})
     for i in range(n_mixed):
         colour = list(COLOURS)[i % len(COLOURS)]
         high = (i // len(COLOURS)) % 2 == 0
@@ -141,8 +150,8 @@ def make_demo_data(out: str | Path, seed: int = 0, *, n_image: int = 480, n_audi
     for i in range(n_eval_each):
         held.append(image_item(i, "eval"))
         held.append(audio_item(i, "eval"))
-    for k, (c, cap) in enumerate(CAPITALS.items()):
-        held.append({"id": f"eval-text-{c}", "messages": turns(TEXT_Q[k % text_phrasings].format(c=c), cap)})
+    for key, q, a in text_held:
+        held.append({"id": f"eval-text-{key}", "messages": turns(q, a)})
 
     # One file per task, so the recipe's weights decide the mix (text samples are few and short).
     files = {"eval.jsonl": held}
