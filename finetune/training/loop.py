@@ -323,7 +323,10 @@ class _Run:
         acc.end_training()
         if acc.num_processes > 1 and torch.distributed.is_initialized():
             # Left to interpreter exit, gloo's threads can abort the process ("terminate called
-            # without an active exception") after a successful run.
+            # without an active exception") after a successful run; and one rank tearing its
+            # connections down while the other still finishes the last collective aborted it too
+            # (once in a CI run of the drafter's two-process test): every rank gets here first.
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         seconds = time.time() - self.t0
         return TrainResult(adapter_dir, self.losses, self.step, seconds, self.real_tokens / max(seconds, 1e-9))
