@@ -60,9 +60,9 @@ def city_task(rng, n_train: int = 192, n_held: int = 24, n_words: int = 5):
     cities = list(CAPITALS.values())
 
     def item(i):
-        words = rng.sample(FILLERS, n_words - 1)
-        words.insert(rng.randrange(n_words), cities[i % len(cities)])
-        return CITY_Q.format(" ".join(words)), cities[i % len(cities)]
+        city, words = cities[i % len(cities)], rng.sample(FILLERS, n_words - 1)
+        words.insert(rng.randrange(n_words), city)
+        return CITY_Q.format(" ".join(words)), city
 
     train = [item(i) for i in range(n_train)]
     seen, held = {q for q, _ in train}, []

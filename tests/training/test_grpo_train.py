@@ -175,17 +175,16 @@ def test_the_grpo_demo_runs(tmp_path):
     # Its text task: the one city among the question's words, asked in sentences not trained on.
     from finetune.demo.data import CAPITALS
 
-    def city_items(name):
-        lines = (tmp_path / "runs/demo-grpo/data" / name).read_text().splitlines()
-        rows = [json.loads(r)["messages"] for r in lines if "-text-" in json.loads(r)["id"]]
-        return [(m[1]["content"], m[2]["content"]) for m in rows]
+    def city_items(records):
+        return [(r["messages"][1]["content"], r["messages"][2]["content"]) for r in records if "-text-" in r["id"]]
 
-    train, held = city_items("train_text.jsonl"), city_items("eval.jsonl")
+    train_text = (tmp_path / "runs/demo-grpo/data/train_text.jsonl").read_text().splitlines()
+    train, held = city_items(map(json.loads, train_text)), city_items(map(json.loads, rows))
     assert (len(train), len(held)) == (192, 24)
     for question, answer in train + held:
         named = [w for w in question.split() if w in CAPITALS.values()]
-        assert question.startswith("Which city is named here: ") and answer == f"{named[0]} is the answer."
         assert len(named) == 1, question
+        assert question.startswith("Which city is named here: ") and answer == f"{named[0]} is the answer."
     assert not {q for q, _ in held} & {q for q, _ in train}
     assert sorted(a for _, a in held) == sorted([f"{c} is the answer." for c in CAPITALS.values()] * 3)
 
